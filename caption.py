@@ -1,0 +1,84 @@
+"""Caption a folder of images with tags, tag summaries and a vision model's description.
+
+    python caption.py [IMAGES_DIR] [--config FILE] [KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import List, Optional
+
+from tqdm import tqdm
+
+from config import DEFAULT_CONFIG, ConfigError, load_config
+from version import NAME, VERSION
+
+EXIT_OK, EXIT_FAILURES, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+overrides:
+  KEY=VALUE pairs change any config key for this run, with dots for nesting:
+    interpreter.model=mistral-7b
+    endpoints.default.concurrency=16
+    interrogator.skip=false output.overwrite=true
+  Lists use brackets: interrogator.hint_sources=[full_path,tags]
+
+exit codes: 0 all images captioned or skipped, 1 some images failed,
+            2 configuration or setup problem (nothing was written), 130 interrupted
+"""
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="caption.py", description=__doc__.strip().splitlines()[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images_dir", nargs="?", metavar="IMAGES_DIR",
+                        help="folder of images (overrides images_dir from the config)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
+    args = parser.parse_intermixed_args(argv)
+    if args.images_dir and "=" in args.images_dir:
+        args.overrides.insert(0, args.images_dir)
+        args.images_dir = None
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("caption")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    from pipeline import run
+    from summary import format_summary
+
+    try:
+        config = load_config(args.config, args.overrides, args.images_dir)
+        result = asyncio.run(run(config, progress=False if args.no_progress else None))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_summary(result))
+    return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The configuration schema, and loading it from YAML plus command-line overrides.
+
+The key names here are a public interface: users' config files and scripts rely on
+them, so new keys may be added but existing ones are never renamed.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROGRAM_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PROGRAM_DIR / "config.yaml"
+
+
+class ConfigError(Exception):
+    """A problem with the configuration or setup; the run stops before touching any file."""
+
+
+@dataclass
+class EndpointConfig:
+    base_url: str = "http://localhost:1234/v1"
+    api_key: str = ""
+    concurrency: int = 4
+    timeout: float = 300.0
+    max_retries: int = 3
+    stream: bool = True
+
+
+@dataclass
+class StageConfig:
+    skip: bool = False
+    endpoint: str = "default"
+    model: str = "local-model"
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    max_tokens: int = 512
+
+
+@dataclass
+class TagProviderConfig(StageConfig):
+    danbooru_url: str = "https://danbooru.donmai.us"
+    cache_file: str = "tags_cache.json"
+    system_prompt: str = ""
+    prompt_template: str = "templates/tag_summary.txt"
+    min_post_count: int = 0
+    danbooru_concurrency: int = 2
+    danbooru_timeout: float = 30.0
+    max_tokens: int = 120
+
+
+@dataclass
+class InterrogatorConfig(StageConfig):
+    skip: bool = True
+    system_prompt: str = ""
+    prompts: List[str] = field(default_factory=lambda: ["Describe this image in detail."])
+    hint_sources: List[str] = field(default_factory=list)
+    global_metadata_file: Optional[str] = None
+    max_image_size: int = 1536
+    jpeg_quality: int = 90
+
+
+@dataclass
+class InterpreterConfig(StageConfig):
+    system_prompt: str = ""
+    prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
+
+
+@dataclass
+class OutputConfig:
+    extension: str = ".txt"
+    dir: Optional[str] = None
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    images_dir: Optional[str] = None
+    recursive: bool = False
+    tags_extension: Optional[str] = ".txt"
+    endpoints: Dict[str, EndpointConfig] = field(default_factory=lambda: {"default": EndpointConfig()})
+    tag_provider: TagProviderConfig = field(default_factory=TagProviderConfig)
+    interrogator: InterrogatorConfig = field(default_factory=InterrogatorConfig)
+    interpreter: InterpreterConfig = field(default_factory=InterpreterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    config_dir: str = field(default=".", metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (Path(self.config_dir) / os.path.expanduser(value)).resolve()
+
+    def resource(self, value: str) -> Path:
+        """A template or data file: next to the config, else shipped with the program."""
+        local = self.path(value)
+        if local.exists() or Path(value).is_absolute():
+            return local
+        shipped = (PROGRAM_DIR / value).resolve()
+        return shipped if shipped.exists() else local
+
+
+def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
+                images_dir: Optional[str] = None) -> Config:
+    """Read, merge, validate and resolve the configuration.
+
+    Raises ConfigError with a one-line message naming the offending key.
+    """
+    path = Path(config_file) if config_file else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        user = OmegaConf.load(path)
+    except Exception as exc:
+        raise ConfigError(f"cannot read config file {path}: {_first_line(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (for example interpreter.model=mistral-7b)")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides: {_first_line(exc)}") from None
+
+    for source in (user, cli):
+        _check_keys(OmegaConf.to_container(source, resolve=False) or {}, Config, "")
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
+        merged.config_dir = str(path.resolve().parent)
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key {key}: {_first_line(exc.msg if hasattr(exc, 'msg') else exc)}") from None
+
+    if images_dir is not None:
+        config.images_dir = str(Path(images_dir).resolve())
+    elif config.images_dir:
+        config.images_dir = str(config.path(config.images_dir))
+    _check_semantics(config)
+    return config
+
+
+def _check_keys(data: object, schema: type, prefix: str) -> None:
+    """Reject unknown keys with the closest valid one, before OmegaConf's own checks."""
+    if not isinstance(data, dict) or not is_dataclass(schema):
+        return
+    known = {f.name: f for f in fields(schema) if not f.metadata.get("internal")}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), known, prefix)}")
+        annotation = _field_type(schema, key)
+        if annotation is not None and getattr(annotation, "__origin__", None) is dict:
+            value_type = annotation.__args__[1]
+            if isinstance(value, dict):
+                for name, sub in value.items():
+                    _check_keys(sub, value_type, f"{full}.{name}.")
+        elif annotation is not None and is_dataclass(annotation):
+            _check_keys(value, annotation, f"{full}.")
+
+
+def _field_type(schema: type, name: str):
+    import typing
+
+    return typing.get_type_hints(schema).get(name)
+
+
+def _suggest(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
+
+
+def _check_semantics(config: Config) -> None:
+    stages = {"tag_provider": config.tag_provider, "interrogator": config.interrogator,
+              "interpreter": config.interpreter}
+    for name, stage in stages.items():
+        if stage.skip:
+            continue
+        if stage.endpoint not in config.endpoints:
+            close = difflib.get_close_matches(stage.endpoint, list(config.endpoints), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; defined endpoints: {', '.join(config.endpoints)}"
+            raise ConfigError(f"{name}.endpoint '{stage.endpoint}' is not defined under endpoints{hint}")
+        if stage.max_tokens < 1:
+            raise ConfigError(f"{name}.max_tokens must be at least 1")
+    for name, endpoint in config.endpoints.items():
+        if endpoint.concurrency < 1:
+            raise ConfigError(f"endpoints.{name}.concurrency must be at least 1")
+        if not endpoint.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {endpoint.base_url!r})")
+    if config.interrogator.skip and config.interpreter.skip:
+        raise ConfigError("interrogator.skip and interpreter.skip are both true: nothing would write a caption")
+    if not config.interrogator.skip and not config.interrogator.prompts:
+        raise ConfigError("interrogator.prompts is empty: give at least one prompt")
+    if not config.output.extension.startswith("."):
+        raise ConfigError(f"output.extension must start with a dot (got {config.output.extension!r})")
+    if config.tags_extension and not config.tags_extension.startswith("."):
+        raise ConfigError(f"tags_extension must start with a dot (got {config.tags_extension!r})")
+
+
+def _first_line(value: object) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else type(value).__name__

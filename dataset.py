@@ -1,0 +1,123 @@
+"""The image folder: which images there are, where their tags come from, where captions go.
+
+Booru and WD14 folders keep tags in `<stem>.txt`, the same path as the default caption.
+When the two collide, the tags are first kept as `<stem>.tags.txt` (the `.tags` part is
+put before the tags extension) and the caption then replaces `<stem>.txt`. From then on
+`<stem>.tags.txt` is the tags file, and its presence is what marks `<stem>.txt` as a
+caption, so a rerun never reads a caption back as tags. An image with no tags still
+gets an empty `<stem>.tags.txt` for the same reason.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import aiofiles
+
+from config import Config
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                              ".avif", ".heic", ".heif"})
+KEPT_TAGS_MARK = ".tags"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    rel: Path
+    caption_file: Path
+    tags_file: Optional[Path]
+    """Where this image's tags are read from, or None when it has none."""
+    tags_backup: Optional[Path]
+    """Where tags are kept before a caption replaces them; None when the paths don't collide."""
+
+    def has_caption(self) -> bool:
+        """Whether a caption was already written (a crash between keeping the tags and
+        writing the caption leaves two identical files: that is not a caption yet)."""
+        if not self.caption_file.exists():
+            return False
+        if self.tags_backup is None:
+            return True
+        if not self.tags_backup.exists():
+            return False
+        return self.caption_file.read_bytes() != self.tags_backup.read_bytes()
+
+
+class Dataset:
+    def __init__(self, config: Config):
+        if not config.images_dir:
+            raise ValueError("no images folder: give IMAGES_DIR on the command line or set images_dir")
+        self.root = Path(config.images_dir)
+        self.recursive = config.recursive
+        self.tags_extension = config.tags_extension or None
+        self.caption_extension = config.output.extension
+        self.output_dir = config.path(config.output.dir) if config.output.dir else None
+
+    def find_images(self) -> List[Path]:
+        """All images under the folder, in a stable order (sorted by folder, then name)."""
+        if not self.root.is_dir():
+            raise ValueError(f"images folder not found: {self.root}")
+        return list(self._walk())
+
+    def _walk(self) -> Iterator[Path]:
+        for folder, subfolders, files in os.walk(self.root, onerror=None, followlinks=False):
+            here = Path(folder)
+            subfolders[:] = sorted(d for d in subfolders
+                                   if not d.startswith(".") and (here / d) != self.output_dir)
+            for name in sorted(files):
+                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    yield here / name
+            if not self.recursive:
+                return
+
+    def item(self, image: Path) -> ImageItem:
+        rel = image.relative_to(self.root)
+        out_folder = (self.output_dir / rel.parent) if self.output_dir else image.parent
+        caption_file = out_folder / f"{image.stem}{self.caption_extension}"
+        if not self.tags_extension:
+            return ImageItem(image, rel, caption_file, None, None)
+        tags_file = image.parent / f"{image.stem}{self.tags_extension}"
+        if tags_file.resolve() != caption_file.resolve():
+            return ImageItem(image, rel, caption_file, tags_file if tags_file.exists() else None, None)
+        backup = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
+        source = backup if backup.exists() else (tags_file if tags_file.exists() else None)
+        return ImageItem(image, rel, caption_file, source, backup)
+
+
+def normalize_tag(tag: str) -> str:
+    """Danbooru's form of a tag name: `Long Hair` and `long_hair` are the same tag."""
+    tag = tag.strip().replace("\\(", "(").replace("\\)", ")").lower()
+    return re.sub(r"_+", "_", re.sub(r"\s+", "_", tag)).strip("_")
+
+
+def display_tag(tag: str) -> str:
+    """How a tag reads in a prompt: underscores as spaces, except in short emoticons like `^_^`."""
+    return tag if len(tag) <= 3 else tag.replace("_", " ")
+
+
+def parse_tags(text: str) -> List[str]:
+    """Comma- or line-separated tags, normalised, empties dropped, first occurrence kept."""
+    seen: dict = {}
+    for raw in re.split(r"[,\n]", text):
+        tag = normalize_tag(raw)
+        if tag and tag not in seen:
+            seen[tag] = None
+    return list(seen)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (with or without BOM); files from older Windows tools fall back to Latin-1."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+async def read_tags(item: ImageItem) -> List[str]:
+    if item.tags_file is None:
+        return []
+    async with aiofiles.open(item.tags_file, "rb") as handle:
+        return parse_tags(decode_text(await handle.read()))

@@ -1,0 +1,36 @@
+"""Stage 3: an instruct model turns tags, tag summaries and the description into the caption,
+through a prompt template from `templates/` that the user edits."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+from config import Config
+from dataset import display_tag
+from llm import LLM
+from templates import Template
+
+PLACEHOLDERS = ("tags", "tag_descriptions", "description", "hints", "filename", "folder")
+
+
+def tag_values(tags: List[str], summaries: Dict[str, Optional[str]]) -> Dict[str, str]:
+    return {
+        "tags": ", ".join(display_tag(tag) for tag in tags),
+        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summaries[tag]}"
+                                      for tag in tags if summaries.get(tag)),
+    }
+
+
+class Interpreter:
+    def __init__(self, config: Config, llm: LLM):
+        self.settings = config.interpreter
+        self.llm = llm
+        self.template = Template.load(config.resource(self.settings.prompt_template), PLACEHOLDERS)
+
+    async def caption(self, values: Dict[str, str]) -> str:
+        messages = []
+        if self.settings.system_prompt:
+            messages.append({"role": "system", "content": self.settings.system_prompt})
+        prompt = re.sub(r"\n{3,}", "\n\n", self.template.render(**values)).strip()
+        messages.append({"role": "user", "content": prompt})
+        return await self.llm.complete("interpreter", self.settings, messages)

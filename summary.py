@@ -1,0 +1,36 @@
+"""The end-of-run summary: what happened, in a few lines, and every failure once."""
+from __future__ import annotations
+
+from typing import List
+
+from pipeline import RunResult
+
+STAGES = ("tag_provider", "interrogator", "interpreter")
+
+
+def format_summary(result: RunResult) -> str:
+    lines: List[str] = ["", "Summary"]
+    lines.append(f"  images:   {result.captioned} captioned, {result.skipped} skipped (caption exists), "
+                 f"{len(result.failures)} failed")
+    if result.tags is not None:
+        tags = result.tags
+        parts = [f"{tags.summarised} summarised", f"{tags.cached} cached", f"{tags.no_wiki} without wiki"]
+        if tags.rare:
+            parts.append(f"{tags.rare} below min_post_count")
+        if tags.lookup_failed:
+            parts.append(f"{tags.lookup_failed} not looked up (Danbooru error)")
+        if tags.failed:
+            parts.append(f"{tags.failed} failed")
+        lines.append(f"  tags:     {', '.join(parts)}; {result.danbooru_requests} Danbooru requests")
+    if result.danbooru_down:
+        lines.append(f"  danbooru: {result.danbooru_down}; those captions were made without tag summaries")
+    for stage in STAGES:
+        usage = result.usage.get(stage)
+        if usage and usage.requests:
+            lines.append(f"  {stage + ':':<13} {usage.requests} requests, {usage.prompt_tokens:,} prompt + "
+                         f"{usage.completion_tokens:,} completion tokens")
+    lines.append(f"  time:     {result.seconds:.1f} s")
+    if result.failures:
+        lines.append("Failures:")
+        lines.extend(f"  {failure.path}: {failure.reason}" for failure in result.failures)
+    return "\n".join(lines)

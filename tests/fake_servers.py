@@ -1,0 +1,295 @@
+"""Small real HTTP servers on 127.0.0.1 that speak the wire formats of an OpenAI-compatible
+chat server and of Danbooru's JSON API, recording every request they receive.
+
+Tests script their behaviour with a `responder` function; nothing in the code under test
+is mocked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+@dataclass
+class Text:
+    """A successful chat reply."""
+    content: str
+    finish_reason: str = "stop"
+    reasoning_content: Optional[str] = None
+
+
+@dataclass
+class Error:
+    """An HTTP error with a body, as real servers send them."""
+    status: int
+    body: Union[dict, list, str]
+    headers: Dict[str, str] = field(default_factory=dict)
+
+
+Reply = Union[Text, Error]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: Dict[str, List[str]]
+    headers: Dict[str, str]
+    body: Any
+
+
+def user_text(request: dict) -> str:
+    """All user-turn text of a chat request, joined (image parts left out)."""
+    parts = []
+    for message in request.get("messages", []):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(part.get("text", "") for part in content if part.get("type") == "text")
+    return "\n".join(parts)
+
+
+def default_responder(request: dict) -> Reply:
+    digest = hashlib.sha1(json.dumps(request["messages"], sort_keys=True).encode()).hexdigest()[:12]
+    return Text(f"Reply {digest} from {request.get('model')}.")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+
+class FakeServer:
+    def __init__(self):
+        self.requests: List[Recorded] = []
+        self._lock = threading.Lock()
+        self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FakeServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def record(self, recorded: Recorded) -> None:
+        with self._lock:
+            self.requests.append(recorded)
+
+    def handle(self, handler: "_Handler", method: str, path: str, query: dict, body: Any) -> None:
+        raise NotImplementedError
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(_Handler):
+            owner = server
+
+        return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    owner: FakeServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _dispatch(self, method: str) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        query = parse_qs(parts.query)
+        self.owner.record(Recorded(method, unquote(parts.path), query, dict(self.headers.items()), body))
+        self.owner.handle(self, method, unquote(parts.path), query, body)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def send_body(self, status: int, body: Union[dict, list, str, bytes], content_type: Optional[str] = None,
+                  headers: Optional[Dict[str, str]] = None) -> None:
+        if isinstance(body, (dict, list)):
+            data, content_type = json.dumps(body).encode(), content_type or "application/json"
+        else:
+            data = body if isinstance(body, bytes) else body.encode()
+            content_type = content_type or "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_chunked(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+
+class FakeOpenAIServer(FakeServer):
+    """`GET /v1/models` and `POST /v1/chat/completions`, streamed (SSE) or not."""
+
+    def __init__(self, models=("local-model",), responder: Callable[[dict], Reply] = default_responder,
+                 delay: float = 0.0):
+        super().__init__()
+        self.models = list(models)
+        self.responder = responder
+        self.delay = delay
+        self.exchanges: List[tuple] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def chat_requests(self) -> List[dict]:
+        return [r.body for r in self.requests if r.path == "/v1/chat/completions"]
+
+    def handle(self, handler, method, path, query, body) -> None:
+        if method == "GET" and path == "/v1/models":
+            handler.send_body(200, {"object": "list", "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in self.models]})
+        elif method == "POST" and path == "/v1/chat/completions":
+            self._chat(handler, body)
+        else:
+            handler.send_body(404, {"error": {"message": f"Unknown route {method} {path}",
+                                              "type": "invalid_request_error", "code": None}})
+
+    def _chat(self, handler, request: dict) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            reply = self.responder(request)
+            with self._lock:
+                self.exchanges.append((request, reply))
+            if isinstance(reply, Error):
+                handler.send_body(reply.status, reply.body, headers=reply.headers)
+            elif request.get("stream"):
+                self._stream(handler, request, reply)
+            else:
+                handler.send_body(200, self._completion(request, reply))
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def _usage(request: dict, reply: Text) -> dict:
+        prompt = len(json.dumps(request["messages"])) // 4
+        completion = max(1, len(reply.content) // 4)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _completion(self, request: dict, reply: Text) -> dict:
+        message = {"role": "assistant", "content": reply.content}
+        if reply.reasoning_content is not None:
+            message["reasoning_content"] = reply.reasoning_content
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                "model": request.get("model"), "usage": self._usage(request, reply),
+                "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}]}
+
+    def _stream(self, handler, request: dict, reply: Text) -> None:
+        def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+            return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        if reply.reasoning_content:
+            events.append(chunk({"reasoning_content": reply.reasoning_content}))
+        text = reply.content
+        events += [chunk({"content": text[i:i + 7]}) for i in range(0, len(text), 7)]
+        events.append(chunk({}, reply.finish_reason))
+        if (request.get("stream_options") or {}).get("include_usage"):
+            usage = chunk({})
+            usage.update(choices=[], usage=self._usage(request, reply))
+            events.append(usage)
+        handler.start_chunked("text/event-stream")
+        for event in events:
+            handler.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
+        handler.write_chunk(b"data: [DONE]\n\n")
+        handler.write_chunk(b"")
+
+
+NOT_FOUND = {"success": False, "error": "ActiveRecord::RecordNotFound", "message": "That record was not found.",
+             "backtrace": []}
+
+
+class FakeDanbooru(FakeServer):
+    """`/wiki_pages/<title>.json`, `/wiki_pages.json`, `/tags.json` like danbooru.donmai.us.
+
+    `wiki` maps a title to its DText body; `tags` maps a name to its post count and category.
+    `override(path) -> (status, body, content_type) | None` injects faults.
+    """
+
+    def __init__(self, wiki: Optional[Dict[str, str]] = None, tags: Optional[Dict[str, dict]] = None):
+        super().__init__()
+        self.wiki = dict(wiki or {})
+        self.deleted: set = set()
+        self.tags = dict(tags or {})
+        self.override: Callable[[str], Optional[tuple]] = lambda path: None
+
+    def wiki_requests(self) -> List[Recorded]:
+        return [r for r in self.requests if r.path.startswith("/wiki_pages")]
+
+    def _page(self, title: str) -> dict:
+        return {"id": abs(hash(title)) % 100000, "title": title, "body": self.wiki[title], "other_names": [],
+                "is_locked": False, "is_deleted": title in self.deleted,
+                "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
+
+    def handle(self, handler, method, path, query, body) -> None:
+        injected = self.override(path)
+        if injected:
+            status, payload, content_type = injected
+            handler.send_body(status, payload, content_type)
+            return
+        first = {key: values[0] for key, values in query.items()}
+        if path.startswith("/wiki_pages/") and path.endswith(".json"):
+            title = path[len("/wiki_pages/"):-len(".json")].lstrip("~")
+            if title in self.wiki:
+                handler.send_body(200, self._page(title))
+            else:
+                handler.send_body(404, NOT_FOUND)
+        elif path == "/wiki_pages.json":
+            titles = first.get("search[title_comma]", first.get("search[title]", "")).split(",")
+            handler.send_body(200, [self._page(t) for t in titles if t in self.wiki])
+        elif path == "/tags.json":
+            names = first.get("search[name_comma]", first.get("search[name]", "")).split(",")
+            handler.send_body(200, [{"id": index, "name": name, **self.tags[name]}
+                                    for index, name in enumerate(names) if name in self.tags])
+        else:
+            handler.send_body(404, NOT_FOUND)

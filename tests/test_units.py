@@ -1,0 +1,100 @@
+"""Small pure pieces: tag parsing, template filling, reply cleaning, error messages, config."""
+import os
+
+import openai
+import pytest
+
+from config import ConfigError, load_config
+from dataset import decode_text, display_tag, normalize_tag, parse_tags
+from llm import clean_reply, error_message
+from templates import Template
+
+
+def test_tags_are_trimmed_normalised_and_deduplicated():
+    assert parse_tags(" long hair, long_hair ,Long Hair,, blue_eyes\n1girl,\n") == ["long_hair", "blue_eyes", "1girl"]
+
+
+def test_escaped_parentheses_from_sd_prompts_are_unescaped():
+    assert normalize_tag("cloud_strife_\\(final_fantasy\\)") == "cloud_strife_(final_fantasy)"
+
+
+def test_display_keeps_short_emoticons():
+    assert display_tag("long_hair") == "long hair" and display_tag("^_^") == "^_^"
+
+
+@pytest.mark.parametrize("data", ["café, ñ".encode("utf-8"), b"\xef\xbb\xbfcaf\xc3\xa9, \xc3\xb1",
+                                  "café, ñ".encode("latin-1")])
+def test_tag_files_in_utf8_bom_or_latin1(data):
+    assert parse_tags(decode_text(data)) == ["café", "ñ"]
+
+
+def test_template_inserts_values_literally():
+    template = Template("Tags: {tags}; {{literal}}", ["tags"], "t")
+    assert template.render(tags="{0.__class__} {tags} }{") == "Tags: {0.__class__} {tags} }{; {literal}"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{mood}", "unknown placeholder {mood}"),
+    ("{0}", "is not a plain name"),
+    ("{tags.__class__}", "is not a plain name"),
+    ("{tags!r}", "is not a plain name"),
+    ("{tags:>10}", "is not a plain name"),
+    ("{tags", "literal braces"),
+])
+def test_bad_templates_are_rejected_with_file_name(text, fragment):
+    with pytest.raises(ConfigError) as error:
+        Template(text, ["tags"], "templates/mine.txt")
+    assert fragment in str(error.value) and "templates/mine.txt" in str(error.value)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("<think>hmm</think>\nA cat.", "A cat."),
+    ("reasoning without opening tag</think>A cat.", "A cat."),
+    ("<THINK>a</THINK> <think>b</think>A dog.", "A dog."),
+    ("  plain  ", "plain"),
+])
+def test_reasoning_is_stripped(raw, clean):
+    assert clean_reply(raw) == clean
+
+
+def _status_error(body, status=400):
+    import httpx2
+    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    response = httpx2.Response(status, request=request, json=body)
+    return openai.APIStatusError("x", response=response, body=body)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"error": {"message": "OpenAI style", "type": "invalid_request_error"}}, "OpenAI style"),
+    ({"error": "LM Studio plain string"}, "LM Studio plain string"),
+    ({"object": "error", "message": "vLLM style", "type": "BadRequestError", "code": 400}, "vLLM style"),
+    ([{"error": {"code": 400, "message": "Gemini list", "status": "INVALID_ARGUMENT"}}], "Gemini list"),
+])
+def test_error_bodies_of_every_server_become_one_line(body, message):
+    assert error_message(_status_error(body)) == f"HTTP 400: {message}"
+
+
+def test_api_key_from_environment(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("endpoints:\n  cloud:\n    base_url: https://api.openai.com/v1\n"
+                      "    api_key: ${oc.env:TEST_CAPTION_KEY}\n")
+    monkeypatch.setenv("TEST_CAPTION_KEY", "sk-test")
+    assert load_config(str(config)).endpoints["cloud"].api_key == "sk-test"
+    monkeypatch.delenv("TEST_CAPTION_KEY")
+    with pytest.raises(ConfigError, match="endpoints.cloud.api_key"):
+        load_config(str(config))
+
+
+def test_stage_must_name_a_defined_endpoint(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("endpoints:\n  vision: {base_url: 'http://localhost:8000/v1'}\n")
+    with pytest.raises(ConfigError, match="interpreter.endpoint 'defualt' is not defined.*did you mean 'default'"):
+        load_config(str(config), ["interpreter.endpoint=defualt"])
+
+
+def test_shipped_config_loads_with_documented_defaults():
+    config = load_config()
+    assert config.endpoints["default"].base_url == "http://localhost:1234/v1"
+    assert config.tag_provider.danbooru_url == "https://danbooru.donmai.us"
+    assert config.output.overwrite is False and config.interrogator.skip is True
+    assert os.path.isfile(config.resource(config.interpreter.prompt_template))
