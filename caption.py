@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -25,8 +26,9 @@ overrides:
     interrogator.skip=false output.overwrite=true
   Lists use brackets: interrogator.hint_sources=[full_path,tags]
 
-exit codes: 0 all images captioned or skipped, 1 some images failed,
-            2 configuration or setup problem (nothing was written), 130 interrupted
+exit codes: 0 all images captioned or skipped, 1 some images failed or the run
+            stopped early, 2 configuration or setup problem (nothing was written),
+            130 interrupted (Ctrl-C or SIGTERM)
 """
 
 
@@ -34,7 +36,9 @@ class TqdmHandler(logging.Handler):
     """Log lines printed above the progress bars instead of through them."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        from llm import redact
+
+        tqdm.write(redact(self.format(record)), file=sys.stderr)
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -46,10 +50,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="caption only the images listed in failures.jsonl by the previous run")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
     args = parser.parse_intermixed_args(argv)
-    if args.images_dir and "=" in args.images_dir:
+    if args.images_dir and "=" in args.images_dir and not os.path.exists(args.images_dir):
         args.overrides.insert(0, args.images_dir)
         args.images_dir = None
     return args
@@ -61,23 +68,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("caption")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     logger.propagate = False
 
+    from llm import redact
     from pipeline import run
     from summary import format_summary
 
     try:
         config = load_config(args.config, args.overrides, args.images_dir)
-        result = asyncio.run(run(config, progress=False if args.no_progress else None))
+        result = asyncio.run(run(config, progress=False if args.no_progress else None,
+                                 retry_failed=args.retry_failed))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line for the user, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURES
     print(format_summary(result))
-    return EXIT_FAILURES if result.failures else EXIT_OK
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURES if result.failures or result.stopped else EXIT_OK
 
 
 if __name__ == "__main__":

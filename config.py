@@ -29,7 +29,12 @@ class EndpointConfig:
     concurrency: int = 4
     timeout: float = 300.0
     max_retries: int = 3
+    retry_backoff: float = 1.0
+    retry_max_backoff: float = 60.0
+    down_after: float = 120.0
     stream: bool = True
+    stream_usage: bool = True
+    token_limit_param: str = "max_tokens"
 
 
 @dataclass
@@ -125,7 +130,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
         raise ConfigError(f"cannot parse overrides: {_first_line(exc)}") from None
 
     for source in (user, cli):
-        _check_keys(OmegaConf.to_container(source, resolve=False) or {}, Config, "")
+        _check_keys(OmegaConf.to_container(source, resolve=False) if source is not None else {}, Config, "")
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
@@ -145,8 +150,12 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 
 def _check_keys(data: object, schema: type, prefix: str) -> None:
     """Reject unknown keys with the closest valid one, before OmegaConf's own checks."""
-    if not isinstance(data, dict) or not is_dataclass(schema):
+    if not is_dataclass(schema):
         return
+    if not isinstance(data, dict):
+        where = f"config key {prefix.rstrip('.')}" if prefix else "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys (like `key: value` lines), "
+                          f"not {type(data).__name__} {str(data)[:60]!r}")
     known = {f.name: f for f in fields(schema) if not f.metadata.get("internal")}
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -155,9 +164,10 @@ def _check_keys(data: object, schema: type, prefix: str) -> None:
         annotation = _field_type(schema, key)
         if annotation is not None and getattr(annotation, "__origin__", None) is dict:
             value_type = annotation.__args__[1]
-            if isinstance(value, dict):
-                for name, sub in value.items():
-                    _check_keys(sub, value_type, f"{full}.{name}.")
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full} must be a mapping of names to settings")
+            for name, sub in value.items():
+                _check_keys(sub, value_type, f"{full}.{name}.")
         elif annotation is not None and is_dataclass(annotation):
             _check_keys(value, annotation, f"{full}.")
 
@@ -188,6 +198,8 @@ def _check_semantics(config: Config) -> None:
     for name, endpoint in config.endpoints.items():
         if endpoint.concurrency < 1:
             raise ConfigError(f"endpoints.{name}.concurrency must be at least 1")
+        if endpoint.token_limit_param not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError(f"endpoints.{name}.token_limit_param must be max_tokens or max_completion_tokens")
         if not endpoint.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {endpoint.base_url!r})")
     if config.interrogator.skip and config.interpreter.skip:

@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional
 import aiofiles
 
 from config import Config
+from files import is_leftover_temp
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                               ".avif", ".heic", ".heif"})
@@ -33,12 +34,16 @@ class ImageItem:
     """Where this image's tags are read from, or None when it has none."""
     tags_backup: Optional[Path]
     """Where tags are kept before a caption replaces them; None when the paths don't collide."""
+    prose_caption: bool = False
+    """The shared `<stem>.txt` holds sentences, not tags: a caption from another tool."""
 
     def has_caption(self) -> bool:
         """Whether a caption was already written (a crash between keeping the tags and
         writing the caption leaves two identical files: that is not a caption yet)."""
         if not self.caption_file.exists():
             return False
+        if self.prose_caption:
+            return True
         if self.tags_backup is None:
             return True
         if not self.tags_backup.exists():
@@ -55,6 +60,8 @@ class Dataset:
         self.tags_extension = config.tags_extension or None
         self.caption_extension = config.output.extension
         self.output_dir = config.path(config.output.dir) if config.output.dir else None
+        self.leftover_temps: List[Path] = []
+        """Temp files of a killed run, seen while walking; removed once the run holds the lock."""
 
     def find_images(self) -> List[Path]:
         """All images under the folder, in a stable order (sorted by folder, then name)."""
@@ -68,7 +75,9 @@ class Dataset:
             subfolders[:] = sorted(d for d in subfolders
                                    if not d.startswith(".") and (here / d) != self.output_dir)
             for name in sorted(files):
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                if is_leftover_temp(name):
+                    self.leftover_temps.append(here / name)
+                elif not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     yield here / name
             if not self.recursive:
                 return
@@ -83,8 +92,24 @@ class Dataset:
         if tags_file.resolve() != caption_file.resolve():
             return ImageItem(image, rel, caption_file, tags_file if tags_file.exists() else None, None)
         backup = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
-        source = backup if backup.exists() else (tags_file if tags_file.exists() else None)
-        return ImageItem(image, rel, caption_file, source, backup)
+        if backup.exists():
+            return ImageItem(image, rel, caption_file, backup, backup)
+        if not tags_file.exists():
+            return ImageItem(image, rel, caption_file, None, backup)
+        if looks_like_caption(decode_text(tags_file.read_bytes())):
+            return ImageItem(image, rel, caption_file, None, backup, prose_caption=True)
+        return ImageItem(image, rel, caption_file, tags_file, backup)
+
+    def tags_backup_name(self, image: Path) -> Optional[Path]:
+        if not self.tags_extension:
+            return None
+        return image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
+
+
+def looks_like_caption(text: str) -> bool:
+    """Sentences rather than tags: vlm-caption and others write captions to `<stem>.txt` too."""
+    items = [item for item in re.split(r"[,\n]", text) if item.strip()]
+    return any(len(item.split()) > 8 for item in items)
 
 
 def normalize_tag(tag: str) -> str:

@@ -1,18 +1,27 @@
 """Writing files so that a crash at any moment leaves either the old file or the new one.
 
-Temporary files are hidden (leading dot) and end in `.tmp`, so no later run can
-mistake one for a caption, a tags file or a cache.
+Temporary files are hidden (leading dot), carry TEMP_MARK and end in `.tmp`, so no
+later run can mistake one for a caption, a tags file or a cache, and one left by a
+killed run can be recognised and removed.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+TEMP_MARK = ".tagcaption-"
+TEMP_NAME = re.compile(r"^\..+\.tagcaption-[A-Za-z0-9_]+\.tmp$")
+
+
+def is_leftover_temp(name: str) -> bool:
+    return bool(TEMP_NAME.match(name))
 
 
 def _write_temp(path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -45,5 +54,13 @@ def write_new_file(path: Path, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:
+        # No hard links (FAT/exFAT drives, some network shares). The run lock makes this
+        # check-then-rename safe against ourselves.
+        if path.exists():
+            return False
+        os.replace(temp, path)
+        return True
     finally:
-        os.unlink(temp)
+        if os.path.exists(temp):
+            os.unlink(temp)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 BACKGROUND = (255, 255, 255)
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that; a picture that big is refused.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ImageError(Exception):
@@ -29,6 +33,28 @@ class PreparedImage:
     size_bytes: int
 
 
+def check_image(path: Path) -> None:
+    """Fail on a file a trainer could not read either: decoded whole (JPEGs at reduced
+    scale, which is cheap), so a truncated file is caught too."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(_unreadable(exc)) from None
+
+
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (unknown format or damaged file)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read the file ({exc.strerror})"
+    return f"not a readable image ({exc or type(exc).__name__})"
+
+
 def prepare_image(path: Path, max_size: int = 1536, jpeg_quality: int = 90) -> PreparedImage:
     try:
         with Image.open(path) as image:
@@ -38,10 +64,10 @@ def prepare_image(path: Path, max_size: int = 1536, jpeg_quality: int = 90) -> P
             image.load()
             image = ImageOps.exif_transpose(image)
             image = _to_rgb(image)
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"not a readable image ({exc or type(exc).__name__})") from None
+        raise ImageError(_unreadable(exc)) from None
     if max_size and max(image.size) > max_size:
         image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

@@ -22,16 +22,15 @@ class Interrogator:
     def __init__(self, config: Config, llm: LLM):
         self.settings = config.interrogator
         self.llm = llm
-        system = self.settings.system_prompt
+        self.metadata = ""
         if self.settings.global_metadata_file:
             path = config.resource(self.settings.global_metadata_file)
             try:
-                metadata = path.read_text(encoding="utf-8-sig").strip()
+                self.metadata = path.read_text(encoding="utf-8-sig").strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read interrogator.global_metadata_file {path}: "
                                   f"{exc.strerror or exc}") from None
-            system = f"{system}\n\n{metadata}".strip()
-        self.system = Template(system, PLACEHOLDERS, "interrogator.system_prompt")
+        self.system = Template(self.settings.system_prompt, PLACEHOLDERS, "interrogator.system_prompt")
         self.prompts = [Template(prompt, PLACEHOLDERS, f"interrogator.prompts[{index}]")
                         for index, prompt in enumerate(self.settings.prompts)]
 
@@ -39,7 +38,7 @@ class Interrogator:
         image = await asyncio.to_thread(prepare_image, path, self.settings.max_image_size,
                                         self.settings.jpeg_quality)
         messages: List[dict] = []
-        system = self.system.render(**values)
+        system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
             messages.append({"role": "system", "content": system})
         reply = ""

@@ -4,14 +4,18 @@ A producer walks the pending images in order, reads each one's tags and starts t
 summaries (so tag work runs ahead of the images that need it), and hands the image to
 a bounded pool of workers. A worker takes one image through the Interrogator and the
 Interpreter and writes its caption. Each image fails alone: its error is recorded and
-the batch goes on.
+the batch goes on. Ctrl-C or SIGTERM stops taking new images, gives those in flight a
+few seconds, then saves what there is.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import openai
@@ -21,37 +25,48 @@ from config import Config, ConfigError
 from dataset import Dataset, ImageItem, read_tags
 from files import atomic_write_text, write_new_file
 from hints import HintInput, collect_hints, unknown_sources
-from images import ImageError
+from images import ImageError, check_image
 from interpreter import Interpreter, tag_values
 from interrogator import Interrogator
-from llm import LLM, LLMError, ServerUnreachable, StageUsage
+from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
+from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
 from tag_provider import TagProvider, TagStats, TagSummaryError
 
 log = logging.getLogger("caption")
 
-
-@dataclass
-class Failure:
-    path: str
-    reason: str
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass
 class RunResult:
     captioned: int = 0
     skipped: int = 0
+    unfinished: int = 0
     failures: List[Failure] = field(default_factory=list)
     tags: Optional[TagStats] = None
     danbooru_requests: int = 0
     danbooru_down: Optional[str] = None
     usage: Dict[str, StageUsage] = field(default_factory=dict)
+    backups: int = 0
+    stopped: Optional[str] = None
+    interrupted: bool = False
+    failures_file: Optional[Path] = None
     seconds: float = 0.0
 
 
+class ImageFailed(Exception):
+    """One image could not be captioned; carries what the failure record needs."""
+
+    def __init__(self, stage: str, kind: str, message: str, attempts: int = 0):
+        super().__init__(message)
+        self.stage, self.kind, self.attempts = stage, kind, attempts
+
+
 class Run:
-    def __init__(self, config: Config, progress: Optional[bool] = None):
+    def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False):
         self.config = config
         self.progress = progress
+        self.retry_failed = retry_failed
         self.result = RunResult()
         try:
             self.dataset = Dataset(config)
@@ -60,12 +75,18 @@ class Run:
         unknown = unknown_sources(config.interrogator.hint_sources)
         if unknown:
             raise ConfigError(f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}")
+        self.root = self.dataset.output_dir or self.dataset.root
+        self.failures_file = self.root / FAILURES_FILE
+        self.lock = RunLock(self.root)
+        self.record = CaptionRecord(self.root)
         self.llm = LLM.from_config(config)
         self.tag_bar = self.image_bar = None
         self.tag_provider = None if config.tag_provider.skip else TagProvider(
             config, self.llm, on_tag_done=self._tag_done, on_tags_found=self._tags_found)
         self.interrogator = None if config.interrogator.skip else Interrogator(config, self.llm)
         self.interpreter = None if config.interpreter.skip else Interpreter(config, self.llm)
+        self.stopping = asyncio.Event()
+        self.workers: List[asyncio.Task] = []
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
@@ -73,29 +94,61 @@ class Run:
             pending = self._pending_images()
             if pending:
                 await self._check_servers()
-                await self._caption_all(pending)
+                if self.tag_provider:
+                    self.tag_provider.start()
+                self._take_lock()
+                self.record.load()
+                failed_before = len(self.result.failures)
+                with self._signals_handled():
+                    await self._caption_all(pending)
+                failed = len(self.result.failures) - failed_before
+                self.result.unfinished = len(pending) - self.result.captioned - failed
+            self._save_failures()
         finally:
             await self._close()
+            self.lock.release()
             self.result.seconds = time.monotonic() - started
         return self.result
+
+    def _take_lock(self) -> None:
+        try:
+            note = self.lock.acquire()
+        except (LockedError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        if note:
+            log.warning("warning: %s", note)
+        for leftover in self.dataset.leftover_temps:
+            leftover.unlink(missing_ok=True)
 
     def _pending_images(self) -> List[ImageItem]:
         try:
             images = self.dataset.find_images()
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
+        if self.retry_failed:
+            images = self._only_failed(images)
+        # Files another image relies on: a caption must never land on one of them.
+        reserved = {self.dataset.tags_backup_name(path): path for path in images}
         pending, owners = [], {}
         for path in images:
             item = self.dataset.item(path)
-            if item.caption_file in owners:
-                self._fail(item, f"its caption file {item.caption_file.name} is also the caption of "
-                                 f"{owners[item.caption_file].name}; rename one of them")
+            other = owners.get(item.caption_file) or reserved.get(item.caption_file)
+            if other is not None:
+                self._fail(item, ImageFailed("output", "caption_collision",
+                                             f"its caption file {item.caption_file.name} would replace a file of "
+                                             f"{other.name} (same name stem); rename one of them"))
             elif not self.config.output.overwrite and item.has_caption():
                 self.result.skipped += 1
             else:
                 owners[item.caption_file] = path
                 pending.append(item)
         return pending
+
+    def _only_failed(self, images: List[Path]) -> List[Path]:
+        if not self.failures_file.exists():
+            raise ConfigError(f"--retry-failed: no {self.failures_file} from an earlier run")
+        failed = set(read_failed_images(self.failures_file))
+        return [path for path in images if str(path) in failed]
 
     def _used_endpoints(self) -> Dict[str, List]:
         used: Dict[str, List] = {}
@@ -120,69 +173,183 @@ class Run:
                     log.warning("warning: model '%s' is not listed by %s (it lists: %s)",
                                 model, endpoint.describe(), ", ".join(listed[:8]))
 
+    # --- running -------------------------------------------------------------------------
+
     async def _caption_all(self, pending: List[ImageItem]) -> None:
         show = self.progress
         total = len(pending) + self.result.skipped + len(self.result.failures)
         if self.tag_provider:
-            self.tag_provider.start()
             self.tag_bar = tqdm(total=0, desc="tags", unit="tag", disable=show is False, position=0,
                                 leave=True, dynamic_ncols=True)
         self.image_bar = tqdm(total=total, initial=total - len(pending), desc="images", unit="img",
                               disable=show is False, position=1 if self.tag_bar else 0, leave=True,
                               dynamic_ncols=True)
-        workers = 2 * sum(self.config.endpoints[name].concurrency for name in self._used_endpoints())
-        queue: asyncio.Queue = asyncio.Queue(maxsize=workers * 2)
-        producer = asyncio.create_task(self._produce(pending, queue, workers))
+        count = 2 * sum(self.config.endpoints[name].concurrency for name in self._used_endpoints())
+        queue: asyncio.Queue = asyncio.Queue(maxsize=count * 2)
+        producer = asyncio.create_task(self._produce(pending, queue))
+        self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
         try:
-            await asyncio.gather(producer, *(self._work(queue) for _ in range(workers)))
+            await asyncio.gather(*self.workers, return_exceptions=True)
         finally:
             producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
             for bar in (self.tag_bar, self.image_bar):
                 if bar is not None:
                     bar.close()
 
-    async def _produce(self, pending: List[ImageItem], queue: asyncio.Queue, workers: int) -> None:
+    async def _produce(self, pending: List[ImageItem], queue: asyncio.Queue) -> None:
         for item in pending:
+            if self.stopping.is_set():
+                break
             try:
                 tags = await read_tags(item)
             except OSError as exc:
-                tags = ImageFailed(f"cannot read tags file {item.tags_file}: {exc.strerror or exc}")
+                tags = ImageFailed("tags", "tags_file",
+                                   f"cannot read tags file {item.tags_file}: {exc.strerror or exc}")
             if self.tag_provider and isinstance(tags, list):
                 self.tag_provider.prefetch(tags)
             await queue.put((item, tags))
-        for _ in range(workers):
+        for _ in self.workers:
             await queue.put(None)
 
     async def _work(self, queue: asyncio.Queue) -> None:
-        while (job := await queue.get()) is not None:
+        while not self.stopping.is_set() and (job := await queue.get()) is not None:
             item, tags = job
             try:
                 if isinstance(tags, ImageFailed):
                     raise tags
                 await self._caption(item, tags)
                 self.result.captioned += 1
-            except (ImageFailed, ImageError, LLMError, TagSummaryError, OSError) as exc:
-                self._fail(item, _reason(exc))
+            except ImageFailed as failure:
+                if not self.stopping.is_set() or failure.kind != "server_down":
+                    self._fail(item, failure)
+                if failure.kind == "server_down":
+                    self._stop(str(failure))
+                    continue
+            except Exception as exc:  # a bug must cost one image, not the run
+                log.debug("unexpected error on %s", item.path, exc_info=True)
+                self._fail(item, ImageFailed("internal", "internal_error", f"unexpected {type(exc).__name__}: {exc}"))
             self.image_bar.update(1)
 
     async def _caption(self, item: ImageItem, tags: List[str]) -> None:
-        if not tags and not self.interrogator:
-            raise ImageFailed(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
-                              "and the Interrogator is off: nothing to caption from")
-        summaries = await self.tag_provider.summaries(tags) if self.tag_provider else {}
-        values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(),
-                  **tag_values(tags, summaries)}
-        values["hints"] = await asyncio.to_thread(
-            collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags))
-        values["description"] = ""
-        if self.interrogator:
-            values["description"] = await self.interrogator.describe(item.path, values)
-        caption = await self.interpreter.caption(values) if self.interpreter else values["description"]
-        await asyncio.to_thread(write_caption, item, caption)
+        stage = "input"
+        try:
+            if not tags and not self.interrogator:
+                raise ImageFailed(stage, "no_tags",
+                                  f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
+                                  "and the Interrogator is off: nothing to caption from")
+            if not self.interrogator:
+                await asyncio.to_thread(check_image, item.path)
+            stage = "tag_provider"
+            summaries = await self.tag_provider.summaries(tags) if self.tag_provider else {}
+            values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(),
+                      **tag_values(tags, summaries)}
+            values["hints"] = await asyncio.to_thread(
+                collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags))
+            values["description"] = ""
+            if self.interrogator:
+                stage = "interrogator"
+                values["description"] = await self.interrogator.describe(item.path, values)
+            stage = "interpreter"
+            caption = await self.interpreter.caption(values) if self.interpreter else values["description"]
+            stage = "output"
+            await asyncio.to_thread(self._write_caption, item, caption)
+        except ImageFailed:
+            raise
+        except ServerDown as exc:
+            raise ImageFailed(stage, "server_down", str(exc), exc.attempts) from None
+        except LLMError as exc:
+            raise ImageFailed(stage, exc.kind, str(exc), exc.attempts) from None
+        except TagSummaryError as exc:
+            raise ImageFailed(stage, "tag_summary", str(exc)) from None
+        except ImageError as exc:
+            raise ImageFailed("input", "image", f"image: {exc}") from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise ImageFailed(stage, "file", f"{exc.strerror or exc}{where}") from None
 
-    def _fail(self, item: ImageItem, reason: str) -> None:
-        self.result.failures.append(Failure(str(item.path), reason))
-        log.error("failed: %s: %s", item.path, reason)
+    def _write_caption(self, item: ImageItem, caption: str) -> None:
+        """Write the caption; first keep what it would replace: the tags (see dataset.py), or a
+        caption that this program did not write or that was edited since."""
+        if item.tags_backup is not None and not item.tags_backup.exists():
+            if item.prose_caption:
+                self._keep_backup(item.caption_file)
+            original = item.caption_file.read_bytes() if item.caption_file.exists() and not item.prose_caption else b""
+            write_new_file(item.tags_backup, original)
+        elif item.caption_file.exists() and not self._replaceable(item):
+            if not self.config.output.overwrite:
+                raise ImageFailed("output", "caption_exists",
+                                  f"{item.caption_file} appeared during the run; not replaced")
+            self._keep_backup(item.caption_file)
+        atomic_write_text(item.caption_file, caption)
+        self.record.record(item.caption_file, caption)
+
+    def _replaceable(self, item: ImageItem) -> bool:
+        current = item.caption_file.read_bytes()
+        if item.tags_backup is not None and current == item.tags_backup.read_bytes():
+            return True  # a tags file whose copy is already kept
+        return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
+
+    def _keep_backup(self, caption_file: Path) -> None:
+        data = caption_file.read_bytes()
+        for number in range(1, 1000):
+            suffix = ".bak" if number == 1 else f".bak{number}"
+            if write_new_file(caption_file.with_name(caption_file.name + suffix), data):
+                self.result.backups += 1
+                return
+        raise ImageFailed("output", "backup", f"no free backup name for {caption_file}")
+
+    def _fail(self, item: ImageItem, failure: ImageFailed) -> None:
+        record = Failure(str(item.path), failure.stage, failure.kind, redact(str(failure)), failure.attempts)
+        self.result.failures.append(record)
+        log.error("failed: %s: %s", item.path, record.message)
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def _stop(self, reason: str, interrupted: bool = False) -> None:
+        if self.stopping.is_set():
+            return
+        self.result.stopped = reason
+        self.result.interrupted = interrupted
+        self.stopping.set()
+        log.warning("stopping: %s", reason)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping.is_set():
+            self._cancel_workers()
+            return
+        self._stop(f"{name}: no new images; waiting up to {STOP_GRACE_SECONDS:.0f} s for those in flight "
+                   "(press Ctrl-C again to cancel them)", interrupted=True)
+        asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, self._cancel_workers)
+
+    def _cancel_workers(self) -> None:
+        for worker in self.workers:
+            worker.cancel()
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or a platform without it
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    # --- closing -------------------------------------------------------------------------
+
+    def _save_failures(self) -> None:
+        """`failures.jsonl` lists this run's failures (an empty file when there were none)."""
+        if self.result.failures or self.failures_file.exists():
+            write_failures(self.failures_file, self.result.failures)
+            self.result.failures_file = self.failures_file
 
     def _tags_found(self, count: int) -> None:
         if self.tag_bar is not None:
@@ -203,25 +370,5 @@ class Run:
         await self.llm.close()
 
 
-class ImageFailed(Exception):
-    pass
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ImageError):
-        return f"image: {exc}"
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    return str(exc)
-
-
-def write_caption(item: ImageItem, caption: str) -> None:
-    """Write the caption; first keep the tags it would replace (see dataset.py)."""
-    if item.tags_backup is not None and not item.tags_backup.exists():
-        original = item.caption_file.read_bytes() if item.caption_file.exists() else b""
-        write_new_file(item.tags_backup, original)
-    atomic_write_text(item.caption_file, caption)
-
-
-async def run(config: Config, progress: Optional[bool] = None) -> RunResult:
-    return await Run(config, progress).execute()
+async def run(config: Config, progress: Optional[bool] = None, retry_failed: bool = False) -> RunResult:
+    return await Run(config, progress, retry_failed).execute()

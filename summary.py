@@ -10,8 +10,13 @@ STAGES = ("tag_provider", "interrogator", "interpreter")
 
 def format_summary(result: RunResult) -> str:
     lines: List[str] = ["", "Summary"]
-    lines.append(f"  images:   {result.captioned} captioned, {result.skipped} skipped (caption exists), "
-                 f"{len(result.failures)} failed")
+    images = [f"{result.captioned} captioned", f"{result.skipped} skipped (caption exists)",
+              f"{len(result.failures)} failed"]
+    if result.unfinished:
+        images.append(f"{result.unfinished} not started (rerun to continue)")
+    lines.append(f"  images:   {', '.join(images)}")
+    if result.backups:
+        lines.append(f"  backups:  {result.backups} replaced captions kept as <caption>.bak")
     if result.tags is not None:
         tags = result.tags
         parts = [f"{tags.summarised} summarised", f"{tags.cached} cached", f"{tags.no_wiki} without wiki"]
@@ -27,10 +32,15 @@ def format_summary(result: RunResult) -> str:
     for stage in STAGES:
         usage = result.usage.get(stage)
         if usage and usage.requests:
-            lines.append(f"  {stage + ':':<13} {usage.requests} requests, {usage.prompt_tokens:,} prompt + "
+            retries = f" ({usage.retries} retries)" if usage.retries else ""
+            lines.append(f"  {stage + ':':<13} {usage.requests} requests{retries}, {usage.prompt_tokens:,} prompt + "
                          f"{usage.completion_tokens:,} completion tokens")
     lines.append(f"  time:     {result.seconds:.1f} s")
+    if result.stopped:
+        lines.append(f"  stopped:  {result.stopped}")
     if result.failures:
         lines.append("Failures:")
-        lines.extend(f"  {failure.path}: {failure.reason}" for failure in result.failures)
+        lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures)
+    if result.failures_file and result.failures:
+        lines.append(f"Failures are listed in {result.failures_file}; `--retry-failed` reruns just those images.")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import hashlib
 import html
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from urllib.parse import quote
 
 import httpx2  # installed by openai; its async client keeps Danbooru lookups on the event loop
 
-from config import Config, TagProviderConfig
+from config import Config, ConfigError, TagProviderConfig
 from files import atomic_write_text
 from llm import LLM, LLMError, is_loopback
 from templates import Template
@@ -189,20 +190,28 @@ class TagCache:
         self._flushing: Optional[asyncio.Task] = None
 
     def load(self) -> None:
+        """Read the cache; a damaged one is moved aside (never silently emptied)."""
+        folder = self.path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tag_provider.cache_file: cannot write to the folder {folder}")
         if not self.path.exists():
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
+            tags = data.get("tags", data) if isinstance(data, dict) else None
+            if not isinstance(tags, dict):
+                raise ValueError("not a JSON object of tags")
+        except OSError as exc:
+            raise ConfigError(f"cannot read tag cache {self.path}: {exc.strerror or exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)
-            log.warning("warning: tag cache %s is not valid JSON (%s); moved it to %s and starting empty",
-                        self.path, exc, aside.name)
+            log.warning("warning: tag cache %s is damaged (%s); moved it to %s and starting empty",
+                        self.path, _first_line(exc), aside.name)
             return
-        tags = data.get("tags", data) if isinstance(data, dict) else {}
         for name, entry in tags.items():
             if isinstance(entry, str):  # a plain {"tag": "summary"} cache from the original script
-                entry = {"summary": entry, "wiki": True}
+                entry = {"summary": entry}
             if isinstance(entry, dict):
                 self.entries[name] = entry
 
@@ -227,12 +236,21 @@ class TagCache:
         self._dirty = False
         self._last_flush = time.monotonic()
         text = json.dumps({"version": 1, "tags": self.entries}, ensure_ascii=False, indent=1, sort_keys=True)
-        await asyncio.to_thread(atomic_write_text, self.path, text + "\n")
+        try:
+            await asyncio.to_thread(atomic_write_text, self.path, text + "\n")
+        except OSError as exc:
+            self._dirty = True
+            log.warning("warning: cannot save tag cache %s: %s", self.path, exc.strerror or exc)
 
     async def close(self) -> None:
         if self._flushing:
             await self._flushing
         await self.flush()
+
+
+def _first_line(value: object) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else type(value).__name__
 
 
 # --- The stage -----------------------------------------------------------------------------
@@ -282,7 +300,8 @@ class TagProvider:
     async def summaries(self, tags: List[str]) -> Dict[str, Optional[str]]:
         """Each tag's summary (None when it has none); raises TagSummaryError if one failed."""
         self.prefetch(tags)
-        results = await asyncio.gather(*(self._tasks[tag] for tag in tags), return_exceptions=True)
+        # Shielded: the tasks are shared with other images, and cancelling this one must not stop them.
+        results = await asyncio.gather(*(asyncio.shield(self._tasks[tag]) for tag in tags), return_exceptions=True)
         for tag, result in zip(tags, results):
             if isinstance(result, BaseException):
                 raise TagSummaryError(f"summary of tag '{tag}' failed: {result}")

@@ -1,8 +1,9 @@
 """Hint sources: short blocks of per-image context for the prompts (`{hints}`).
 
 A source is a module in this folder with a function `hint(image: HintInput) -> str | None`,
-registered below by name. Names are listed in `interrogator.hint_sources` and
-`interpreter.hint_sources`. A source that fails costs a warning, never the image.
+registered below by name. Names are listed in `interrogator.hint_sources`; the hints go
+before the first vision prompt and to the Interpreter as `{hints}`. A source that fails
+costs a warning, never the image.
 """
 from __future__ import annotations
 

@@ -32,7 +32,16 @@ class Error:
     headers: Dict[str, str] = field(default_factory=dict)
 
 
-Reply = Union[Text, Error]
+@dataclass
+class Fault:
+    """A misbehaving reply. kind: drop (close without answering), cut (stream stops mid-way),
+    malformed (invalid JSON), empty_choices, stream_error (an error object inside a 200
+    stream), hang (answer after `seconds`)."""
+    kind: str
+    seconds: float = 0.0
+
+
+Reply = Union[Text, Error, Fault]
 
 
 @dataclass
@@ -121,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = raw.decode("utf-8", "replace")
         query = parse_qs(parts.query)
-        self.owner.record(Recorded(method, unquote(parts.path), query, dict(self.headers.items()), body))
+        self.owner.record(Recorded(method, unquote(parts.path), query, {k.lower(): v for k, v in self.headers.items()}, body))
         self.owner.handle(self, method, unquote(parts.path), query, body)
 
     def do_GET(self) -> None:
@@ -198,7 +207,9 @@ class FakeOpenAIServer(FakeServer):
             reply = self.responder(request)
             with self._lock:
                 self.exchanges.append((request, reply))
-            if isinstance(reply, Error):
+            if isinstance(reply, Fault):
+                self._fault(handler, request, reply)
+            elif isinstance(reply, Error):
                 handler.send_body(reply.status, reply.body, headers=reply.headers)
             elif request.get("stream"):
                 self._stream(handler, request, reply)
@@ -207,6 +218,43 @@ class FakeOpenAIServer(FakeServer):
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _fault(self, handler, request: dict, fault: Fault) -> None:
+        stream = bool(request.get("stream"))
+        if fault.kind == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(2)
+        elif fault.kind == "hang":
+            time.sleep(fault.seconds)
+            handler.send_body(200, self._completion(request, Text("Too late.")))
+        elif fault.kind == "malformed" and not stream:
+            handler.send_body(200, '{"id": "chatcmpl-fake", "choices": [{"message": ', "application/json")
+        elif fault.kind == "empty_choices" and not stream:
+            completion = self._completion(request, Text(""))
+            completion["choices"] = []
+            handler.send_body(200, completion)
+        elif stream:
+            handler.start_chunked("text/event-stream")
+            first = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                     "model": request.get("model"), "choices": [{"index": 0, "delta": {"content": "Half a"}}]}
+            if fault.kind != "empty_choices":
+                handler.write_chunk(f"data: {json.dumps(first)}\n\n".encode())
+            if fault.kind == "cut":
+                handler.close_connection = True
+                handler.connection.shutdown(2)
+                return
+            if fault.kind == "malformed":
+                handler.write_chunk(b"data: {not json\n\n")
+            elif fault.kind == "stream_error":
+                error = {"error": {"message": "upstream model crashed", "code": 500, "type": "server_error"}}
+                handler.write_chunk(f"data: {json.dumps(error)}\n\n".encode())
+            elif fault.kind == "empty_choices":
+                empty = dict(first, choices=[])
+                handler.write_chunk(f"data: {json.dumps(empty)}\n\n".encode())
+            handler.write_chunk(b"data: [DONE]\n\n")
+            handler.write_chunk(b"")
+        else:
+            raise ValueError(f"unknown fault {fault.kind}")
 
     @staticmethod
     def _usage(request: dict, reply: Text) -> dict:

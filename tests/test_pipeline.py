@@ -6,6 +6,8 @@ import io
 import re
 import threading
 
+import pytest
+
 from PIL import Image
 
 from conftest import make_dataset, make_image, run_caption, run_caption_process, write_config
@@ -104,10 +106,10 @@ def test_tags_only_mode_and_second_run_makes_no_requests(tmp_path, llm_server, d
     assert "3 captioned" in out and "2 summarised, 0 cached, 1 without wiki" in out
     first_requests = (len(danbooru.requests), len(llm_server.chat_requests))
     assert first_requests == (3, 5)
-    for name in "abc":
-        prompt_has = lambda r, n=name: f"{n}" and (images / f"{n}.txt").read_text() in [
-            reply.content for req, reply in llm_server.exchanges if req is r]
-        assert any(prompt_has(r) for r in llm_server.chat_requests)
+    tags_of = {"a": "cat, outdoors", "b": "cat", "c": "cat ears"}
+    for name, tags in tags_of.items():
+        caption = reply_for(llm_server, lambda r, t=tags: f"Tags attached to the image:\n{t}\n" in user_text(r))
+        assert (images / f"{name}.txt").read_text() == caption
 
     code, out, _ = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
     assert code == 0 and "3 captioned" in out
@@ -116,8 +118,10 @@ def test_tags_only_mode_and_second_run_makes_no_requests(tmp_path, llm_server, d
     summary_requests = [r for r in llm_server.chat_requests if SUMMARY_ASK.search(user_text(r))]
     assert len(summary_requests) == 2, "a cached tag was summarised again"
     # The rerun read tags from the kept tags files, not from the captions of the first run.
-    last_prompt_for_a = user_text(llm_server.chat_requests[-1])
-    assert "CAPTION" not in last_prompt_for_a
+    rerun_prompts = [user_text(r) for r in llm_server.chat_requests[first_requests[1]:]]
+    assert len(rerun_prompts) == 3 and not any("CAPTION" in prompt for prompt in rerun_prompts)
+    for tags in tags_of.values():
+        assert sum(f"Tags attached to the image:\n{tags}\n" in prompt for prompt in rerun_prompts) == 1
 
 
 def test_existing_captions_are_skipped(tmp_path, llm_server, danbooru, capsys):
@@ -366,3 +370,23 @@ def test_summary_reports_requests_and_tokens_per_stage(tmp_path, llm_server, dan
     assert re.search(r"tag_provider:\s+1 requests, \d+ prompt \+ \d+ completion tokens", out)
     assert re.search(r"interpreter:\s+1 requests, [1-9][\d,]* prompt", out)
     assert re.search(r"time:\s+\d+\.\d s", out)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"error": {"message": "OpenAI style", "type": "invalid_request_error", "param": None, "code": None}},
+     "OpenAI style"),
+    ({"error": "LM Studio plain string"}, "LM Studio plain string"),
+    ({"object": "error", "message": "vLLM style", "type": "BadRequestError", "param": None, "code": 400},
+     "vLLM style"),
+    ({"error": {"code": 400, "message": "llama.cpp style", "type": "invalid_request_error"}}, "llama.cpp style"),
+    ([{"error": {"code": 400, "message": "Gemini list", "status": "INVALID_ARGUMENT"}}], "Gemini list"),
+    ("<html><body>nginx 400</body></html>", "<html><body>nginx 400</body></html>"),
+])
+def test_every_servers_error_body_becomes_one_line(tmp_path, llm_server, danbooru, capsys, body, message):
+    llm_server.responder = lambda request: Error(400, body)
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1
+    assert f"a.png: endpoint 'default' ({llm_server.base_url}): HTTP 400: {message}\n" in out

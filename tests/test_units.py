@@ -1,12 +1,11 @@
 """Small pure pieces: tag parsing, template filling, reply cleaning, error messages, config."""
 import os
 
-import openai
 import pytest
 
 from config import ConfigError, load_config
 from dataset import decode_text, display_tag, normalize_tag, parse_tags
-from llm import clean_reply, error_message
+from llm import clean_reply
 from templates import Template
 
 
@@ -55,23 +54,6 @@ def test_bad_templates_are_rejected_with_file_name(text, fragment):
 ])
 def test_reasoning_is_stripped(raw, clean):
     assert clean_reply(raw) == clean
-
-
-def _status_error(body, status=400):
-    import httpx2
-    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    response = httpx2.Response(status, request=request, json=body)
-    return openai.APIStatusError("x", response=response, body=body)
-
-
-@pytest.mark.parametrize("body, message", [
-    ({"error": {"message": "OpenAI style", "type": "invalid_request_error"}}, "OpenAI style"),
-    ({"error": "LM Studio plain string"}, "LM Studio plain string"),
-    ({"object": "error", "message": "vLLM style", "type": "BadRequestError", "code": 400}, "vLLM style"),
-    ([{"error": {"code": 400, "message": "Gemini list", "status": "INVALID_ARGUMENT"}}], "Gemini list"),
-])
-def test_error_bodies_of_every_server_become_one_line(body, message):
-    assert error_message(_status_error(body)) == f"HTTP 400: {message}"
 
 
 def test_api_key_from_environment(tmp_path, monkeypatch):

@@ -1,0 +1,172 @@
+"""A corpus of awkward files: one clear line per bad one, correct captions for the rest."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from conftest import make_image, run_caption, write_config
+from fake_servers import Text, user_text
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path, side=40000):
+    """A tiny file whose header claims 1.6 gigapixels."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + png_chunk(b"IEND", b""))
+
+
+def exif_rotated_jpeg(path):
+    """60×30 pixels stored, EXIF orientation 6: a viewer shows it 30×60, rotated."""
+    image = Image.new("RGB", (60, 30), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif)
+
+
+def seen(request) -> str:
+    for message in request["messages"]:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    header, data = part["image_url"]["url"].split(",", 1)
+                    image = Image.open(io.BytesIO(base64.b64decode(data)))
+                    return f"{header} {image.format} {image.mode} {image.size[0]}x{image.size[1]}"
+    raise AssertionError("no image in the request")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    bad = {}
+    good = {}
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (200, 200), (10, 200, 10)).save(jpeg, "JPEG")
+    (images / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    bad["truncated.jpg"] = "truncated"
+    (images / "empty.jpg").write_bytes(b"")
+    bad["empty.jpg"] = "not a readable image (unknown format or damaged file)"
+    (images / "notes.png").write_text("these are my notes, not a picture")
+    bad["notes.png"] = "not a readable image"
+    bomb_png(images / "bomb.png")
+    bad["bomb.png"] = "decompression bomb"
+    (images / "folder.png").mkdir()  # a folder with an image's name is a folder, not a bad image
+    os.symlink(images / "gone.webp", images / "dangling.png")
+    bad["dangling.png"] = "No such file"
+    if os.geteuid() != 0:  # root reads any file whatever its mode
+        make_image(images / "locked.png")
+        os.chmod(images / "locked.png", 0)
+        bad["locked.png"] = "Permission denied"
+
+    make_image(images / "tiny.png", size=(1, 1))
+    good["tiny.png"] = "data:image/jpeg;base64 JPEG RGB 1x1"
+    make_image(images / "wide.png", size=(20000, 100))
+    good["wide.png"] = "data:image/jpeg;base64 JPEG RGB 1536x8"
+    make_image(images / "cmyk.jpg", mode="CMYK", color=(0, 255, 255, 0))
+    good["cmyk.jpg"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    make_image(images / "deep.png", mode="I;16", color=40000)
+    good["deep.png"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(images / "palette.png", transparency=1)
+    good["palette.png"] = "data:image/jpeg;base64 JPEG RGB 32x32"
+    frames = [Image.new("RGB", (40, 20), color) for color in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(images / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    good["animated.gif"] = "data:image/jpeg;base64 JPEG RGB 40x20"
+    exif_rotated_jpeg(images / "rotated.jpg")
+    good["rotated.jpg"] = "data:image/jpeg;base64 JPEG RGB 30x60"
+    make_image(images / "café au lait ☕.png")
+    good["café au lait ☕.png"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    (images / "sub").mkdir()
+    os.symlink(images, images / "sub" / "loop")
+    make_image(images / "sub" / "inner.png")
+    good["sub/inner.png"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+
+    tag_files = {
+        "latin1.png": ("café, crème brûlée".encode("latin-1"), "café, crème brûlée"),
+        "bom.png": ("\ufeffsmile, 1girl".encode("utf-8"), "smile, 1girl"),
+        "notags.png": (b"", ""),
+        "odd.png": ('{tags}, a}b{c, back\\slash, "quoted", ratio:16:9'.encode(), '{tags}, a}b{c, back\\slash, "quoted", ratio:16:9'),
+        "big.png": ((", ".join(f"tag{n % 40}" for n in range(15000))).encode(), ", ".join(f"tag{n}" for n in range(40))),
+    }
+    for name, (data, shown) in tag_files.items():
+        make_image(images / name)
+        (images / name).with_suffix(".txt").write_bytes(data)
+        good[name] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    assert len((images / "big.txt").read_bytes()) > 100_000
+    return images, good, bad, {name: shown for name, (_, shown) in tag_files.items()}
+
+
+def test_bad_input_corpus(tmp_path, corpus, llm_server, vision_server, danbooru, capsys):
+    images, good, bad, shown_tags = corpus
+    vision_server.responder = lambda request: Text(f"Seen {seen(request)}.")
+    llm_server.responder = lambda request: Text("Caption of " + user_text(request).split("DESCRIPTION: ", 1)[1]
+                                                .split("\n", 1)[0])
+    template = tmp_path / "template.txt"
+    template.write_text("TAGS: {tags}\nDESCRIPTION: {description}\n")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, recursive=True,
+                          tag_provider={"skip": True}, output={"extension": ".caption"},
+                          endpoints={"vision": {"base_url": vision_server.base_url, "max_retries": 0}},
+                          interrogator={"skip": False, "endpoint": "vision"},
+                          interpreter={"prompt_template": str(template)})
+
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+
+    assert code == 1
+    assert "Traceback" not in out + err
+    failed_lines = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert len(failed_lines) == len(bad), failed_lines
+    for name, reason in bad.items():
+        line = next(line for line in failed_lines if line.startswith(f"failed: {images / name}:"))
+        assert reason in line, line
+        assert not (images / name).with_suffix(".caption").exists()
+    for name, description in good.items():
+        assert (images / name).with_suffix(".caption").read_text() == f"Caption of Seen {description}.", name
+    for name, tags in shown_tags.items():
+        prompt = next(user_text(r) for r in llm_server.chat_requests
+                      if f"TAGS: {tags}\n" in user_text(r))
+        assert prompt
+    assert f"{len(good)} captioned, 0 skipped (caption exists), {len(bad)} failed" in out
+    assert list(images.rglob("*.tags.txt")) == [] and list(images.rglob("*.tmp")) == []
+
+
+def test_tags_only_mode_still_rejects_broken_images(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 200, 10)).save(jpeg, "JPEG")
+    (images / "cut.jpg").write_bytes(jpeg.getvalue()[:400])
+    (images / "cut.txt").write_text("cat")
+    make_image(images / "fine.png")
+    (images / "fine.txt").write_text("dog")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and "1 captioned" in out and "cut.jpg: image:" in out
+    assert (images / "cut.txt").read_text() == "cat"
+    assert all("cat" not in user_text(r) for r in llm_server.chat_requests)
+
+
+def test_old_prose_captions_are_not_read_as_tags(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    prose = "A woman with long red hair stands in a wheat field at sunset, smiling at the camera."
+    (images / "a.txt").write_text(prose)
+    make_image(images / "b.png")
+    (images / "b.txt").write_text("cat")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "1 captioned, 1 skipped" in out
+    assert (images / "a.txt").read_text() == prose
+    assert all("wheat" not in user_text(r) for r in llm_server.chat_requests)

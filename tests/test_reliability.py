@@ -1,0 +1,342 @@
+"""Faults, crashes, locks, hand-edited captions and secrets (issue 3)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, make_dataset, run_caption, write_config
+from fake_servers import Error, Fault, Text, user_text
+
+FAST_RETRIES = {"max_retries": 3, "retry_backoff": 0.01, "retry_max_backoff": 0.05}
+
+
+def caption_for(request) -> Text:
+    """The correct caption for a request: derived from the tags in its prompt."""
+    tags = user_text(request).split("Tags attached to the image:\n", 1)[1].split("\n", 1)[0]
+    return Text(f"A picture of {tags}.")
+
+
+def faulty_once(fault, every_request=False):
+    """Misbehave on the first request of each distinct prompt (or each request), then answer right."""
+    seen = set()
+    lock = threading.Lock()
+
+    def respond(request):
+        key = user_text(request)
+        with lock:
+            first = key not in seen
+            seen.add(key)
+        return fault if first or every_request else caption_for(request)
+    return respond
+
+
+def no_partial_files(folder):
+    leftovers = [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def tags_only_config(tmp_path, llm_server, danbooru, **endpoint):
+    return write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                        tag_provider={"skip": True}, endpoints={"default": {**FAST_RETRIES, **endpoint}})
+
+
+FAULTS = [
+    (Fault("drop"), True), (Fault("drop"), False),
+    (Fault("cut"), True),
+    (Fault("malformed"), True), (Fault("malformed"), False),
+    (Fault("empty_choices"), True), (Fault("empty_choices"), False),
+    (Fault("stream_error"), True),
+    (Error(500, {"error": {"code": 500, "message": "slot unavailable", "type": "server_error"}}), True),
+    (Error(503, {"error": "Model is loading"}), False),
+    (Error(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, {"Retry-After": "0"}), True),
+    (Error(408, {"object": "error", "message": "timeout", "type": "Timeout", "code": 408}), False),
+    (Error(409, [{"error": {"code": 409, "message": "conflict", "status": "ABORTED"}}]), True),
+]
+
+
+@pytest.mark.parametrize("fault, stream", FAULTS, ids=[f"{getattr(f, 'kind', None) or f.status}-"
+                                                       f"{'stream' if s else 'json'}" for f, s in FAULTS])
+def test_each_fault_is_retried_and_counted(tmp_path, llm_server, danbooru, capsys, fault, stream):
+    llm_server.responder = faulty_once(fault)
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = tags_only_config(tmp_path, llm_server, danbooru, stream=stream)
+    code, out, _ = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 0, out
+    assert (images / "a.caption").read_text() == "A picture of cat."
+    assert (images / "b.caption").read_text() == "A picture of dog."
+    assert "interpreter:  4 requests (2 retries)" in out
+    no_partial_files(tmp_path)
+
+
+def test_timeout_is_retried(tmp_path, llm_server, danbooru, capsys):
+    llm_server.responder = faulty_once(Fault("hang", seconds=1.5))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = tags_only_config(tmp_path, llm_server, danbooru, timeout=0.5, stream=False)
+    code, out, _ = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 0, out
+    assert (images / "a.caption").read_text() == "A picture of cat."
+    assert "(1 retries)" in out
+
+
+def test_retry_after_is_honoured(tmp_path, llm_server, danbooru, capsys):
+    llm_server.responder = faulty_once(Error(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"}))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = tags_only_config(tmp_path, llm_server, danbooru)
+    started = time.monotonic()
+    code, _, _ = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 0 and time.monotonic() - started >= 1.0
+
+
+def test_exhausted_retries_fail_one_image_and_are_recorded(tmp_path, llm_server, danbooru, capsys):
+    def respond(request):
+        if "dog" in user_text(request):
+            return Error(502, "<html><body>Bad Gateway</body></html>")
+        if "bird" in user_text(request):
+            return Error(400, {"error": {"message": "Invalid 'messages'", "type": "invalid_request_error"}})
+        return caption_for(request)
+    llm_server.responder = respond
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog", "c.png": "bird"})
+    config = tags_only_config(tmp_path, llm_server, danbooru)
+    code, out, err = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 1
+    assert (images / "a.caption").read_text() == "A picture of cat."
+    records = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
+    assert {r["image"]: (r["stage"], r["kind"], r["attempts"]) for r in records} == {
+        str(images / "b.png"): ("interpreter", "http_502", 4),
+        str(images / "c.png"): ("interpreter", "http_400", 1)}
+    assert "HTTP 502: <html><body>Bad Gateway</body></html> after 4 attempts" in out
+    assert "Traceback" not in out + err
+
+    # --retry-failed reruns only those two; the server has recovered.
+    llm_server.responder = caption_for
+    before = len(llm_server.chat_requests)
+    code, out, _ = run_caption([str(images), "--config", str(config), "output.extension=.caption",
+                                "--retry-failed"], capsys)
+    assert code == 0 and "2 captioned" in out
+    assert len(llm_server.chat_requests) - before == 2
+    assert (images / "b.caption").read_text() == "A picture of dog."
+    assert (images / "failures.jsonl").read_text() == ""
+
+
+def test_mixed_faults_at_20_percent_leave_every_image_captioned(tmp_path, llm_server, danbooru, capsys):
+    rng = random.Random(7)
+    lock = threading.Lock()
+    faults = [fault for fault, _ in FAULTS]
+
+    def respond(request):
+        with lock:
+            roll = rng.random()
+            fault = rng.choice(faults)
+        if SUMMARY in user_text(request):
+            return fault if roll < 0.2 else Text(f"Meaning of {user_text(request).split(chr(34))[1]}.")
+        return fault if roll < 0.2 else caption_for(request)
+    llm_server.responder = respond
+    danbooru.wiki = {f"tag{n}": f"Wiki of tag {n}." for n in range(10)}
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:03}.png": f"tag{n % 10}, tag{(n + 3) % 10}" for n in range(300)})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          endpoints={"default": {**FAST_RETRIES, "max_retries": 8, "concurrency": 8}})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out[-2000:]
+    for n in range(300):
+        assert (images / f"{n:03}.txt").read_text() == f"A picture of tag{n % 10}, tag{(n + 3) % 10}."
+    assert "300 captioned" in out and "retries)" in out
+    no_partial_files(tmp_path)
+
+
+SUMMARY = "Danbooru wiki entry for the image tag"
+
+
+def test_server_down_for_good_stops_early(tmp_path, llm_server, danbooru, capsys):
+    served = []
+
+    def respond(request):
+        served.append(1)
+        if len(served) == 3:  # the server goes away: no new connections, open ones dropped
+            threading.Thread(target=llm_server.stop).start()
+        return caption_for(request) if len(served) <= 3 else Fault("drop")
+    llm_server.responder = respond
+    llm_server.delay = 0.05
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:02}.png": f"tag{n}" for n in range(30)})
+    config = tags_only_config(tmp_path, llm_server, danbooru, concurrency=1, down_after=0.3, max_retries=1000)
+    started = time.monotonic()
+    code, out, err = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 1
+    assert time.monotonic() - started < 10
+    assert "has not answered for" in err and "stopping" in err
+    assert "not started (rerun to continue)" in out
+    assert len(list(images.glob("*.caption"))) >= 2
+    assert "Traceback" not in out + err
+
+
+def _popen_caption(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "caption.py"), "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("kill_after", [1, 12, 30])
+def test_sigkill_then_rerun_finishes_exactly_the_rest(tmp_path, llm_server, danbooru, kill_after):
+    danbooru.wiki = {f"tag{n}": f"Tag {n}." for n in range(8)}
+
+    def respond(request):
+        if SUMMARY in user_text(request):
+            return Text("A summary.")
+        return caption_for(request)
+    llm_server.responder = respond
+    llm_server.delay = 0.02
+    images = tmp_path / "images"
+    count = 40
+    make_dataset(images, {f"{n:02}.png": f"tag{n % 8}, extra{n}" for n in range(count)})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          endpoints={"default": {"concurrency": 4}})
+    process = _popen_caption([str(images), "--config", str(config)])
+    assert _wait_for(lambda: len(list(images.glob("*.tags.txt"))) >= kill_after)
+    process.kill()
+    process.wait()
+    first_run = sum(1 for r in llm_server.chat_requests if SUMMARY not in user_text(r))
+
+    rerun = _popen_caption([str(images), "--config", str(config)])
+    out, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    caption_requests = [r for r in llm_server.chat_requests if SUMMARY not in user_text(r)]
+    assert len(caption_requests) <= count + 4 * 2, (first_run, len(caption_requests))
+    for n in range(count):
+        assert (images / f"{n:02}.txt").read_text() == f"A picture of tag{n % 8}, extra{n}."
+        assert (images / f"{n:02}.tags.txt").read_text() == f"tag{n % 8}, extra{n}"
+    json.loads((tmp_path / "tags_cache.json").read_text())
+    no_partial_files(tmp_path)
+    assert not (images / ".tagcaption" / "lock").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_cleanly_with_summary(tmp_path, llm_server, danbooru, signum):
+    llm_server.responder = caption_for
+    llm_server.delay = 0.1
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:02}.png": f"tag{n}" for n in range(40)})
+    config = tags_only_config(tmp_path, llm_server, danbooru, concurrency=2)
+    process = _popen_caption([str(images), "--config", str(config), "output.extension=.caption"])
+    assert _wait_for(lambda: len(list(images.glob("*.caption"))) >= 3)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=15)
+    assert process.returncode == 130, err
+    assert "Summary" in out and "not started (rerun to continue)" in out
+    assert "Traceback" not in err
+    written = list(images.glob("*.caption"))
+    assert 3 <= len(written) < 40
+    assert all(p.read_text() == f"A picture of tag{int(p.stem)}." for p in written)
+    no_partial_files(tmp_path)
+    assert not (images / ".tagcaption" / "lock").exists()
+
+
+def test_second_run_on_same_folder_is_refused(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    lock = images / ".tagcaption" / "lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "today"}))
+    config = tags_only_config(tmp_path, llm_server, danbooru)
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2
+    assert str(lock) in err and f"pid {os.getpid()}" in err
+    assert llm_server.chat_requests == [] and (images / "a.txt").read_text() == "cat"
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path, llm_server, danbooru, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    lock = images / ".tagcaption" / "lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "yesterday"}))
+    llm_server.responder = caption_for
+    config = tags_only_config(tmp_path, llm_server, danbooru)
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "took over the lock" in err
+    assert (images / "a.txt").read_text() == "A picture of cat."
+    assert not lock.exists()
+
+
+def test_hand_edited_caption_is_kept_when_overwriting(tmp_path, llm_server, danbooru, capsys):
+    answers = iter(["First caption.", "Second caption.", "Third caption.", "Fourth caption."])
+    llm_server.responder = lambda request: Text(next(answers))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    (images / "b.caption").write_text("Written by the user before any run.")
+    config = tags_only_config(tmp_path, llm_server, danbooru)
+    args = [str(images), "--config", str(config), "output.extension=.caption"]
+
+    code, out, _ = run_caption(args, capsys)
+    assert code == 0 and "1 captioned, 1 skipped" in out
+    assert (images / "b.caption").read_text() == "Written by the user before any run."
+    (images / "a.caption").write_text("First caption, fixed by hand.")
+
+    code, out, _ = run_caption(args + ["output.overwrite=true"], capsys)
+    assert code == 0 and "2 captioned" in out and "2 replaced captions kept" in out
+    assert (images / "a.caption.bak").read_text() == "First caption, fixed by hand."
+    assert (images / "b.caption.bak").read_text() == "Written by the user before any run."
+
+    # Our own untouched captions are replaced without a backup.
+    code, out, _ = run_caption(args + ["output.overwrite=true"], capsys)
+    assert "backups" not in out
+    assert sorted(p.name for p in images.glob("*.bak*")) == ["a.caption.bak", "b.caption.bak"]
+    assert (images / "a.txt").read_text() == "cat" and (images / "b.txt").read_text() == "dog"
+
+
+def test_api_key_never_appears_in_output_or_files(tmp_path, llm_server, danbooru, capsys):
+    secret = "sk-test-SECRET-4f9a2b7c"
+
+    def respond(request):
+        if "dog" in user_text(request):
+            return Error(400, {"error": {"message": f"Bad request for key {secret}", "type": "invalid_request_error"}})
+        return caption_for(request)
+    llm_server.responder = respond
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          endpoints={"default": {"api_key": secret, **FAST_RETRIES}})
+    code, out, err = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
+    assert code == 1
+    assert all(r.headers.get("authorization") == f"Bearer {secret}" for r in llm_server.requests)
+    assert "Bad request for key ***" in out
+    assert secret not in out + err
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path != config:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_proxy_settings_are_not_applied_to_loopback_servers(tmp_path, llm_server, danbooru):
+    danbooru.wiki = {"cat": "A cat."}
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
+    env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               ALL_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", NO_PROXY="")
+    process = _popen_caption([str(images), "--config", str(config)], env=env)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "1 summarised" in out and danbooru.wiki_requests()
