@@ -52,6 +52,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help=f"config file (default: {DEFAULT_CONFIG})")
     parser.add_argument("--retry-failed", action="store_true",
                         help="caption only the images listed in failures.jsonl by the previous run")
+    parser.add_argument("--refresh-tags", action="store_true",
+                        help="look up and summarise this run's tags again, ignoring the cache")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
@@ -78,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides, args.images_dir)
         result = asyncio.run(run(config, progress=False if args.no_progress else None,
-                                 retry_failed=args.retry_failed))
+                                 retry_failed=args.retry_failed, refresh_tags=args.refresh_tags))
     except ConfigError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_SETUP

@@ -49,14 +49,32 @@ class StageConfig:
 
 @dataclass
 class TagProviderConfig(StageConfig):
+    source: str = "danbooru"
     danbooru_url: str = "https://danbooru.donmai.us"
-    cache_file: str = "tags_cache.json"
-    system_prompt: str = ""
-    prompt_template: str = "templates/tag_summary.txt"
-    min_post_count: int = 0
+    login: str = ""
+    api_key: str = ""
+    danbooru_rate: float = 2.0
+    danbooru_batch_size: int = 100
     danbooru_concurrency: int = 2
     danbooru_timeout: float = 30.0
+    danbooru_retries: int = 3
+    wiki_dump: Optional[str] = None
+    tags_dump: Optional[str] = None
+    cache_file: str = "tags_cache.json"
+    negative_ttl_days: float = 30.0
+    system_prompt: str = ""
+    prompt_template: str = "templates/tag_summary.txt"
+    wiki_max_chars: int = 1500
+    min_post_count: int = 0
     max_tokens: int = 120
+
+
+@dataclass
+class TagsConfig:
+    sources: List[str] = field(default_factory=lambda: ["txt", "sidecar"])
+    combine: str = "first"
+    exclude: List[str] = field(default_factory=list)
+    exclude_categories: List[str] = field(default_factory=lambda: ["meta"])
 
 
 @dataclass
@@ -88,6 +106,7 @@ class Config:
     images_dir: Optional[str] = None
     recursive: bool = False
     tags_extension: Optional[str] = ".txt"
+    tags: TagsConfig = field(default_factory=TagsConfig)
     endpoints: Dict[str, EndpointConfig] = field(default_factory=lambda: {"default": EndpointConfig()})
     tag_provider: TagProviderConfig = field(default_factory=TagProviderConfig)
     interrogator: InterrogatorConfig = field(default_factory=InterrogatorConfig)
@@ -202,6 +221,21 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be max_tokens or max_completion_tokens")
         if not endpoint.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {endpoint.base_url!r})")
+    tag_settings = config.tag_provider
+    if tag_settings.source not in ("danbooru", "file", "none"):
+        raise ConfigError(f"tag_provider.source must be danbooru, file or none (got {tag_settings.source!r})")
+    if tag_settings.danbooru_rate <= 0 or tag_settings.danbooru_batch_size < 1:
+        raise ConfigError("tag_provider.danbooru_rate and danbooru_batch_size must be positive")
+    unknown_sources = [name for name in config.tags.sources if name not in ("txt", "sidecar")]
+    if unknown_sources or not config.tags.sources:
+        raise ConfigError(f"tags.sources: use txt and/or sidecar (got {list(config.tags.sources)})")
+    if config.tags.combine not in ("first", "all"):
+        raise ConfigError(f"tags.combine must be first or all (got {config.tags.combine!r})")
+    bad = [name for name in config.tags.exclude_categories
+           if name not in ("general", "artist", "copyright", "character", "meta")]
+    if bad:
+        raise ConfigError(f"tags.exclude_categories: unknown categor{'ies' if len(bad) > 1 else 'y'} "
+                          f"{', '.join(bad)} (use general, artist, copyright, character, meta)")
     if config.interrogator.skip and config.interpreter.skip:
         raise ConfigError("interrogator.skip and interpreter.skip are both true: nothing would write a caption")
     if not config.interrogator.skip and not config.interrogator.prompts:

@@ -9,16 +9,21 @@ gets an empty `<stem>.tags.txt` for the same reason.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
+
+import logging
 
 import aiofiles
 
 from config import Config
 from files import is_leftover_temp
+
+log = logging.getLogger("caption")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                               ".avif", ".heic", ".heif"})
@@ -141,8 +146,75 @@ def decode_text(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-async def read_tags(item: ImageItem) -> List[str]:
-    if item.tags_file is None:
-        return []
-    async with aiofiles.open(item.tags_file, "rb") as handle:
-        return parse_tags(decode_text(await handle.read()))
+@dataclass
+class ImageTags:
+    tags: List[str] = field(default_factory=list)
+    categories: Dict[str, str] = field(default_factory=dict)
+    """Categories the sidecar gives (general, character, copyright, artist, meta)."""
+    rating: Optional[str] = None
+
+
+SIDECAR_CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+
+
+def sidecar_paths(image: Path) -> List[Path]:
+    """gallery-dl writes `<image file name>.json`; other tools `<stem>.json`."""
+    return [image.with_name(image.name + ".json"), image.with_suffix(".json")]
+
+
+def parse_sidecar(data: object) -> Optional[ImageTags]:
+    """Tags, their categories and the rating from a gallery-dl Danbooru sidecar, if it is one."""
+    if not isinstance(data, dict):
+        return None
+    found = ImageTags(rating=data.get("rating") if isinstance(data.get("rating"), str) else None)
+    for category in SIDECAR_CATEGORIES:
+        names = data.get(f"tag_string_{category}")
+        listed = data.get(f"tags_{category}")
+        names = names.split() if isinstance(names, str) else (listed if isinstance(listed, list) else [])
+        for name in names:
+            tag = normalize_tag(str(name))
+            if tag and tag not in found.categories:
+                found.categories[tag] = category
+                found.tags.append(tag)
+    if not found.tags:
+        plain = data.get("tag_string") if isinstance(data.get("tag_string"), str) else None
+        listed = data.get("tags") if isinstance(data.get("tags"), list) else None
+        found.tags = parse_tags(",".join(plain.split()) if plain else ",".join(map(str, listed or [])))
+    return found if found.tags else None
+
+
+async def _read_sidecar(image: Path) -> Optional[ImageTags]:
+    for path in sidecar_paths(image):
+        if path.is_file():
+            async with aiofiles.open(path, "rb") as handle:
+                raw = await handle.read()
+            try:
+                return parse_sidecar(json.loads(decode_text(raw)))
+            except ValueError:
+                log.warning("warning: %s is not valid JSON; its tags are ignored", path)
+                return None
+    return None
+
+
+async def read_image_tags(item: ImageItem, sources: List[str], combine: str) -> ImageTags:
+    """The image's tags from the configured sources, in order: the first that has tags
+    (`combine: first`), or all of them merged (`combine: all`)."""
+    result = ImageTags()
+    for source in sources:
+        if source == "txt":
+            if item.tags_file is None:
+                continue
+            async with aiofiles.open(item.tags_file, "rb") as handle:
+                found = ImageTags(parse_tags(decode_text(await handle.read())))
+        else:
+            found = await _read_sidecar(item.path)
+        if not found or not found.tags:
+            continue
+        seen = set(result.tags)
+        result.tags += [tag for tag in found.tags if tag not in seen]
+        for tag, category in found.categories.items():
+            result.categories.setdefault(tag, category)
+        result.rating = result.rating or found.rating
+        if combine == "first":
+            break
+    return result

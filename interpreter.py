@@ -3,22 +3,14 @@ through a prompt template from `templates/` that the user edits."""
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
+from typing import Dict
 
 from config import Config
-from dataset import display_tag
 from llm import LLM
+from tag_provider import TAG_VARIABLES
 from templates import Template
 
-PLACEHOLDERS = ("tags", "tag_descriptions", "description", "hints", "filename", "folder")
-
-
-def tag_values(tags: List[str], summaries: Dict[str, Optional[str]]) -> Dict[str, str]:
-    return {
-        "tags": ", ".join(display_tag(tag) for tag in tags),
-        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summaries[tag]}"
-                                      for tag in tags if summaries.get(tag)),
-    }
+PLACEHOLDERS = TAG_VARIABLES + ("description", "hints", "filename", "folder")
 
 
 class Interpreter:

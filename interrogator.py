@@ -13,9 +13,10 @@ from typing import Dict, List
 from config import Config, ConfigError
 from images import prepare_image
 from llm import LLM
+from tag_provider import TAG_VARIABLES
 from templates import Template
 
-PLACEHOLDERS = ("tags", "filename", "folder", "hints")
+PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints")
 
 
 class Interrogator:

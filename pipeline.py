@@ -22,15 +22,15 @@ import openai
 from tqdm import tqdm
 
 from config import Config, ConfigError
-from dataset import Dataset, ImageItem, read_tags
+from dataset import Dataset, ImageItem, ImageTags, read_image_tags
 from files import atomic_write_text, write_new_file
 from hints import HintInput, collect_hints, unknown_sources
 from images import ImageError, check_image
-from interpreter import Interpreter, tag_values
+from interpreter import Interpreter
 from interrogator import Interrogator
 from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
 from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
-from tag_provider import TagProvider, TagStats, TagSummaryError
+from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
 
 log = logging.getLogger("caption")
 
@@ -63,7 +63,8 @@ class ImageFailed(Exception):
 
 
 class Run:
-    def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False):
+    def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
+                 refresh_tags: bool = False):
         self.config = config
         self.progress = progress
         self.retry_failed = retry_failed
@@ -81,8 +82,9 @@ class Run:
         self.record = CaptionRecord(self.root)
         self.llm = LLM.from_config(config)
         self.tag_bar = self.image_bar = None
+        self.tag_filter = TagFilter(config.tags, config.tag_provider.min_post_count)
         self.tag_provider = None if config.tag_provider.skip else TagProvider(
-            config, self.llm, on_tag_done=self._tag_done, on_tags_found=self._tags_found)
+            config, self.llm, on_tag_done=self._tag_done, on_tags_found=self._tags_found, refresh=refresh_tags)
         self.interrogator = None if config.interrogator.skip else Interrogator(config, self.llm)
         self.interpreter = None if config.interpreter.skip else Interpreter(config, self.llm)
         self.stopping = asyncio.Event()
@@ -202,12 +204,12 @@ class Run:
             if self.stopping.is_set():
                 break
             try:
-                tags = await read_tags(item)
+                tags = await read_image_tags(item, self.config.tags.sources, self.config.tags.combine)
             except OSError as exc:
-                tags = ImageFailed("tags", "tags_file",
-                                   f"cannot read tags file {item.tags_file}: {exc.strerror or exc}")
-            if self.tag_provider and isinstance(tags, list):
-                self.tag_provider.prefetch(tags)
+                where = exc.filename or item.tags_file
+                tags = ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
+            if self.tag_provider and isinstance(tags, ImageTags):
+                self.tag_provider.prefetch(self._to_look_up(tags))
             await queue.put((item, tags))
         for _ in self.workers:
             await queue.put(None)
@@ -231,21 +233,24 @@ class Run:
                 self._fail(item, ImageFailed("internal", "internal_error", f"unexpected {type(exc).__name__}: {exc}"))
             self.image_bar.update(1)
 
-    async def _caption(self, item: ImageItem, tags: List[str]) -> None:
+    def _to_look_up(self, tags: ImageTags) -> List[str]:
+        return [tag for tag in tags.tags if not self.tag_filter.excluded_by_name(tag)]
+
+    async def _caption(self, item: ImageItem, tags: ImageTags) -> None:
         stage = "input"
         try:
-            if not tags and not self.interrogator:
+            if not tags.tags and not self.interrogator:
                 raise ImageFailed(stage, "no_tags",
                                   f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
                                   "and the Interrogator is off: nothing to caption from")
             if not self.interrogator:
                 await asyncio.to_thread(check_image, item.path)
             stage = "tag_provider"
-            summaries = await self.tag_provider.summaries(tags) if self.tag_provider else {}
+            knowledge = await self.tag_provider.knowledge(self._to_look_up(tags)) if self.tag_provider else {}
             values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(),
-                      **tag_values(tags, summaries)}
+                      **tag_variables(tags.tags, knowledge, tags.categories, tags.rating, self.tag_filter)}
             values["hints"] = await asyncio.to_thread(
-                collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags))
+                collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags.tags))
             values["description"] = ""
             if self.interrogator:
                 stage = "interrogator"
@@ -364,11 +369,12 @@ class Run:
         if self.tag_provider:
             await self.tag_provider.close()
             self.result.tags = self.tag_provider.stats
-            self.result.danbooru_requests = self.tag_provider.danbooru.requests
-            self.result.danbooru_down = self.tag_provider.danbooru_down
+            self.result.danbooru_requests = self.tag_provider.source_requests
+            self.result.danbooru_down = self.tag_provider.source_down
         self.result.usage = dict(self.llm.usage)
         await self.llm.close()
 
 
-async def run(config: Config, progress: Optional[bool] = None, retry_failed: bool = False) -> RunResult:
-    return await Run(config, progress, retry_failed).execute()
+async def run(config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
+              refresh_tags: bool = False) -> RunResult:
+    return await Run(config, progress, retry_failed, refresh_tags).execute()

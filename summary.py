@@ -20,15 +20,17 @@ def format_summary(result: RunResult) -> str:
     if result.tags is not None:
         tags = result.tags
         parts = [f"{tags.summarised} summarised", f"{tags.cached} cached", f"{tags.no_wiki} without wiki"]
-        if tags.rare:
-            parts.append(f"{tags.rare} below min_post_count")
+        if tags.resummarised:
+            parts.append(f"{tags.resummarised} summarised again (model or template changed)")
+        if tags.excluded:
+            parts.append(f"{tags.excluded} excluded")
         if tags.lookup_failed:
-            parts.append(f"{tags.lookup_failed} not looked up (Danbooru error)")
+            parts.append(f"{tags.lookup_failed} not looked up (lookup error)")
         if tags.failed:
             parts.append(f"{tags.failed} failed")
         lines.append(f"  tags:     {', '.join(parts)}; {result.danbooru_requests} Danbooru requests")
     if result.danbooru_down:
-        lines.append(f"  danbooru: {result.danbooru_down}; those captions were made without tag summaries")
+        lines.append(f"  danbooru: {result.danbooru_down}; captions were made with tags only")
     for stage in STAGES:
         usage = result.usage.get(stage)
         if usage and usage.requests:

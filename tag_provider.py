@@ -1,35 +1,35 @@
-"""Stage 1: one compact summary per distinct tag, from its Danbooru wiki page, cached forever.
+"""Stage 1: one compact summary per distinct tag, from its wiki page, cached across runs.
 
 Tags are resolved once per run whatever number of images use them: the first image to
-need a tag starts its lookup, later images await the same task. A tag is looked up on
-Danbooru only when it is not in the cache, and summarised only when its page has text.
+need a tag starts its resolution, later images await the same task. Lookups are
+gathered into batches (one Danbooru request answers up to `danbooru_batch_size` tags),
+a tag is looked up only when the cache cannot answer, and summarised only when its page
+has text and the tag will appear in captions.
 """
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import html
-import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
-from urllib.parse import quote
 
-import httpx2  # installed by openai; its async client keeps Danbooru lookups on the event loop
-
-from config import Config, ConfigError, TagProviderConfig
-from files import atomic_write_text
-from llm import LLM, LLMError, is_loopback
+from config import Config, TagsConfig
+from dataset import display_tag
+from llm import LLM, LLMError
+from tag_cache import TagCache
+from tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
 from templates import Template
-from version import USER_AGENT
 
 log = logging.getLogger("caption")
 
 SUMMARY_PLACEHOLDERS = ("tag", "wiki")
+CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
 
 
 # --- DText -------------------------------------------------------------------------------
@@ -109,148 +109,30 @@ def dtext_to_text(body: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-# --- Danbooru ------------------------------------------------------------------------------
+_SECTION_HEADER = re.compile(r"^[ \t]*h[1-6](?:#[\w-]+)?\.[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
+_NOISE_SECTIONS = re.compile(r"^(see also|external links?|links|related tags?|related|tag groups?|"
+                             r"references?|sources?|notes? for taggers|tagging notes?)\b", re.IGNORECASE)
+_LINK_ONLY_ITEM = re.compile(r"^[ \t]*\*+[ \t]*(?:\[\[[^\]]*\]\][ \t,;/]*|\{\{[^}]*\}\}[ \t,;/]*)+(?:\n|\Z)", re.MULTILINE)
 
 
-class DanbooruError(Exception):
-    """Danbooru could not answer this lookup; str() is one line for the user."""
-
-
-class DanbooruUnreachable(DanbooruError):
-    pass
-
-
-def wiki_title(tag: str) -> str:
-    """The title used in `/wiki_pages/<title>.json`; all-digit titles need a `~` prefix."""
-    return f"~{tag}" if tag.isdigit() else tag
-
-
-class Danbooru:
-    def __init__(self, config: TagProviderConfig):
-        self.base_url = config.danbooru_url.rstrip("/")
-        self.http = httpx2.AsyncClient(
-            base_url=self.base_url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-            timeout=config.danbooru_timeout, trust_env=not is_loopback(self.base_url), follow_redirects=True)
-        self.slots = asyncio.Semaphore(config.danbooru_concurrency)
-        self.requests = 0
-
-    async def _get(self, path: str, params: Optional[dict] = None):
-        async with self.slots:
-            self.requests += 1
-            try:
-                response = await self.http.get(path, params=params)
-            except httpx2.TransportError as exc:
-                raise DanbooruUnreachable(f"cannot reach Danbooru at {self.base_url} "
-                                          f"({type(exc).__name__}: {exc or 'no detail'})") from None
-        if response.status_code == 404:
-            return None
-        content_type = response.headers.get("content-type", "")
-        if response.status_code != 200 or "json" not in content_type:
-            kind = "an HTML page" if "html" in content_type else f"'{content_type or 'no content type'}'"
-            hint = (" (likely Cloudflare blocking this client; try again later or set login/api_key)"
-                    if response.status_code == 403 else "")
-            raise DanbooruError(f"Danbooru answered HTTP {response.status_code} with {kind} for {path}{hint}")
-        try:
-            return response.json()
-        except ValueError:
-            raise DanbooruError(f"Danbooru sent malformed JSON for {path}") from None
-
-    async def wiki_body(self, tag: str) -> Optional[str]:
-        """The DText body of the tag's wiki page, or None when it has none (or it was deleted)."""
-        page = await self._get(f"/wiki_pages/{quote(wiki_title(tag), safe='')}.json")
-        if not isinstance(page, dict) or page.get("is_deleted"):
-            return None
-        return page.get("body") or None
-
-    async def post_count(self, tag: str) -> int:
-        found = await self._get("/tags.json", {"search[name]": tag, "only": "name,post_count"})
-        for entry in found or ():
-            if entry.get("name") == tag:
-                return int(entry.get("post_count") or 0)
-        return 0
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-
-# --- Cache ---------------------------------------------------------------------------------
-
-
-class TagCache:
-    """`tags_cache.json`: read once, then rewritten atomically (at most once a second) as
-    summaries arrive, so a crash loses at most the last second's work and never the file."""
-
-    FLUSH_INTERVAL = 1.0
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: Dict[str, dict] = {}
-        self._dirty = False
-        self._last_flush = 0.0
-        self._flushing: Optional[asyncio.Task] = None
-
-    def load(self) -> None:
-        """Read the cache; a damaged one is moved aside (never silently emptied)."""
-        folder = self.path.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tag_provider.cache_file: cannot write to the folder {folder}")
-        if not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            tags = data.get("tags", data) if isinstance(data, dict) else None
-            if not isinstance(tags, dict):
-                raise ValueError("not a JSON object of tags")
-        except OSError as exc:
-            raise ConfigError(f"cannot read tag cache {self.path}: {exc.strerror or exc}") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(aside)
-            log.warning("warning: tag cache %s is damaged (%s); moved it to %s and starting empty",
-                        self.path, _first_line(exc), aside.name)
-            return
-        for name, entry in tags.items():
-            if isinstance(entry, str):  # a plain {"tag": "summary"} cache from the original script
-                entry = {"summary": entry}
-            if isinstance(entry, dict):
-                self.entries[name] = entry
-
-    def get(self, tag: str) -> Optional[dict]:
-        return self.entries.get(tag)
-
-    def put(self, tag: str, entry: dict) -> None:
-        self.entries[tag] = entry
-        self._dirty = True
-        if time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL and not self._flushing:
-            self._flushing = asyncio.create_task(self._flush_in_background())
-
-    async def _flush_in_background(self) -> None:
-        try:
-            await self.flush()
-        finally:
-            self._flushing = None
-
-    async def flush(self) -> None:
-        if not self._dirty:
-            return
-        self._dirty = False
-        self._last_flush = time.monotonic()
-        text = json.dumps({"version": 1, "tags": self.entries}, ensure_ascii=False, indent=1, sort_keys=True)
-        try:
-            await asyncio.to_thread(atomic_write_text, self.path, text + "\n")
-        except OSError as exc:
-            self._dirty = True
-            log.warning("warning: cannot save tag cache %s: %s", self.path, exc.strerror or exc)
-
-    async def close(self) -> None:
-        if self._flushing:
-            await self._flushing
-        await self.flush()
-
-
-def _first_line(value: object) -> str:
-    text = str(value).strip()
-    return text.splitlines()[0] if text else type(value).__name__
+def wiki_text_for_summary(body: str, max_chars: int = 1500) -> str:
+    """The part of a wiki page that says what the tag means, as plain text, at most
+    `max_chars` long: "See also", "External links" and tag-group sections, and list items
+    that are nothing but links to other tags, are left out."""
+    kept, skipping, position = [], False, 0
+    for header in _SECTION_HEADER.finditer(body):
+        if not skipping:
+            kept.append(body[position:header.start()])
+        skipping = bool(_NOISE_SECTIONS.match(header.group(1).strip()))
+        position = header.start()
+    if not skipping:
+        kept.append(body[position:])
+    text = dtext_to_text(_LINK_ONLY_ITEM.sub("", "".join(kept)))
+    if max_chars and len(text) > max_chars:
+        cut = text[:max_chars]
+        boundary = max(cut.rfind(". "), cut.rfind("\n"))
+        text = (cut[:boundary + 1] if boundary > max_chars // 2 else cut).rstrip()
+    return text
 
 
 # --- The stage -----------------------------------------------------------------------------
@@ -261,125 +143,249 @@ class TagSummaryError(Exception):
 
 
 @dataclass
+class TagKnowledge:
+    """What the captions may use about one tag."""
+    summary: Optional[str] = None
+    category: Optional[str] = None
+    post_count: Optional[int] = None
+    known: bool = False
+
+
+@dataclass
 class TagStats:
     summarised: int = 0
+    resummarised: int = 0
     cached: int = 0
     no_wiki: int = 0
-    rare: int = 0
+    excluded: int = 0
     lookup_failed: int = 0
     failed: int = 0
 
 
+class TagFilter:
+    """Which tags reach the captions: `tags.exclude` names and wildcards, categories in
+    `tags.exclude_categories`, and Danbooru tags with fewer posts than `min_post_count`
+    (tags Danbooru does not know, like a LoRA trigger word, are always kept)."""
+
+    def __init__(self, tags: TagsConfig, min_post_count: int = 0):
+        self.patterns = [pattern.strip().lower().replace(" ", "_") for pattern in tags.exclude]
+        self.categories = set(tags.exclude_categories)
+        self.min_post_count = min_post_count
+
+    def excluded_by_name(self, tag: str) -> bool:
+        return any(fnmatch.fnmatchcase(tag, pattern) for pattern in self.patterns)
+
+    def excluded(self, tag: str, category: Optional[str], knowledge: Optional[TagKnowledge] = None) -> bool:
+        if self.excluded_by_name(tag) or (category in self.categories):
+            return True
+        return bool(knowledge and knowledge.known and self.min_post_count
+                    and (knowledge.post_count or 0) < self.min_post_count)
+
+
 class TagProvider:
     def __init__(self, config: Config, llm: LLM, on_tag_done: Callable[[], None] = lambda: None,
-                 on_tags_found: Callable[[int], None] = lambda n: None):
+                 on_tags_found: Callable[[int], None] = lambda n: None, refresh: bool = False):
         self.settings = config.tag_provider
         self.llm = llm
+        self.refresh = refresh
         self.template = Template.load(config.resource(self.settings.prompt_template), SUMMARY_PLACEHOLDERS)
-        self.template_hash = hashlib.sha1(self.template.render(tag="\x00", wiki="\x00").encode()).hexdigest()[:12]
+        self.template_hash = hashlib.sha1(
+            f"{self.settings.system_prompt}\x00{self.template.render(tag=chr(1), wiki=chr(2))}".encode()).hexdigest()[:12]
+        self.filter = TagFilter(config.tags, self.settings.min_post_count)
         self.cache = TagCache(config.path(self.settings.cache_file))
-        self.danbooru = Danbooru(self.settings)
+        self.source = make_source(config)
         self.stats = TagStats()
-        self.danbooru_down: Optional[str] = None
-        self.lookup_errors: Dict[str, int] = {}
+        self.source_down: Optional[str] = None
+        self._warned: set = set()
         self._tasks: Dict[str, asyncio.Task] = {}
+        self._waiting: Dict[str, asyncio.Future] = {}
+        self._wake = asyncio.Event()
+        self._lookup_slots = asyncio.Semaphore(max(1, self.settings.danbooru_concurrency))
+        self._dispatcher: Optional[asyncio.Task] = None
+        self._lookups: set = set()
         self._on_tag_done = on_tag_done
         self._on_tags_found = on_tags_found
+
+    @property
+    def source_requests(self) -> int:
+        return self.source.requests
 
     def start(self) -> None:
         self.cache.load()
 
     def prefetch(self, tags: Iterable[str]) -> None:
-        """Start resolving every tag not seen yet in this run (bounded by the endpoint's slots)."""
+        """Start resolving every tag not seen yet in this run."""
         new = [tag for tag in tags if tag not in self._tasks]
         for tag in new:
             self._tasks[tag] = asyncio.create_task(self._resolve(tag))
         if new:
             self._on_tags_found(len(new))
 
-    async def summaries(self, tags: List[str]) -> Dict[str, Optional[str]]:
-        """Each tag's summary (None when it has none); raises TagSummaryError if one failed."""
+    async def knowledge(self, tags: List[str]) -> Dict[str, TagKnowledge]:
+        """Each tag's knowledge; raises TagSummaryError if a summary the caption needs failed."""
         self.prefetch(tags)
-        # Shielded: the tasks are shared with other images, and cancelling this one must not stop them.
+        # Shielded: the tasks are shared with other images; cancelling this one must not stop them.
         results = await asyncio.gather(*(asyncio.shield(self._tasks[tag]) for tag in tags), return_exceptions=True)
         for tag, result in zip(tags, results):
             if isinstance(result, BaseException):
                 raise TagSummaryError(f"summary of tag '{tag}' failed: {result}")
         return dict(zip(tags, results))
 
-    async def _resolve(self, tag: str) -> Optional[str]:
+    async def _resolve(self, tag: str) -> TagKnowledge:
         try:
-            cached = self.cache.get(tag)
-            if cached is not None:
+            entry = None if self.refresh else self.cache.get(tag)
+            if entry is not None and self._summary_is_current(entry):
                 self.stats.cached += 1
-                return cached.get("summary")
-            return await self._summarise(tag)
+                return _knowledge(entry)
+            if entry is not None and entry.get("wiki"):
+                return await self._summarise(tag, entry, resummarise=True)
+            if entry is not None and self._negative_is_fresh(entry):
+                self.stats.cached += 1
+                return _knowledge(entry)
+            return await self._look_up_and_summarise(tag)
         finally:
             self._on_tag_done()
 
-    async def _summarise(self, tag: str) -> Optional[str]:
-        body = await self._lookup(tag)
-        if body is None:
-            return None
-        wiki = dtext_to_text(body)
+    def _summary_is_current(self, entry: dict) -> bool:
+        if not entry.get("summary"):
+            return False
+        if "model" not in entry:  # from the original script's cache: keep it
+            return True
+        return entry.get("model") == self.settings.model and entry.get("template") == self.template_hash
+
+    def _negative_is_fresh(self, entry: dict) -> bool:
+        if entry.get("wiki") or entry.get("summary"):
+            return False
+        if "checked" not in entry:
+            return True
+        return time.time() - float(entry["checked"]) < self.settings.negative_ttl_days * 86400
+
+    async def _look_up_and_summarise(self, tag: str) -> TagKnowledge:
+        if self.source_down:
+            self.stats.lookup_failed += 1
+            return TagKnowledge()
+        try:
+            info = await self._lookup(tag)
+        except SourceUnreachable as exc:
+            self.stats.lookup_failed += 1
+            if not self.source_down:
+                self.source_down = str(exc)
+                log.warning("warning: %s; captioning goes on without tag summaries", exc)
+            return TagKnowledge()
+        except SourceError as exc:
+            self.stats.lookup_failed += 1
+            if str(exc) not in self._warned:
+                self._warned.add(str(exc))
+                log.warning("warning: tag lookup failed: %s", exc)
+            return TagKnowledge()
+        wiki = wiki_text_for_summary(info.wiki, self.settings.wiki_max_chars) if info.wiki else ""
+        entry = {"category": info.category, "post_count": info.post_count, "known": info.known,
+                 "alias_of": info.alias_of, "wiki": wiki or None, "summary": None, "checked": time.time()}
         if not wiki:
             self.stats.no_wiki += 1
-            self.cache.put(tag, self._entry(None, "empty wiki page"))
-            return None
+            self.cache.put(tag, entry)
+            return _knowledge(entry)
+        return await self._summarise(tag, entry)
+
+    async def _summarise(self, tag: str, entry: dict, resummarise: bool = False) -> TagKnowledge:
+        knowledge = _knowledge(entry)
+        if self.filter.excluded(tag, knowledge.category, knowledge):
+            self.stats.excluded += 1
+            self.cache.put(tag, entry)
+            return knowledge
         messages = []
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": self.settings.system_prompt})
-        messages.append({"role": "user", "content": self.template.render(tag=tag.replace("_", " "), wiki=wiki)})
+        messages.append({"role": "user", "content": self.template.render(tag=tag.replace("_", " "),
+                                                                         wiki=entry["wiki"])})
         try:
             summary = " ".join((await self.llm.complete("tag_provider", self.settings, messages)).split())
         except LLMError:
             self.stats.failed += 1
             raise
-        self.stats.summarised += 1
-        self.cache.put(tag, self._entry(summary, wiki_sha1=hashlib.sha1(wiki.encode()).hexdigest()))
-        return summary
-
-    async def _lookup(self, tag: str) -> Optional[str]:
-        """The wiki body to summarise, or None (cached as such when the answer is definite)."""
-        if self.danbooru_down:
-            self.stats.lookup_failed += 1
-            return None
-        try:
-            if self.settings.min_post_count > 0:
-                count = await self.danbooru.post_count(tag)
-                if count < self.settings.min_post_count:
-                    self.stats.rare += 1
-                    self.cache.put(tag, self._entry(None, f"{count} posts, below min_post_count"))
-                    return None
-            body = await self.danbooru.wiki_body(tag)
-        except DanbooruUnreachable as exc:
-            self.stats.lookup_failed += 1
-            if not self.danbooru_down:
-                self.danbooru_down = str(exc)
-                log.warning("warning: %s; captioning goes on without tag summaries", exc)
-            return None
-        except DanbooruError as exc:
-            self.stats.lookup_failed += 1
-            if str(exc) not in self.lookup_errors:
-                log.warning("warning: tag '%s': %s", tag, exc)
-            self.lookup_errors[str(exc)] = self.lookup_errors.get(str(exc), 0) + 1
-            return None
-        if body is None:
-            self.stats.no_wiki += 1
-            self.cache.put(tag, self._entry(None, "no wiki page"))
-        return body
-
-    def _entry(self, summary: Optional[str], reason: str = "", wiki_sha1: str = "") -> dict:
-        entry = {"summary": summary, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if summary is None:
-            entry["reason"] = reason
+        if resummarise:
+            self.stats.resummarised += 1
         else:
-            entry.update(model=self.settings.model, template=self.template_hash, wiki_sha1=wiki_sha1)
-        return entry
+            self.stats.summarised += 1
+        entry = dict(entry, summary=summary, model=self.settings.model, template=self.template_hash,
+                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.cache.put(tag, entry)
+        return _knowledge(entry)
+
+    # --- batched lookups ---------------------------------------------------------------
+
+    async def _lookup(self, tag: str) -> TagInfo:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[tag] = future
+        self._wake.set()
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        return await future
+
+    async def _dispatch(self) -> None:
+        """Send waiting tags in batches; while all lookup slots are busy, tags pile up into
+        the next batch, so U tags cost about U / batch size requests."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                await self._lookup_slots.acquire()
+                await asyncio.sleep(0.05)  # let the tags of images read just now join this batch
+                names = list(self._waiting)[: self.settings.danbooru_batch_size]
+                batch = {name: self._waiting.pop(name) for name in names}
+                task = asyncio.create_task(self._lookup_batch(batch))
+                self._lookups.add(task)
+                task.add_done_callback(self._lookups.discard)
+
+    async def _lookup_batch(self, batch: Dict[str, asyncio.Future]) -> None:
+        try:
+            found = await self.source.lookup(list(batch))
+        except Exception as exc:  # handed to every tag of the batch, each image decides
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for name, future in batch.items():
+                if not future.done():
+                    future.set_result(found.get(name) or TagInfo(name, known=False))
+        finally:
+            self._lookup_slots.release()
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        tasks = list(self._tasks.values()) + list(self._lookups)
+        if self._dispatcher:
+            tasks.append(self._dispatcher)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await self.danbooru.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.source.close()
         await self.cache.close()
+
+
+def _knowledge(entry: dict) -> TagKnowledge:
+    return TagKnowledge(entry.get("summary"), entry.get("category"), entry.get("post_count"),
+                        bool(entry.get("known", True)))
+
+
+def tag_variables(tags: List[str], knowledge: Dict[str, TagKnowledge], categories: Dict[str, str],
+                  rating: Optional[str], tag_filter: TagFilter) -> Dict[str, str]:
+    """The template variables made from an image's tags, after exclusions.
+
+    `categories` are those the image's sidecar gives (they win over the source's)."""
+    kept: List[tuple] = []
+    for tag in tags:
+        info = knowledge.get(tag)
+        category = categories.get(tag) or (info.category if info else None) or "general"
+        if not tag_filter.excluded(tag, category, info):
+            kept.append((tag, category, info.summary if info else None))
+    values = {
+        "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
+        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
+        "rating": RATINGS.get((rating or "").lower()[:1], rating or "") if rating else "",
+    }
+    for name in CATEGORIES:
+        values[f"{name}_tags"] = ", ".join(display_tag(tag) for tag, category, _ in kept if category == name)
+    return values
+
+
+TAG_VARIABLES = ("tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)

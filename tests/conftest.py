@@ -59,7 +59,7 @@ def write_config(path: Path, llm_url: str, danbooru_url: str, **sections) -> Pat
     """A config file whose endpoints point at the fake servers; `sections` override keys."""
     config = {
         "endpoints": {"default": {"base_url": llm_url, "concurrency": 4, "timeout": 10, "max_retries": 0}},
-        "tag_provider": {"model": "instruct-model", "danbooru_url": danbooru_url,
+        "tag_provider": {"model": "instruct-model", "danbooru_url": danbooru_url, "danbooru_rate": 1000,
                          "cache_file": str(path.parent / "tags_cache.json")},
         "interrogator": {"model": "vision-model"},
         "interpreter": {"model": "instruct-model"},

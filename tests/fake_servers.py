@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -298,10 +299,13 @@ NOT_FOUND = {"success": False, "error": "ActiveRecord::RecordNotFound", "message
 
 
 class FakeDanbooru(FakeServer):
-    """`/wiki_pages/<title>.json`, `/wiki_pages.json`, `/tags.json` like danbooru.donmai.us.
+    """`/tags.json` (with the wiki page nested through `only=`), `/tag_aliases.json`,
+    `/wiki_pages.json` and `/wiki_pages/<title>.json`, like danbooru.donmai.us.
 
-    `wiki` maps a title to its DText body; `tags` maps a name to its post count and category.
-    `override(path) -> (status, body, content_type) | None` injects faults.
+    `wiki` maps a title to its DText body; `tags` maps a name to its `category` and
+    `post_count` (a tag with a wiki page exists as a general tag unless given here);
+    `aliases` maps an antecedent to its consequent; `deleted` holds deleted page titles.
+    `override(path) -> (status, body, content_type[, headers]) | None` injects faults.
     """
 
     def __init__(self, wiki: Optional[Dict[str, str]] = None, tags: Optional[Dict[str, dict]] = None):
@@ -309,23 +313,49 @@ class FakeDanbooru(FakeServer):
         self.wiki = dict(wiki or {})
         self.deleted: set = set()
         self.tags = dict(tags or {})
+        self.aliases: Dict[str, str] = {}
         self.override: Callable[[str], Optional[tuple]] = lambda path: None
 
-    def wiki_requests(self) -> List[Recorded]:
-        return [r for r in self.requests if r.path.startswith("/wiki_pages")]
+    def api_requests(self) -> List[Recorded]:
+        return [r for r in self.requests if r.path.endswith(".json")]
+
+    def looked_up(self) -> List[str]:
+        """Every tag name asked for in `/tags.json` requests, in order, repeats included."""
+        names = []
+        for r in self.requests:
+            if r.path == "/tags.json":
+                names += (r.query.get("search[name_comma]") or r.query.get("search[name]") or [""])[0].split(",")
+        return names
 
     def _page(self, title: str) -> dict:
         return {"id": abs(hash(title)) % 100000, "title": title, "body": self.wiki[title], "other_names": [],
                 "is_locked": False, "is_deleted": title in self.deleted,
                 "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
 
+    def _tag(self, index: int, name: str, only: str) -> dict:
+        row = {"id": index, "name": name, "category": 0, "post_count": 100, "is_deprecated": False,
+               "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
+        row.update(self.tags.get(name, {}))
+        if "wiki_page" in only:
+            row["wiki_page"] = self._page(name) if name in self.wiki else None
+        if only:
+            fields = {field.split("[")[0] for field in re.split(r",(?![^\[]*\])", only)}
+            row = {key: value for key, value in row.items() if key in fields}
+            if isinstance(row.get("wiki_page"), dict):
+                nested = re.search(r"wiki_page\[([^\]]*)\]", only)
+                if nested:
+                    keep = set(nested.group(1).split(","))
+                    row["wiki_page"] = {k: v for k, v in row["wiki_page"].items() if k in keep}
+        return row
+
     def handle(self, handler, method, path, query, body) -> None:
         injected = self.override(path)
         if injected:
-            status, payload, content_type = injected
-            handler.send_body(status, payload, content_type)
+            status, payload, content_type, *headers = injected
+            handler.send_body(status, payload, content_type, headers[0] if headers else None)
             return
         first = {key: values[0] for key, values in query.items()}
+        only = first.get("only", "")
         if path.startswith("/wiki_pages/") and path.endswith(".json"):
             title = path[len("/wiki_pages/"):-len(".json")].lstrip("~")
             if title in self.wiki:
@@ -337,7 +367,11 @@ class FakeDanbooru(FakeServer):
             handler.send_body(200, [self._page(t) for t in titles if t in self.wiki])
         elif path == "/tags.json":
             names = first.get("search[name_comma]", first.get("search[name]", "")).split(",")
-            handler.send_body(200, [{"id": index, "name": name, **self.tags[name]}
-                                    for index, name in enumerate(names) if name in self.tags])
+            known = [name for name in names if name in self.tags or name in self.wiki]
+            handler.send_body(200, [self._tag(index, name, only) for index, name in enumerate(known)])
+        elif path == "/tag_aliases.json":
+            names = first.get("search[antecedent_name_comma]", "").split(",")
+            handler.send_body(200, [{"id": index, "antecedent_name": name, "consequent_name": self.aliases[name],
+                                     "status": "active"} for index, name in enumerate(names) if name in self.aliases])
         else:
             handler.send_body(404, NOT_FOUND)

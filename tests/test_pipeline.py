@@ -72,8 +72,7 @@ def test_three_stages_two_endpoints_one_run(tmp_path, llm_server, vision_server,
     assert code == 0, out
     assert "2 captioned, 0 skipped" in out and "0 failed" in out
     # Distinct tags of the whole run, each looked up and summarised once.
-    assert sorted(r.path for r in danbooru.wiki_requests()) == [
-        "/wiki_pages/1girl.json", "/wiki_pages/long_hair.json", "/wiki_pages/smile.json"]
+    assert sorted(danbooru.looked_up()) == ["1girl", "long_hair", "smile"]
     summaries = [r for r in llm_server.chat_requests if SUMMARY_ASK.search(user_text(r))]
     assert sorted(SUMMARY_ASK.search(user_text(r)).group(1) for r in summaries) == ["1girl", "long hair"]
     assert "Hair that reaches the back." in user_text(next(r for r in summaries if "long hair" in user_text(r)))
@@ -105,7 +104,8 @@ def test_tags_only_mode_and_second_run_makes_no_requests(tmp_path, llm_server, d
     assert code == 0, out
     assert "3 captioned" in out and "2 summarised, 0 cached, 1 without wiki" in out
     first_requests = (len(danbooru.requests), len(llm_server.chat_requests))
-    assert first_requests == (3, 5)
+    assert sorted(danbooru.looked_up()) == ["cat", "cat_ears", "outdoors"]
+    assert first_requests[1] == 5
     tags_of = {"a": "cat, outdoors", "b": "cat", "c": "cat ears"}
     for name, tags in tags_of.items():
         caption = reply_for(llm_server, lambda r, t=tags: f"Tags attached to the image:\n{t}\n" in user_text(r))

@@ -339,4 +339,4 @@ def test_proxy_settings_are_not_applied_to_loopback_servers(tmp_path, llm_server
     process = _popen_caption([str(images), "--config", str(config)], env=env)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert "1 summarised" in out and danbooru.wiki_requests()
+    assert "1 summarised" in out and danbooru.looked_up() == ["cat"]

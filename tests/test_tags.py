@@ -1,0 +1,336 @@
+"""Tag knowledge (issue 4): batched lookups, aliases, categories, exclusions, sidecars,
+etiquette and faults, offline dumps and the cache."""
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import make_dataset, make_image, run_caption, write_config
+from fake_servers import Text, user_text
+from tag_provider import wiki_text_for_summary
+
+SUMMARY = re.compile(r'Danbooru wiki entry for the image tag "([^"]+)"')
+
+
+def summarising(request):
+    asked = SUMMARY.search(user_text(request))
+    if asked:
+        return Text(f"Means {asked.group(1)}.")
+    return Text("Caption: " + user_text(request).split("TAGS<", 1)[1].split(">", 1)[0])
+
+
+def summary_requests(server):
+    return [SUMMARY.search(user_text(r)).group(1) for r in server.chat_requests if SUMMARY.search(user_text(r))]
+
+
+def caption_prompts(server):
+    return [user_text(r) for r in server.chat_requests if not SUMMARY.search(user_text(r))]
+
+
+@pytest.fixture
+def template(tmp_path):
+    path = tmp_path / "template.txt"
+    path.write_text("TAGS<{tags}>\nGENERAL<{general_tags}>\nCHARACTER<{character_tags}>\n"
+                    "COPYRIGHT<{copyright_tags}>\nARTIST<{artist_tags}>\nMETA<{meta_tags}>\nRATING<{rating}>\n"
+                    "KNOWN<{tag_descriptions}>\n")
+    return path
+
+
+def config_for(tmp_path, llm_server, danbooru, template, **sections):
+    sections.setdefault("interpreter", {})["prompt_template"] = str(template)
+    return write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, **sections)
+
+
+def test_distinct_tags_cost_batched_requests_and_a_rerun_costs_none(tmp_path, llm_server, danbooru, template,
+                                                                     capsys):
+    danbooru.wiki = {f"tag{n}": f"Tag number {n}." for n in range(150)}
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:03}.png": ", ".join(f"tag{(n * 7 + k) % 150}" for k in range(10)) for n in range(30)})
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"danbooru_batch_size": 50},
+                        endpoints={"default": {"concurrency": 8}})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    used = {f"tag{(n * 7 + k) % 150}" for n in range(30) for k in range(10)}
+    assert sorted(danbooru.looked_up()) == sorted(used)
+    tag_requests = [r for r in danbooru.requests if r.path == "/tags.json"]
+    assert len(tag_requests) <= -(-len(used) // 50) + 2, len(tag_requests)
+    assert not [r for r in danbooru.requests if r.path == "/tag_aliases.json"]
+    assert sorted(summary_requests(llm_server)) == sorted(t.replace("_", " ") for t in used)
+    assert all(r.headers["user-agent"].startswith("tagcaption/") for r in danbooru.requests)
+
+    before = (len(danbooru.requests), len(llm_server.chat_requests))
+    run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    assert len(danbooru.requests) == before[0]
+    assert len(summary_requests(llm_server)) == len(used)
+
+
+def test_aliases_deleted_pages_categories_and_exclusions(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {"cat": "A [[feline]].", "absurdres": "Very large image.", "hatsune_miku": "A vocaloid.",
+                     "vocaloid": "Singing software.", "gone": "Deleted text.", "long_hair": "Long hair."}
+    danbooru.deleted = {"gone"}
+    danbooru.tags = {"absurdres": {"category": 5}, "hatsune_miku": {"category": 4}, "vocaloid": {"category": 3},
+                     "kei_(artist)": {"category": 1, "post_count": 3}, "rare_thing": {"post_count": 2}}
+    danbooru.aliases = {"kitty": "cat"}
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "kitty, absurdres, hatsune miku, vocaloid, gone, kei_(artist), rare thing, "
+                                   "my_trigger, long_hair, watermark_text"})
+    config = config_for(tmp_path, llm_server, danbooru, template,
+                        tags={"exclude": ["watermark*"]}, tag_provider={"min_post_count": 3})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    prompt = caption_prompts(llm_server)[0]
+    assert "TAGS<kitty, hatsune miku, vocaloid, gone, kei (artist), my trigger, long hair>" in prompt
+    assert "GENERAL<kitty, gone, my trigger, long hair>" in prompt
+    assert "CHARACTER<hatsune miku>" in prompt and "COPYRIGHT<vocaloid>" in prompt
+    assert "ARTIST<kei (artist)>" in prompt and "META<>" in prompt
+    assert "kitty: Means kitty." in prompt  # the alias is summarised from its target's page
+    assert sorted(summary_requests(llm_server)) == ["hatsune miku", "kitty", "long hair", "vocaloid"]
+    kitty = next(user_text(r) for r in llm_server.chat_requests if 'tag "kitty"' in user_text(r))
+    assert "A feline." in kitty
+    assert "watermark_text" not in danbooru.looked_up()
+    cache = json.loads((tmp_path / "tags_cache.json").read_text())["tags"]
+    assert cache["kitty"]["alias_of"] == "cat" and cache["gone"]["summary"] is None
+    assert cache["absurdres"]["category"] == "meta" and cache["absurdres"]["summary"] is None
+    assert cache["my_trigger"]["known"] is False
+
+
+def test_gallery_dl_sidecar_gives_tags_categories_and_rating(tmp_path, llm_server, danbooru, template, capsys):
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_image(images / "danbooru_123_abcd.jpg")
+    sidecar = {"id": 123, "md5": "abcd", "rating": "s", "tag_string": "1girl solo hatsune_miku vocaloid kei_(artist)",
+               "tag_string_general": "1girl solo", "tag_string_character": "hatsune_miku",
+               "tag_string_copyright": "vocaloid", "tag_string_artist": "kei_(artist)", "tag_string_meta": "highres",
+               "tags_general": ["1girl", "solo"], "extension": "jpg", "category": "danbooru"}
+    (images / "danbooru_123_abcd.jpg.json").write_text(json.dumps(sidecar, indent=4))
+    make_image(images / "both.png")
+    (images / "both.txt").write_text("smile, 1girl")
+    (images / "both.png.json").write_text(json.dumps({"tags_general": ["blue_sky"], "rating": "g"}))
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"source": "none"},
+                        tags={"sources": ["sidecar", "txt"], "combine": "all"})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    prompts = caption_prompts(llm_server)
+    miku = next(p for p in prompts if "hatsune miku" in p)
+    assert "TAGS<1girl, solo, hatsune miku, vocaloid, kei (artist)>" in miku
+    assert "CHARACTER<hatsune miku>" in miku and "ARTIST<kei (artist)>" in miku and "RATING<sensitive>" in miku
+    both = next(p for p in prompts if "blue sky" in p)
+    assert "TAGS<blue sky, smile, 1girl>" in both and "RATING<general>" in both
+    assert danbooru.requests == [] and summary_requests(llm_server) == []
+
+
+def test_sources_first_takes_the_first_that_has_tags(tmp_path, llm_server, danbooru, template, capsys):
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.txt").write_text("from_txt")
+    (images / "a.png.json").write_text(json.dumps({"tag_string_general": "from_sidecar"}))
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"skip": True})
+    run_caption([str(images), "--config", str(config)], capsys)
+    assert "TAGS<from txt>" in caption_prompts(llm_server)[0]
+
+
+def test_rate_limit_429_then_success_and_request_pacing(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {"cat": "A cat.", "dog": "A dog."}
+    calls = []
+
+    def override(path):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return 429, "<html><body>429 Too Many Requests</body></html>", "text/html", {"Retry-After": "1"}
+        return None
+    danbooru.override = override
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = config_for(tmp_path, llm_server, danbooru, template,
+                        tag_provider={"danbooru_rate": 4, "danbooru_batch_size": 1, "danbooru_concurrency": 1})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    assert "2 summarised" in out
+    assert calls[1] - calls[0] >= 1.0  # Retry-After honoured
+    assert all(b - a >= 0.24 for a, b in zip(calls, calls[1:]))  # at most 4 requests a second
+
+
+@pytest.mark.parametrize("status, body, content_type, expected", [
+    (403, "<!DOCTYPE html><html><title>Just a moment...</title></html>", "text/html",
+     "refused access (HTTP 403 with an HTML page; likely Cloudflare"),
+    (200, "<html>maintenance</html>", "text/html", "answered HTTP 200 with an HTML page"),
+    (200, "{not json", "application/json", "sent malformed JSON"),
+])
+def test_danbooru_faults_are_one_clear_line_and_captions_go_on(tmp_path, llm_server, danbooru, template, capsys,
+                                                               status, body, content_type, expected):
+    danbooru.override = lambda path: (status, body, content_type)
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0
+    assert "2 captioned" in out and "not looked up (lookup error)" in out
+    assert err.count(expected) == 1, err
+    assert "Traceback" not in err
+    cache = json.loads((tmp_path / "tags_cache.json").read_text())["tags"] if (tmp_path / "tags_cache.json").exists() else {}
+    assert cache == {}  # a failed lookup is not remembered as "no wiki page"
+
+
+def test_unreachable_danbooru_still_captions_with_tags_only(tmp_path, llm_server, template, capsys):
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, "http://127.0.0.1:9",
+                          tag_provider={"danbooru_retries": 1}, interpreter={"prompt_template": str(template)})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0
+    assert "2 captioned" in out and "captions were made with tags only" in out
+    assert err.count("cannot reach Danbooru at http://127.0.0.1:9") == 1
+    assert sorted(p.split(">", 1)[0] for p in caption_prompts(llm_server)) == ["TAGS<cat", "TAGS<dog"]
+
+
+def test_login_and_api_key_are_sent_and_never_shown(tmp_path, llm_server, danbooru, template, capsys):
+    llm_server.responder = summarising
+    danbooru.override = lambda path: (403, "<html>denied</html>", "text/html")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template,
+                        tag_provider={"login": "alice", "api_key": "danbooru-secret-key-42"})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0
+    expected = "Basic " + base64.b64encode(b"alice:danbooru-secret-key-42").decode()
+    assert danbooru.requests[0].headers["authorization"] == expected
+    assert "danbooru-secret-key-42" not in out + err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("wiki_pages.ndjson.gz", None),
+    ("wiki_pages.csv", 'title,body,is_deleted\ncat,"A [[feline]], small.",false\ndog,Deleted dog.,true\n'),
+    ("wiki_pages.json", json.dumps([{"title": "cat", "body": "A [[feline]], small."},
+                                    {"title": "dog", "body": "Deleted dog.", "is_deleted": True}])),
+])
+def test_offline_wiki_dump(tmp_path, llm_server, danbooru, template, capsys, name, content):
+    dump = tmp_path / name
+    if content is None:
+        lines = [{"id": 1, "title": "cat", "body": "A [[feline]], small.", "is_deleted": False, "other_names": []},
+                 {"id": 2, "title": "dog", "body": "Deleted dog.", "is_deleted": True, "other_names": []}]
+        dump.write_bytes(gzip.compress("\n".join(json.dumps(line) for line in lines).encode()))
+    else:
+        dump.write_text(content)
+    tags_dump = tmp_path / "tags.ndjson"
+    tags_dump.write_text(json.dumps({"id": 1, "name": "cat", "category": 0, "post_count": 9000}) + "\n"
+                         + json.dumps({"id": 2, "name": "hatsune_miku", "category": 4, "post_count": 1}) + "\n")
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat, dog, hatsune_miku"})
+    config = config_for(tmp_path, llm_server, danbooru, template,
+                        tag_provider={"source": "file", "wiki_dump": name, "tags_dump": "tags.ndjson"})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    assert danbooru.requests == []
+    assert summary_requests(llm_server) == ["cat"]
+    assert "A feline, small." in user_text(llm_server.chat_requests[0])
+    assert "CHARACTER<hatsune miku>" in caption_prompts(llm_server)[0]
+
+
+def test_changing_the_summary_model_resummarises_from_cached_wiki(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {"cat": "A cat."}
+    llm_server.responder = summarising
+    llm_server.models.append("better-model")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat, unknown_tag"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    args = [str(images), "--config", str(config), "output.overwrite=true"]
+    run_caption(args, capsys)
+    looked_up = len(danbooru.requests)
+
+    code, out, _ = run_caption(args + ["tag_provider.model=better-model"], capsys)
+    assert code == 0 and "1 summarised again (model or template changed)" in out
+    assert len(danbooru.requests) == looked_up
+    assert llm_server.chat_requests[-2]["model"] == "better-model"
+    cache = json.loads((tmp_path / "tags_cache.json").read_text())["tags"]
+    assert cache["cat"]["model"] == "better-model" and cache["cat"]["wiki"] == "A cat."
+
+    code, out, _ = run_caption(args + ["tag_provider.model=better-model"], capsys)
+    assert "0 summarised, 2 cached" in out
+
+    code, out, _ = run_caption(args + ["tag_provider.model=better-model", "--refresh-tags"], capsys)
+    assert "1 summarised, 0 cached, 1 without wiki" in out and len(danbooru.requests) > looked_up
+
+
+def test_no_wiki_answers_expire(tmp_path, llm_server, danbooru, template, capsys):
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "newtag"})
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"negative_ttl_days": 1})
+    args = [str(images), "--config", str(config), "output.overwrite=true"]
+    run_caption(args, capsys)
+    cache_file = tmp_path / "tags_cache.json"
+    data = json.loads(cache_file.read_text())
+    data["tags"]["newtag"]["checked"] = time.time() - 2 * 86400
+    cache_file.write_text(json.dumps(data))
+    danbooru.wiki = {"newtag": "Written since."}
+    code, out, _ = run_caption(args, capsys)
+    assert "1 summarised" in out and danbooru.looked_up() == ["newtag", "newtag"]
+
+
+def test_corrupt_cache_is_moved_aside_not_emptied(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {"cat": "A cat."}
+    llm_server.responder = summarising
+    (tmp_path / "tags_cache.json").write_text('{"version": 2, "tags": {"cat": {"summary": "Trunc')
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "tag cache" in err and "is damaged" in err
+    aside = list(tmp_path.glob("tags_cache.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().endswith('"Trunc')
+    assert json.loads((tmp_path / "tags_cache.json").read_text())["tags"]["cat"]["summary"] == "Means cat."
+
+
+def test_original_scripts_cache_is_reused(tmp_path, llm_server, danbooru, template, capsys):
+    (tmp_path / "tags_cache.json").write_text(json.dumps({"cat": "A small feline."}))
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "1 cached" in out and danbooru.requests == []
+    assert "cat: A small feline." in caption_prompts(llm_server)[0]
+
+
+def test_an_image_waits_only_for_its_own_tags(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {"slow": "Slow tag.", "fast": "Fast tag."}
+    events = []
+    lock = threading.Lock()
+
+    def respond(request):
+        text = user_text(request)
+        if 'tag "slow"' in text:
+            time.sleep(1.0)
+        with lock:
+            events.append(("summary slow" if 'tag "slow"' in text else
+                           "caption fast" if "TAGS<fast>" in text else "other"))
+        return summarising(request)
+    llm_server.responder = respond
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "slow", "b.png": "fast"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    code, _, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0
+    assert events.index("caption fast") < events.index("summary slow")
+
+
+def test_wiki_text_for_summary_keeps_the_meaning_only():
+    body = ("A [[cat]] is a small feline.\n* [[kitten]]\n* [[tabby]]: striped coat\n"
+            "h4. See also\n* [[dog]]\nh4. Appearance\nFour legs.\nh4. External links\n* \"site\":https://x.org\n")
+    assert wiki_text_for_summary(body) == "A cat is a small feline.\n- tabby: striped coat\nAppearance\nFour legs."
+    long = "Sentence number one is here. " * 100
+    capped = wiki_text_for_summary(long, max_chars=200)
+    assert len(capped) <= 200 and capped.endswith("here.")
