@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from tqdm import tqdm
@@ -56,6 +57,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="look up and summarise this run's tags again, ignoring the cache")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    parser.add_argument("--debug-dir", metavar="DIR", type=Path,
+                        help="write each image's whole conversation with the models as DIR/<image>.json")
     parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
     args = parser.parse_intermixed_args(argv)
     if args.images_dir and "=" in args.images_dir and not os.path.exists(args.images_dir):
@@ -80,7 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides, args.images_dir)
         result = asyncio.run(run(config, progress=False if args.no_progress else None,
-                                 retry_failed=args.retry_failed, refresh_tags=args.refresh_tags))
+                                 retry_failed=args.retry_failed, refresh_tags=args.refresh_tags,
+                                 debug_dir=args.debug_dir.resolve() if args.debug_dir else None))
     except ConfigError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_SETUP
@@ -96,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_summary(result))
     if result.interrupted:
         return EXIT_INTERRUPTED
+    if result.fatal:
+        return EXIT_SETUP
     return EXIT_FAILURES if result.failures or result.stopped else EXIT_OK
 
 

@@ -85,13 +85,23 @@ class InterrogatorConfig(StageConfig):
     hint_sources: List[str] = field(default_factory=list)
     global_metadata_file: Optional[str] = None
     max_image_size: int = 1536
+    image_format: str = "jpeg"
     jpeg_quality: int = 90
+    background: str = "#ffffff"
 
 
 @dataclass
 class InterpreterConfig(StageConfig):
     system_prompt: str = ""
     prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
+
+
+@dataclass
+class StyleConfig:
+    name: str = ""
+    length: str = "any"
+    word_count: Optional[int] = None
+    extra_options: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Config:
     tag_provider: TagProviderConfig = field(default_factory=TagProviderConfig)
     interrogator: InterrogatorConfig = field(default_factory=InterrogatorConfig)
     interpreter: InterpreterConfig = field(default_factory=InterpreterConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     config_dir: str = field(default=".", metadata={"internal": True})
 
@@ -238,6 +249,11 @@ def _check_semantics(config: Config) -> None:
                           f"{', '.join(bad)} (use general, artist, copyright, character, meta)")
     if config.interrogator.skip and config.interpreter.skip:
         raise ConfigError("interrogator.skip and interpreter.skip are both true: nothing would write a caption")
+    if config.interrogator.image_format not in ("jpeg", "png", "original"):
+        raise ConfigError(f"interrogator.image_format must be jpeg, png or original "
+                          f"(got {config.interrogator.image_format!r})")
+    if not 1 <= config.interrogator.jpeg_quality <= 100:
+        raise ConfigError("interrogator.jpeg_quality must be between 1 and 100")
     if not config.interrogator.skip and not config.interrogator.prompts:
         raise ConfigError("interrogator.prompts is empty: give at least one prompt")
     if not config.output.extension.startswith("."):

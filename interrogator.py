@@ -2,21 +2,28 @@
 
 One prompt is one question; several prompts are a conversation that resends the whole
 history each turn, with the image in the first user turn. The last reply is the
-description. The system prompt carries the global metadata file (a character list, a
-universe description) so that it is the same, cacheable prefix for every image.
+description. The system prompt comes first and carries the global metadata file (a
+character list, a universe description) so that it is the same, cacheable prefix for
+every image. A server that says the request is too long for its context gets the image
+once more at half the size.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Dict, List
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from config import Config, ConfigError
-from images import prepare_image
-from llm import LLM
+from images import ImageOptions, PreparedImage, parse_color, prepare_image
+from llm import LLM, LLMError
 from tag_provider import TAG_VARIABLES
 from templates import Template
 
-PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints")
+log = logging.getLogger("caption")
+
+PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints", "name")
 
 
 class Interrogator:
@@ -31,13 +38,31 @@ class Interrogator:
             except OSError as exc:
                 raise ConfigError(f"cannot read interrogator.global_metadata_file {path}: "
                                   f"{exc.strerror or exc}") from None
+        try:
+            background = parse_color(self.settings.background)
+        except ValueError as exc:
+            raise ConfigError(f"interrogator.background: {exc}") from None
+        self.options = ImageOptions(self.settings.max_image_size, self.settings.image_format,
+                                    self.settings.jpeg_quality, background)
         self.system = Template(self.settings.system_prompt, PLACEHOLDERS, "interrogator.system_prompt")
         self.prompts = [Template(prompt, PLACEHOLDERS, f"interrogator.prompts[{index}]")
                         for index, prompt in enumerate(self.settings.prompts)]
+        self.shrunk = 0
 
-    async def describe(self, path, values: Dict[str, str]) -> str:
-        image = await asyncio.to_thread(prepare_image, path, self.settings.max_image_size,
-                                        self.settings.jpeg_quality)
+    async def describe(self, path: Path, values: Dict[str, str], transcript: Optional[dict] = None) -> str:
+        image = await asyncio.to_thread(prepare_image, path, self.options)
+        try:
+            return await self._converse(image, values, transcript)
+        except LLMError as exc:
+            if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
+                raise
+        half = max(image.width, image.height) // 2
+        log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
+        self.shrunk += 1
+        image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
+        return await self._converse(image, values, transcript)
+
+    async def _converse(self, image: PreparedImage, values: Dict[str, str], transcript: Optional[dict]) -> str:
         messages: List[dict] = []
         system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
@@ -53,6 +78,25 @@ class Interrogator:
             else:
                 content = text
             messages.append({"role": "user", "content": content})
-            reply = await self.llm.complete("interrogator", self.settings, messages)
+            try:
+                reply = await self.llm.complete("interrogator", self.settings, messages)
+            finally:
+                if transcript is not None:
+                    transcript["interrogator"] = _loggable(messages, image)
             messages.append({"role": "assistant", "content": reply})
+        if transcript is not None:
+            transcript["interrogator"] = _loggable(messages, image)
         return reply
+
+
+def _loggable(messages: List[dict], image: PreparedImage) -> List[dict]:
+    """The conversation so far, with the image replaced by a short placeholder."""
+    placeholder = f"[image: {image.mime_type} {image.width}x{image.height}, {image.size_bytes // 1024} KB]"
+    shown = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [part if part.get("type") != "image_url" else {"type": "image_url", "image_url": placeholder}
+                       for part in content]
+        shown.append({"role": message["role"], "content": content})
+    return shown

@@ -118,8 +118,22 @@ def error_message(exc: BaseException) -> str:
     return _one_line(str(exc)) or type(exc).__name__
 
 
+NO_VISION = re.compile(r"not a multimodal model|image input is not supported|does not support images?|"
+                       r"support image input|model does not support (?:image|vision)|vision is not supported|"
+                       r"mmproj", re.IGNORECASE)
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|exceed_context_size|exceeds? the (?:available )?context|"
+                              r"context_length_exceeded|context length|context window|prompt is too long|"
+                              r"too many tokens|n_ctx", re.IGNORECASE)
+
+
 def classify(exc: BaseException) -> _Fault:
     message = error_message(exc)
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in (400, 404, 413, 422, 500):
+        # Answers that will be the same for every retry, whatever the status says.
+        if NO_VISION.search(message):
+            return _Fault("no_vision", message, False)
+        if CONTEXT_OVERFLOW.search(message) or exc.status_code == 413:
+            return _Fault("context_overflow", message, False)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retryable = status in RETRYABLE_STATUS or status >= 500

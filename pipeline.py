@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -36,6 +37,9 @@ log = logging.getLogger("caption")
 
 STOP_GRACE_SECONDS = 5.0
 
+# Failures that would repeat for every image: the run stops at the first one.
+FATAL_KINDS = {"server_down", "no_vision"}
+
 
 @dataclass
 class RunResult:
@@ -50,6 +54,9 @@ class RunResult:
     backups: int = 0
     stopped: Optional[str] = None
     interrupted: bool = False
+    fatal: bool = False
+    """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
+    shrunk: int = 0
     failures_file: Optional[Path] = None
     seconds: float = 0.0
 
@@ -64,8 +71,9 @@ class ImageFailed(Exception):
 
 class Run:
     def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
-                 refresh_tags: bool = False):
+                 refresh_tags: bool = False, debug_dir: Optional[Path] = None):
         self.config = config
+        self.debug_dir = debug_dir
         self.progress = progress
         self.retry_failed = retry_failed
         self.result = RunResult()
@@ -223,11 +231,10 @@ class Run:
                 await self._caption(item, tags)
                 self.result.captioned += 1
             except ImageFailed as failure:
-                if not self.stopping.is_set() or failure.kind != "server_down":
-                    self._fail(item, failure)
-                if failure.kind == "server_down":
-                    self._stop(str(failure))
+                if failure.kind in FATAL_KINDS:
+                    self._stop(str(failure), fatal=failure.kind == "no_vision")
                     continue
+                self._fail(item, failure)
             except Exception as exc:  # a bug must cost one image, not the run
                 log.debug("unexpected error on %s", item.path, exc_info=True)
                 self._fail(item, ImageFailed("internal", "internal_error", f"unexpected {type(exc).__name__}: {exc}"))
@@ -237,6 +244,14 @@ class Run:
         return [tag for tag in tags.tags if not self.tag_filter.excluded_by_name(tag)]
 
     async def _caption(self, item: ImageItem, tags: ImageTags) -> None:
+        transcript: Optional[dict] = {} if self.debug_dir else None
+        try:
+            await self._run_stages(item, tags, transcript)
+        finally:
+            if transcript:
+                await asyncio.to_thread(self._write_transcript, item, transcript)
+
+    async def _run_stages(self, item: ImageItem, tags: ImageTags, transcript: Optional[dict]) -> None:
         stage = "input"
         try:
             if not tags.tags and not self.interrogator:
@@ -247,16 +262,16 @@ class Run:
                 await asyncio.to_thread(check_image, item.path)
             stage = "tag_provider"
             knowledge = await self.tag_provider.knowledge(self._to_look_up(tags)) if self.tag_provider else {}
-            values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(),
+            values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(), "name": self.config.style.name,
                       **tag_variables(tags.tags, knowledge, tags.categories, tags.rating, self.tag_filter)}
             values["hints"] = await asyncio.to_thread(
                 collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags.tags))
             values["description"] = ""
             if self.interrogator:
                 stage = "interrogator"
-                values["description"] = await self.interrogator.describe(item.path, values)
+                values["description"] = await self.interrogator.describe(item.path, values, transcript)
             stage = "interpreter"
-            caption = await self.interpreter.caption(values) if self.interpreter else values["description"]
+            caption = await self.interpreter.caption(values, transcript) if self.interpreter else values["description"]
             stage = "output"
             await asyncio.to_thread(self._write_caption, item, caption)
         except ImageFailed:
@@ -264,6 +279,11 @@ class Run:
         except ServerDown as exc:
             raise ImageFailed(stage, "server_down", str(exc), exc.attempts) from None
         except LLMError as exc:
+            if exc.kind == "no_vision":
+                settings = self.config.interrogator
+                exc = LLMError(f"the model '{settings.model}' on {self.llm.endpoints[settings.endpoint].describe()} "
+                               f"cannot see images ({exc}). Load a vision model (for llama.cpp, start it with "
+                               "--mmproj) or set interrogator.model", "no_vision")
             raise ImageFailed(stage, exc.kind, str(exc), exc.attempts) from None
         except TagSummaryError as exc:
             raise ImageFailed(stage, "tag_summary", str(exc)) from None
@@ -272,6 +292,12 @@ class Run:
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             raise ImageFailed(stage, "file", f"{exc.strerror or exc}{where}") from None
+
+    def _write_transcript(self, item: ImageItem, transcript: dict) -> None:
+        """`--debug-dir`: the image's whole conversation, one file per image, no API keys."""
+        name = item.rel.as_posix().replace("/", "__") + ".json"
+        record = {"image": str(item.path), **transcript}
+        atomic_write_text(self.debug_dir / name, redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n")
 
     def _write_caption(self, item: ImageItem, caption: str) -> None:
         """Write the caption; first keep what it would replace: the tags (see dataset.py), or a
@@ -311,11 +337,12 @@ class Run:
 
     # --- stopping ------------------------------------------------------------------------
 
-    def _stop(self, reason: str, interrupted: bool = False) -> None:
+    def _stop(self, reason: str, interrupted: bool = False, fatal: bool = False) -> None:
         if self.stopping.is_set():
             return
         self.result.stopped = reason
         self.result.interrupted = interrupted
+        self.result.fatal = fatal
         self.stopping.set()
         log.warning("stopping: %s", reason)
 
@@ -372,9 +399,11 @@ class Run:
             self.result.danbooru_requests = self.tag_provider.source_requests
             self.result.danbooru_down = self.tag_provider.source_down
         self.result.usage = dict(self.llm.usage)
+        if self.interrogator:
+            self.result.shrunk = self.interrogator.shrunk
         await self.llm.close()
 
 
 async def run(config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
-              refresh_tags: bool = False) -> RunResult:
-    return await Run(config, progress, retry_failed, refresh_tags).execute()
+              refresh_tags: bool = False, debug_dir: Optional[Path] = None) -> RunResult:
+    return await Run(config, progress, retry_failed, refresh_tags, debug_dir).execute()

@@ -15,6 +15,8 @@ def format_summary(result: RunResult) -> str:
     if result.unfinished:
         images.append(f"{result.unfinished} not started (rerun to continue)")
     lines.append(f"  images:   {', '.join(images)}")
+    if result.shrunk:
+        lines.append(f"  shrunk:   {result.shrunk} images sent again at half size after a context overflow")
     if result.backups:
         lines.append(f"  backups:  {result.backups} replaced captions kept as <caption>.bak")
     if result.tags is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from hints import folder_metadata, full_path, tags
+from hints import exif, folder_metadata, full_path, generation_parameters, sidecar_json, tags
 
 log = logging.getLogger("caption")
 
@@ -30,6 +30,9 @@ HINT_SOURCES: Dict[str, HintSource] = {
     "full_path": full_path.hint,
     "folder_metadata": folder_metadata.hint,
     "tags": tags.hint,
+    "sidecar_json": sidecar_json.hint,
+    "generation_parameters": generation_parameters.hint,
+    "exif": exif.hint,
 }
 
 
