@@ -9,7 +9,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,6 +45,22 @@ class StageConfig:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     max_tokens: int = 512
+    seed: Optional[int] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VariantConfig:
+    """One of several ways to prompt a stage, picked per image (deterministically) by weight."""
+    weight: float = 1.0
+    style: Optional[str] = None
+    length: Optional[str] = None
+    word_count: Optional[int] = None
+    extra_options: Optional[List[str]] = None
+    prompts: Optional[List[str]] = None
+    prompt_template: Optional[str] = None
 
 
 @dataclass
@@ -84,6 +100,8 @@ class InterrogatorConfig(StageConfig):
     prompts: List[str] = field(default_factory=lambda: ["Describe this image in detail."])
     hint_sources: List[str] = field(default_factory=list)
     global_metadata_file: Optional[str] = None
+    style: Optional[str] = None
+    prompt_variants: List[VariantConfig] = field(default_factory=list)
     max_image_size: int = 1536
     image_format: str = "jpeg"
     jpeg_quality: int = 90
@@ -94,6 +112,8 @@ class InterrogatorConfig(StageConfig):
 class InterpreterConfig(StageConfig):
     system_prompt: str = ""
     prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
+    style: Optional[str] = None
+    prompt_variants: List[VariantConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +122,37 @@ class StyleConfig:
     length: str = "any"
     word_count: Optional[int] = None
     extra_options: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PostprocessConfig:
+    strip_preamble: bool = True
+    strip_label: bool = True
+    strip_markdown: bool = True
+    strip_quotes: bool = True
+    strip_image_shows: bool = False
+    collapse_whitespace: bool = True
+    max_words: Optional[int] = None
+    prefix: str = ""
+    suffix: str = ""
+
+
+REFUSALS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
+            "as an ai", "i apologize", "unable to help", "can't help with", "cannot help with",
+            "please provide the image", "please provide an image", "i don't see an image", "no image was provided",
+            "i do not see an image", "cannot assist", "can't assist"]
+
+
+@dataclass
+class GuardsConfig:
+    max_attempts: int = 3
+    retry_mode: str = "corrective"
+    refusal_phrases: List[str] = field(default_factory=lambda: list(REFUSALS))
+    banned_phrases: List[str] = field(default_factory=list)
+    banned_correction: str = "Rewrite your answer without these phrases: {phrases}. Answer with the new text only."
+    repeat_limit: int = 6
+    expected_script: str = "latin"
+    max_other_script: float = 0.1
 
 
 @dataclass
@@ -122,6 +173,8 @@ class Config:
     interrogator: InterrogatorConfig = field(default_factory=InterrogatorConfig)
     interpreter: InterpreterConfig = field(default_factory=InterpreterConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     config_dir: str = field(default=".", metadata={"internal": True})
 
@@ -247,6 +300,21 @@ def _check_semantics(config: Config) -> None:
     if bad:
         raise ConfigError(f"tags.exclude_categories: unknown categor{'ies' if len(bad) > 1 else 'y'} "
                           f"{', '.join(bad)} (use general, artist, copyright, character, meta)")
+    if config.guards.max_attempts < 1:
+        raise ConfigError("guards.max_attempts must be at least 1")
+    if config.guards.retry_mode not in ("fresh", "corrective"):
+        raise ConfigError(f"guards.retry_mode must be fresh or corrective (got {config.guards.retry_mode!r})")
+    scripts = ("any", "latin", "cyrillic", "greek", "cjk", "arabic", "hebrew")
+    if config.guards.expected_script not in scripts:
+        raise ConfigError(f"guards.expected_script must be one of {', '.join(scripts)}")
+    for name in ("interrogator", "interpreter"):
+        for index, variant in enumerate(getattr(config, name).prompt_variants):
+            if variant.weight <= 0:
+                raise ConfigError(f"{name}.prompt_variants[{index}].weight must be positive")
+            wrong = "prompt_template" if name == "interrogator" else "prompts"
+            if getattr(variant, wrong) is not None:
+                raise ConfigError(f"{name}.prompt_variants[{index}].{wrong} belongs to the "
+                                  f"{'interpreter' if name == 'interrogator' else 'interrogator'}")
     if config.interrogator.skip and config.interpreter.skip:
         raise ConfigError("interrogator.skip and interpreter.skip are both true: nothing would write a caption")
     if config.interrogator.image_format not in ("jpeg", "png", "original"):
@@ -254,8 +322,6 @@ def _check_semantics(config: Config) -> None:
                           f"(got {config.interrogator.image_format!r})")
     if not 1 <= config.interrogator.jpeg_quality <= 100:
         raise ConfigError("interrogator.jpeg_quality must be between 1 and 100")
-    if not config.interrogator.skip and not config.interrogator.prompts:
-        raise ConfigError("interrogator.prompts is empty: give at least one prompt")
     if not config.output.extension.startswith("."):
         raise ConfigError(f"output.extension must start with a dot (got {config.output.extension!r})")
     if config.tags_extension and not config.tags_extension.startswith("."):

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 TEMP_MARK = ".tagcaption-"
 TEMP_NAME = re.compile(r"^\..+\.tagcaption-[A-Za-z0-9_]+\.tmp$")
@@ -19,10 +20,22 @@ def is_leftover_temp(name: str) -> bool:
     return bool(TEMP_NAME.match(name))
 
 
-def _write_temp(path: Path, data: bytes) -> str:
+def _mode_for(path: Path) -> int:
+    """The permissions the file has, or a new file would get (mkstemp's 0600 is too private
+    for a dataset folder shared with a trainer or other users)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode_for(path) if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -43,12 +56,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_new_file(path: Path, data: bytes) -> bool:
-    """Create `path` with `data` atomically, but never replace an existing file.
-
-    Returns False (and writes nothing) when `path` already exists.
+def write_new_file(path: Path, data: bytes, like: Optional[Path] = None) -> bool:
+    """Create `path` with `data` atomically (with the permissions of `like`, when given),
+    but never replace an existing file. Returns False (and writes nothing) when it exists.
     """
-    temp = _write_temp(path, data)
+    temp = _write_temp(path, data, _mode_for(like) if like is not None and like.exists() else None)
     try:
         os.link(temp, path)
         return True

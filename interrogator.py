@@ -17,7 +17,10 @@ from typing import Dict, List, Optional
 
 from config import Config, ConfigError
 from images import ImageOptions, PreparedImage, parse_color, prepare_image
+from interpreter import with_tags
 from llm import LLM, LLMError
+from postprocess import clean_caption
+from prompt_plans import Plan, build_plans, pick
 from tag_provider import TAG_VARIABLES
 from templates import Template
 
@@ -45,30 +48,43 @@ class Interrogator:
         self.options = ImageOptions(self.settings.max_image_size, self.settings.image_format,
                                     self.settings.jpeg_quality, background)
         self.system = Template(self.settings.system_prompt, PLACEHOLDERS, "interrogator.system_prompt")
-        self.prompts = [Template(prompt, PLACEHOLDERS, f"interrogator.prompts[{index}]")
-                        for index, prompt in enumerate(self.settings.prompts)]
+        self.postprocess = config.postprocess
+        self.final = config.interpreter.skip
+        """With no Interpreter the description is the caption: cleaned and guarded as one."""
+        self.plans: List[Plan] = build_plans(config, "interrogator")
+        self.prompts: Dict[Plan, List[Template]] = {}
+        for plan in self.plans:
+            texts = [plan.instruction] if plan.style else list(plan.prompts)
+            if not texts:
+                raise ConfigError("interrogator.prompts is empty: give at least one prompt")
+            self.prompts[plan] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
+                                  for index, text in enumerate(texts)]
         self.shrunk = 0
 
-    async def describe(self, path: Path, values: Dict[str, str], transcript: Optional[dict] = None) -> str:
+    async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+        plan = pick(self.plans, key)
         image = await asyncio.to_thread(prepare_image, path, self.options)
         try:
-            return await self._converse(image, values, transcript)
+            text = await self._converse(image, self.prompts[plan], values, transcript)
         except LLMError as exc:
             if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
                 raise
-        half = max(image.width, image.height) // 2
-        log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
-        self.shrunk += 1
-        image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
-        return await self._converse(image, values, transcript)
+            half = max(image.width, image.height) // 2
+            log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
+            self.shrunk += 1
+            image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
+            text = await self._converse(image, self.prompts[plan], values, transcript)
+        return with_tags(plan, text, values) if self.final else text
 
-    async def _converse(self, image: PreparedImage, values: Dict[str, str], transcript: Optional[dict]) -> str:
+    async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
+                        transcript: Optional[dict]) -> str:
         messages: List[dict] = []
         system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
             messages.append({"role": "system", "content": system})
         reply = ""
-        for turn, prompt in enumerate(self.prompts):
+        for turn, prompt in enumerate(prompts):
+            last = turn == len(prompts) - 1
             text = prompt.render(**values)
             if turn == 0:
                 if values.get("hints"):
@@ -79,7 +95,9 @@ class Interrogator:
                 content = text
             messages.append({"role": "user", "content": content})
             try:
-                reply = await self.llm.complete("interrogator", self.settings, messages)
+                clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
+                reply = await self.llm.complete("interrogator", self.settings, messages, clean=clean,
+                                                final=last and self.final)
             finally:
                 if transcript is not None:
                     transcript["interrogator"] = _loggable(messages, image)

@@ -17,13 +17,14 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
 from config import Config, EndpointConfig, StageConfig
+from guards import Guards, Trip
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 THINK_UNOPENED = re.compile(r"^.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -319,36 +320,70 @@ class Endpoint:
 
 @dataclass
 class LLM:
-    """All endpoints of a run, and the request and token counts per stage."""
+    """All endpoints of a run, the quality guards, and the request and token counts per stage."""
 
     endpoints: Dict[str, Endpoint]
+    guards: Optional[Guards] = None
     usage: Dict[str, StageUsage] = field(default_factory=lambda: defaultdict(StageUsage))
 
     @classmethod
     def from_config(cls, config: Config) -> "LLM":
-        return cls({name: Endpoint(name, ep) for name, ep in config.endpoints.items()})
+        return cls({name: Endpoint(name, ep) for name, ep in config.endpoints.items()}, Guards(config.guards))
 
-    async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]]) -> str:
-        """Send one chat request for `stage` and return the cleaned answer text."""
+    def _params(self, endpoint: Endpoint, settings: StageConfig) -> Dict[str, Any]:
+        params: Dict[str, Any] = {"model": settings.model}
+        for name in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+            if getattr(settings, name) is not None:
+                params[name] = getattr(settings, name)
+        if settings.extra_body:
+            params["extra_body"] = dict(settings.extra_body)
+        return params
+
+    async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
+                       clean: Optional[Callable[[str], str]] = None, final: bool = False) -> str:
+        """Ask `stage`'s model and return its cleaned answer; a reply that trips a quality
+        guard is asked again (fresh, with a corrective turn, or with twice the token limit)
+        up to guards.max_attempts times."""
         endpoint = self.endpoints[settings.endpoint]
-        params: Dict[str, Any] = {"model": settings.model, "messages": messages,
-                                  endpoint.config.token_limit_param: settings.max_tokens}
-        if settings.temperature is not None:
-            params["temperature"] = settings.temperature
-        if settings.top_p is not None:
-            params["top_p"] = settings.top_p
+        params = self._params(endpoint, settings)
         stats = self.usage[stage]
-        reply, usage = await endpoint.chat(params, stats)
-        if usage:
-            stats.prompt_tokens += usage.prompt_tokens or 0
-            stats.completion_tokens += usage.completion_tokens or 0
-        if reply.finish_reason == "length":
-            raise LLMError(f"{endpoint.describe()}: reply cut off at max_tokens={settings.max_tokens} "
-                           f"(raise {stage}.max_tokens)", "truncated")
-        text = clean_reply(reply.text)
-        if not text:
-            raise LLMError(f"{endpoint.describe()}: empty reply from model '{settings.model}'", "empty_reply")
-        return text
+        max_tokens = settings.max_tokens
+        attempts = self.guards.settings.max_attempts if self.guards else 1
+        conversation = list(messages)
+        trip = None
+        for attempt in range(1, attempts + 1):
+            params.update(messages=conversation, **{endpoint.config.token_limit_param: max_tokens})
+            reply, usage = await endpoint.chat(params, stats)
+            if usage:
+                stats.prompt_tokens += usage.prompt_tokens or 0
+                stats.completion_tokens += usage.completion_tokens or 0
+            text = clean_reply(reply.text)
+            if clean is not None and reply.finish_reason != "length":
+                text = clean(text)
+            trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
+                _basic_check(text, reply.finish_reason)
+            if trip is None:
+                return text
+            if trip.retry == "more_tokens":
+                if max_tokens > settings.max_tokens:
+                    break
+                max_tokens *= 2
+                conversation = list(messages)
+            elif trip.retry == "corrective" and trip.correction:
+                conversation = list(messages) + [{"role": "assistant", "content": reply.text},
+                                                 {"role": "user", "content": trip.correction}]
+            else:
+                conversation = list(messages)
+        tried = f" (after {attempt} attempts)" if attempt > 1 else ""
+        detail = f"{trip.reason} at {max_tokens} tokens (raise {stage}.max_tokens)" if trip.guard == "truncated" \
+            else f"{trip.reason} from model '{settings.model}'"
+        raise LLMError(f"{endpoint.describe()}: {detail}{tried}", f"guard_{trip.guard}", attempt)
 
     async def close(self) -> None:
         await asyncio.gather(*(ep.client.close() for ep in self.endpoints.values()), return_exceptions=True)
+
+
+def _basic_check(text: str, finish_reason: Optional[str]) -> Optional[Trip]:
+    if finish_reason == "length":
+        return Trip("truncated", "reply cut off at max_tokens", "more_tokens")
+    return None if text.strip() else Trip("empty", "empty reply")

@@ -29,6 +29,7 @@ from hints import HintInput, collect_hints, unknown_sources
 from images import ImageError, check_image
 from interpreter import Interpreter
 from interrogator import Interrogator
+from postprocess import add_affixes
 from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
 from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
 from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
@@ -97,6 +98,7 @@ class Run:
         self.interpreter = None if config.interpreter.skip else Interpreter(config, self.llm)
         self.stopping = asyncio.Event()
         self.workers: List[asyncio.Task] = []
+        self._writes: set = set()
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
@@ -141,13 +143,20 @@ class Run:
         reserved = {self.dataset.tags_backup_name(path): path for path in images}
         pending, owners = [], {}
         for path in images:
-            item = self.dataset.item(path)
+            try:
+                item = self.dataset.item(path)
+                done = not self.config.output.overwrite and item.has_caption()
+            except OSError as exc:
+                rel = path.relative_to(self.dataset.root)
+                self._fail(ImageItem(path, rel, path, None, None), ImageFailed(
+                    "input", "tags_file", f"cannot read {exc.filename or path}: {exc.strerror or exc}"))
+                continue
             other = owners.get(item.caption_file) or reserved.get(item.caption_file)
             if other is not None:
                 self._fail(item, ImageFailed("output", "caption_collision",
                                              f"its caption file {item.caption_file.name} would replace a file of "
                                              f"{other.name} (same name stem); rename one of them"))
-            elif not self.config.output.overwrite and item.has_caption():
+            elif done:
                 self.result.skipped += 1
             else:
                 owners[item.caption_file] = path
@@ -196,13 +205,17 @@ class Run:
                               dynamic_ncols=True)
         count = 2 * sum(self.config.endpoints[name].concurrency for name in self._used_endpoints())
         queue: asyncio.Queue = asyncio.Queue(maxsize=count * 2)
-        producer = asyncio.create_task(self._produce(pending, queue))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
+        helpers = [asyncio.create_task(self._produce(pending, queue))]
+        if self.tag_provider:
+            helpers.append(asyncio.create_task(self._prefetch_tags(pending)))
         try:
             await asyncio.gather(*self.workers, return_exceptions=True)
         finally:
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)
             for bar in (self.tag_bar, self.image_bar):
                 if bar is not None:
                     bar.close()
@@ -211,16 +224,29 @@ class Run:
         for item in pending:
             if self.stopping.is_set():
                 break
-            try:
-                tags = await read_image_tags(item, self.config.tags.sources, self.config.tags.combine)
-            except OSError as exc:
-                where = exc.filename or item.tags_file
-                tags = ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
-            if self.tag_provider and isinstance(tags, ImageTags):
-                self.tag_provider.prefetch(self._to_look_up(tags))
-            await queue.put((item, tags))
+            await queue.put((item, await self._read_tags(item)))
         for _ in self.workers:
             await queue.put(None)
+
+    async def _read_tags(self, item: ImageItem):
+        """The image's tags, or the ImageFailed that reading them ended in."""
+        try:
+            return await read_image_tags(item, self.config.tags.sources, self.config.tags.combine)
+        except OSError as exc:
+            where = exc.filename or item.tags_file
+            return ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
+        except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
+            return ImageFailed("tags", "tags_file", f"cannot read tags: {type(exc).__name__}: {exc}")
+
+    async def _prefetch_tags(self, pending: List[ImageItem]) -> None:
+        """Read every pending image's tags ahead and start their lookups, so that Danbooru is
+        asked in full batches and summaries are ready before the images that need them."""
+        for item in pending:
+            if self.stopping.is_set():
+                return
+            tags = await self._read_tags(item)
+            if isinstance(tags, ImageTags):
+                self.tag_provider.prefetch(self._to_look_up(tags))
 
     async def _work(self, queue: asyncio.Queue) -> None:
         while not self.stopping.is_set() and (job := await queue.get()) is not None:
@@ -229,7 +255,6 @@ class Run:
                 if isinstance(tags, ImageFailed):
                     raise tags
                 await self._caption(item, tags)
-                self.result.captioned += 1
             except ImageFailed as failure:
                 if failure.kind in FATAL_KINDS:
                     self._stop(str(failure), fatal=failure.kind == "no_vision")
@@ -253,6 +278,7 @@ class Run:
 
     async def _run_stages(self, item: ImageItem, tags: ImageTags, transcript: Optional[dict]) -> None:
         stage = "input"
+        key = item.rel.as_posix()
         try:
             if not tags.tags and not self.interrogator:
                 raise ImageFailed(stage, "no_tags",
@@ -269,11 +295,13 @@ class Run:
             values["description"] = ""
             if self.interrogator:
                 stage = "interrogator"
-                values["description"] = await self.interrogator.describe(item.path, values, transcript)
+                values["description"] = await self.interrogator.describe(item.path, values, key, transcript)
             stage = "interpreter"
-            caption = await self.interpreter.caption(values, transcript) if self.interpreter else values["description"]
+            caption = await self.interpreter.caption(values, key, transcript) if self.interpreter \
+                else values["description"]
+            caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
             stage = "output"
-            await asyncio.to_thread(self._write_caption, item, caption)
+            await self._write(item, caption)
         except ImageFailed:
             raise
         except ServerDown as exc:
@@ -293,6 +321,19 @@ class Run:
             where = f": {exc.filename}" if exc.filename else ""
             raise ImageFailed(stage, "file", f"{exc.strerror or exc}{where}") from None
 
+    async def _write(self, item: ImageItem, caption: str) -> None:
+        """Write in a thread that, once started, always finishes and is counted (a cancelled
+        worker does not stop it, and the run waits for it before releasing the lock)."""
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, item, caption))
+        self._writes.add(write)
+
+        def done(future: asyncio.Future) -> None:
+            self._writes.discard(future)
+            if not future.cancelled() and future.exception() is None:
+                self.result.captioned += 1
+        write.add_done_callback(done)
+        await asyncio.shield(write)
+
     def _write_transcript(self, item: ImageItem, transcript: dict) -> None:
         """`--debug-dir`: the image's whole conversation, one file per image, no API keys."""
         name = item.rel.as_posix().replace("/", "__") + ".json"
@@ -306,14 +347,14 @@ class Run:
             if item.prose_caption:
                 self._keep_backup(item.caption_file)
             original = item.caption_file.read_bytes() if item.caption_file.exists() and not item.prose_caption else b""
-            write_new_file(item.tags_backup, original)
+            write_new_file(item.tags_backup, original, like=item.caption_file)
         elif item.caption_file.exists() and not self._replaceable(item):
             if not self.config.output.overwrite:
                 raise ImageFailed("output", "caption_exists",
                                   f"{item.caption_file} appeared during the run; not replaced")
             self._keep_backup(item.caption_file)
+        self.record.record(item.caption_file, caption)  # first: a kill in between only costs a spare .bak
         atomic_write_text(item.caption_file, caption)
-        self.record.record(item.caption_file, caption)
 
     def _replaceable(self, item: ImageItem) -> bool:
         current = item.caption_file.read_bytes()
@@ -325,7 +366,7 @@ class Run:
         data = caption_file.read_bytes()
         for number in range(1, 1000):
             suffix = ".bak" if number == 1 else f".bak{number}"
-            if write_new_file(caption_file.with_name(caption_file.name + suffix), data):
+            if write_new_file(caption_file.with_name(caption_file.name + suffix), data, like=caption_file):
                 self.result.backups += 1
                 return
         raise ImageFailed("output", "backup", f"no free backup name for {caption_file}")

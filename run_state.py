@@ -6,7 +6,7 @@ record in a hidden `.tagcaption/` folder, `failures.jsonl` in plain sight.
 """
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -40,60 +40,50 @@ def sha1(text: str) -> str:
 
 
 class RunLock:
-    """One run per output folder. A lock left by a process that no longer runs is taken over."""
+    """One run per output folder: an exclusive `flock` on `.tagcaption/lock`. The kernel
+    releases it when the process ends however it ends, so a dead run's lock is never in
+    the way; the file itself only names the holder for the message."""
 
     def __init__(self, root: Path):
         self.path = root / STATE_DIR / "lock"
-        self.held = False
+        self._fd: Optional[int] = None
 
     def acquire(self) -> Optional[str]:
-        """Take the lock; returns a note when a stale lock was taken over."""
+        """Take the lock; returns a note when the last holder did not end cleanly."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        note = None
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and _alive(owner):
-                    raise LockedError(
-                        f"another run (pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}) "
-                        f"is captioning this folder: lock {self.path}. Wait for it, or delete the lock if that "
-                        "process is gone") from None
-                note = f"took over the lock {self.path} left by a run that is no longer running"
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
-            self.held = True
-            return note
-        raise LockedError(f"could not take the lock {self.path}")
-
-    def _owner(self) -> Optional[dict]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # unreadable or half-written: its writer died while creating it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            os.close(fd)
+            who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+                   if owner else "another process")
+            raise LockedError(f"another run ({who}) is captioning this folder: lock {self.path}. "
+                              "Wait for it to finish") from None
+        previous = _owner(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        if previous:
+            return (f"took over the lock {self.path} from a run that did not end cleanly "
+                    f"(pid {previous.get('pid')}, started {previous.get('started')})")
+        return None
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()  # only when nothing else is kept there
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file means the last run ended cleanly
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
 
 
-def _alive(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # a run on another machine sharing this folder: we cannot tell, so respect it
+def _owner(fd: int) -> Optional[dict]:
     try:
-        os.kill(int(owner.get("pid", 0)), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return int(owner.get("pid", 0)) > 0
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data) if data.strip() else None
+    except (OSError, ValueError):
+        return None
 
 
 class CaptionRecord:

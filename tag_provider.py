@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 from config import Config, TagsConfig
 from dataset import display_tag
-from llm import LLM, LLMError
+from llm import LLM, LLMError, ServerDown
 from tag_cache import TagCache
 from tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
 from templates import Template
@@ -222,13 +222,28 @@ class TagProvider:
             self._on_tags_found(len(new))
 
     async def knowledge(self, tags: List[str]) -> Dict[str, TagKnowledge]:
-        """Each tag's knowledge; raises TagSummaryError if a summary the caption needs failed."""
+        """Each tag's knowledge; raises TagSummaryError if a summary the caption needs failed
+        twice (a failed tag is tried once more, by a task the waiting images share)."""
+        results = await self._gather(tags)
+        failed = [tag for tag in tags if isinstance(results[tag], BaseException)]
+        for tag in failed:
+            if isinstance(results[tag], ServerDown):
+                raise results[tag]
+            if self._tasks.get(tag) is not None and self._tasks[tag].done():
+                del self._tasks[tag]
+        if failed:
+            results.update(await self._gather(failed))
+        for tag in failed:
+            if isinstance(results[tag], ServerDown):
+                raise results[tag]
+            if isinstance(results[tag], BaseException):
+                raise TagSummaryError(f"summary of tag '{tag}' failed: {results[tag]}")
+        return results
+
+    async def _gather(self, tags: List[str]) -> Dict[str, object]:
         self.prefetch(tags)
         # Shielded: the tasks are shared with other images; cancelling this one must not stop them.
         results = await asyncio.gather(*(asyncio.shield(self._tasks[tag]) for tag in tags), return_exceptions=True)
-        for tag, result in zip(tags, results):
-            if isinstance(result, BaseException):
-                raise TagSummaryError(f"summary of tag '{tag}' failed: {result}")
         return dict(zip(tags, results))
 
     async def _resolve(self, tag: str) -> TagKnowledge:
@@ -380,6 +395,7 @@ def tag_variables(tags: List[str], knowledge: Dict[str, TagKnowledge], categorie
             kept.append((tag, category, info.summary if info else None))
     values = {
         "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
+        "booru_tags": ", ".join(tag for tag, _, _ in kept),
         "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
         "rating": RATINGS.get((rating or "").lower()[:1], rating or "") if rating else "",
     }
@@ -388,4 +404,4 @@ def tag_variables(tags: List[str], knowledge: Dict[str, TagKnowledge], categorie
     return values
 
 
-TAG_VARIABLES = ("tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)
+TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)

@@ -15,6 +15,7 @@ import io
 import json
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
@@ -82,7 +83,9 @@ class DanbooruSource:
         found: Dict[str, TagInfo] = {}
         for batch in self._batches(names):
             found.update(await self._tags(batch))
-        missing = [name for name in names if name not in found]
+        # An aliased tag may still exist on Danbooru, emptied: check those too.
+        missing = [name for name in names if name not in found or (not found[name].post_count
+                                                                   and not found[name].wiki)]
         aliases: Dict[str, str] = {}
         for batch in self._batches(missing):
             aliases.update(await self._aliases(batch))
@@ -91,11 +94,11 @@ class DanbooruSource:
             found.update(await self._tags(batch))
         result = {}
         for name in names:
-            if name in found:
-                result[name] = found[name]
-            elif name in aliases and aliases[name] in found:
+            if name in aliases and aliases[name] in found:
                 target = found[aliases[name]]
                 result[name] = TagInfo(name, target.category, target.post_count, target.wiki, target.name)
+            elif name in found:
+                result[name] = found[name]
             else:
                 result[name] = TagInfo(name, known=False)
         return result
@@ -181,9 +184,13 @@ class DanbooruSource:
         if status != 200 or "json" not in content_type:
             raise SourceError(f"{self.describe()} answered HTTP {status} {_kind(content_type)} for {path}")
         try:
-            return response.json()
+            data = response.json()
         except ValueError:
             raise SourceError(f"{self.describe()} sent malformed JSON for {path}") from None
+        if not isinstance(data, list):  # e.g. {"success": false, "error": "RateLimiter::RateLimitError"}
+            message = data.get("message") or data.get("error") if isinstance(data, dict) else None
+            raise SourceError(f"{self.describe()} answered {path} with an error: {message or str(data)[:120]}")
+        return data
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -258,11 +265,12 @@ class FileSource:
 def _read_rows(path: Path, key: str) -> Iterable[dict]:
     try:
         raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8-sig")
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8-sig")
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
     name = path.name.removesuffix(".gz")
     try:
         if name.endswith(".csv"):

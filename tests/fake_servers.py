@@ -186,7 +186,7 @@ class FakeOpenAIServer(FakeServer):
 
     @property
     def chat_requests(self) -> List[dict]:
-        return [r.body for r in self.requests if r.path == "/v1/chat/completions"]
+        return [r.body for r in self.requests if r.path == "/v1/chat/completions" and isinstance(r.body, dict)]
 
     def handle(self, handler, method, path, query, body) -> None:
         if method == "GET" and path == "/v1/models":
@@ -199,6 +199,9 @@ class FakeOpenAIServer(FakeServer):
                                               "type": "invalid_request_error", "code": None}})
 
     def _chat(self, handler, request: dict) -> None:
+        if not isinstance(request, dict):  # e.g. a client killed while sending its request
+            handler.send_body(400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}})
+            return
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -335,9 +338,11 @@ class FakeDanbooru(FakeServer):
     def _tag(self, index: int, name: str, only: str) -> dict:
         row = {"id": index, "name": name, "category": 0, "post_count": 100, "is_deprecated": False,
                "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
+        if name in self.aliases:  # like Danbooru: an aliased tag stays, emptied of its posts
+            row["post_count"] = 0
         row.update(self.tags.get(name, {}))
         if "wiki_page" in only:
-            row["wiki_page"] = self._page(name) if name in self.wiki else None
+            row["wiki_page"] = self._page(name) if name in self.wiki and name not in self.aliases else None
         if only:
             fields = {field.split("[")[0] for field in re.split(r",(?![^\[]*\])", only)}
             row = {key: value for key, value in row.items() if key in fields}
@@ -367,7 +372,7 @@ class FakeDanbooru(FakeServer):
             handler.send_body(200, [self._page(t) for t in titles if t in self.wiki])
         elif path == "/tags.json":
             names = first.get("search[name_comma]", first.get("search[name]", "")).split(",")
-            known = [name for name in names if name in self.tags or name in self.wiki]
+            known = [name for name in names if name in self.tags or name in self.wiki or name in self.aliases]
             handler.send_body(200, [self._tag(index, name, only) for index, name in enumerate(known)])
         elif path == "/tag_aliases.json":
             names = first.get("search[antecedent_name_comma]", "").split(",")

@@ -334,3 +334,41 @@ def test_wiki_text_for_summary_keeps_the_meaning_only():
     long = "Sentence number one is here. " * 100
     capped = wiki_text_for_summary(long, max_chars=200)
     assert len(capped) <= 200 and capped.endswith("here.")
+
+
+def test_batches_stay_full_when_images_far_outnumber_workers(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.wiki = {f"tag{n}": f"Tag {n}." for n in range(300)}
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:03}.png": f"tag{n}, tag{(n + 150) % 300}" for n in range(150)})
+    config = config_for(tmp_path, llm_server, danbooru, template, endpoints={"default": {"concurrency": 1}},
+                        tag_provider={"danbooru_batch_size": 100, "danbooru_rate": 20})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    assert sorted(danbooru.looked_up()) == sorted(f"tag{n}" for n in range(300))
+    assert len([r for r in danbooru.requests if r.path == "/tags.json"]) <= 3 + 1
+
+
+def test_a_json_error_from_danbooru_is_not_cached_as_missing(tmp_path, llm_server, danbooru, template, capsys):
+    danbooru.override = lambda path: (200, {"success": False, "error": "RateLimiter::RateLimitError",
+                                            "message": "You're doing that too fast"}, "application/json")
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template)
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "You're doing that too fast" in err and "0 without wiki" in out
+
+
+@pytest.mark.parametrize("name, data", [("broken.ndjson.gz", b"not gzip at all"),
+                                        ("latin.csv", "title,body\ncaf\xe9,x\n".encode("latin-1")),
+                                        ("missing.ndjson", None)])
+def test_a_bad_wiki_dump_is_a_setup_error(tmp_path, llm_server, danbooru, template, capsys, name, data):
+    if data is not None:
+        (tmp_path / name).write_bytes(data)
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template,
+                        tag_provider={"source": "file", "wiki_dump": name})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2 and "tag_provider.wiki_dump: cannot read" in err and name in err

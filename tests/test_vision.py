@@ -262,4 +262,4 @@ def test_a_failing_hint_source_costs_a_warning_not_the_image(tmp_path, vision_se
                            hint_sources=["folder_metadata", "full_path"])
     code, out, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0 and "hint source 'folder_metadata' failed" in err
-    assert (images / "a.caption").read_text() == "Prompt was: File path: a.png |  | Describe."
+    assert (images / "a.caption").read_text() == "Prompt was: File path: a.png | | Describe."
