@@ -51,6 +51,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--style", metavar="PRESET",
+                        help="caption style preset from templates/styles/ (sets interpreter.style, or "
+                             "interrogator.style when the Interpreter is off)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="caption only the images listed in failures.jsonl by the previous run")
     parser.add_argument("--refresh-tags", action="store_true",
@@ -82,6 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         config = load_config(args.config, args.overrides, args.images_dir)
+        if args.style:
+            stage = config.interrogator if config.interpreter.skip else config.interpreter
+            stage.style = args.style
         result = asyncio.run(run(config, progress=False if args.no_progress else None,
                                  retry_failed=args.retry_failed, refresh_tags=args.refresh_tags,
                                  debug_dir=args.debug_dir.resolve() if args.debug_dir else None))

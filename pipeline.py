@@ -58,6 +58,7 @@ class RunResult:
     fatal: bool = False
     """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
     shrunk: int = 0
+    guards: Dict[str, int] = field(default_factory=dict)
     failures_file: Optional[Path] = None
     seconds: float = 0.0
 
@@ -440,6 +441,7 @@ class Run:
             self.result.danbooru_requests = self.tag_provider.source_requests
             self.result.danbooru_down = self.tag_provider.source_down
         self.result.usage = dict(self.llm.usage)
+        self.result.guards = dict(self.llm.guards.counts) if self.llm.guards else {}
         if self.interrogator:
             self.result.shrunk = self.interrogator.shrunk
         await self.llm.close()

@@ -39,6 +39,9 @@ def format_summary(result: RunResult) -> str:
             retries = f" ({usage.retries} retries)" if usage.retries else ""
             lines.append(f"  {stage + ':':<13} {usage.requests} requests{retries}, {usage.prompt_tokens:,} prompt + "
                          f"{usage.completion_tokens:,} completion tokens")
+    if result.guards:
+        tripped = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(result.guards.items()))
+        lines.append(f"  guards:   replies asked again: {tripped}")
     lines.append(f"  time:     {result.seconds:.1f} s")
     if result.stopped:
         lines.append(f"  stopped:  {result.stopped}")
