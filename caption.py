@@ -1,6 +1,8 @@
 """Caption a folder of images with tags, tag summaries and a vision model's description.
 
     python caption.py [IMAGES_DIR] [--config FILE] [KEY=VALUE ...]
+    python caption.py check [--config FILE] [KEY=VALUE ...]     test servers, models, tag source
+    python caption.py report [IMAGES_DIR] [--config FILE]       write captions.html
 """
 from __future__ import annotations
 
@@ -42,7 +44,12 @@ class TqdmHandler(logging.Handler):
         tqdm.write(redact(self.format(record)), file=sys.stderr)
 
 
+COMMANDS = ("check", "report")
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "caption"
     parser = argparse.ArgumentParser(
         prog="caption.py", description=__doc__.strip().splitlines()[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +61,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--style", metavar="PRESET",
                         help="caption style preset from templates/styles/ (sets interpreter.style, or "
                              "interrogator.style when the Interpreter is off)")
+    parser.add_argument("--dry-run", nargs="?", const="llm", choices=["llm", "tags"], metavar="tags",
+                        help="send nothing to a model and write nothing: show what would be sent "
+                             "(--dry-run=tags also asks Danbooru)")
+    parser.add_argument("--preview", type=int, default=3, metavar="N",
+                        help="with --dry-run: how many images to show whole (default 3)")
+    parser.add_argument("--sample", type=int, metavar="N", help="caption only N images picked at random")
+    parser.add_argument("--seed", type=int, default=0, help="the random seed of --sample (default 0)")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="caption only this machine's share of the folder (K of N, by path hash)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="caption only the images listed in failures.jsonl by the previous run")
     parser.add_argument("--refresh-tags", action="store_true",
@@ -64,6 +80,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="write each image's whole conversation with the models as DIR/<image>.json")
     parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
     args = parser.parse_intermixed_args(argv)
+    args.command = command
     if args.images_dir and "=" in args.images_dir and not os.path.exists(args.images_dir):
         args.overrides.insert(0, args.images_dir)
         args.images_dir = None
@@ -79,18 +96,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     logger.propagate = False
 
+    from dataset import Shard
     from llm import redact
-    from pipeline import run
-    from summary import format_summary
 
     try:
+        try:
+            shard = Shard.parse(args.shard) if args.shard else Shard()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         config = load_config(args.config, args.overrides, args.images_dir)
         if args.style:
             stage = config.interrogator if config.interpreter.skip else config.interpreter
             stage.style = args.style
+        if args.command == "check":
+            from check import run_check
+            return asyncio.run(run_check(config))
+        if args.command == "report":
+            from report import build_report
+            print(f"Review page written: {build_report(config)}")
+            return EXIT_OK
+        from pipeline import run
         result = asyncio.run(run(config, progress=False if args.no_progress else None,
                                  retry_failed=args.retry_failed, refresh_tags=args.refresh_tags,
-                                 debug_dir=args.debug_dir.resolve() if args.debug_dir else None))
+                                 debug_dir=args.debug_dir.resolve() if args.debug_dir else None, shard=shard,
+                                 dry_run=args.dry_run, preview=args.preview, sample=args.sample,
+                                 sample_seed=args.seed))
     except ConfigError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_SETUP
@@ -103,6 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURES
+    from summary import format_summary
+    if result.dry_run_report is not None:
+        print(result.dry_run_report)
     print(format_summary(result))
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -111,5 +144,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return EXIT_FAILURES if result.failures or result.stopped else EXIT_OK
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `caption` command that `pip install .` creates."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

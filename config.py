@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,7 +16,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PROGRAM_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG = PROGRAM_DIR / "config.yaml"
+SHARE_DIR = Path(sys.prefix) / "share" / "tagcaption"
+"""Where `pip install .` puts the shipped config and templates."""
+DATA_DIR = PROGRAM_DIR if (PROGRAM_DIR / "templates").is_dir() else SHARE_DIR
+DEFAULT_CONFIG = DATA_DIR / "config.yaml"
 
 
 class ConfigError(Exception):
@@ -24,7 +28,8 @@ class ConfigError(Exception):
 
 @dataclass
 class EndpointConfig:
-    base_url: str = "http://localhost:1234/v1"
+    base_url: Any = "http://localhost:1234/v1"
+    """One URL, or a list of replicas of the same model."""
     api_key: str = ""
     concurrency: int = 4
     timeout: float = 300.0
@@ -32,6 +37,8 @@ class EndpointConfig:
     retry_backoff: float = 1.0
     retry_max_backoff: float = 60.0
     down_after: float = 120.0
+    rest_after: int = 3
+    rest_seconds: float = 30.0
     stream: bool = True
     stream_usage: bool = True
     token_limit_param: str = "max_tokens"
@@ -160,6 +167,8 @@ class OutputConfig:
     extension: str = ".txt"
     dir: Optional[str] = None
     overwrite: bool = False
+    formats: List[str] = field(default_factory=lambda: ["txt"])
+    report: bool = False
 
 
 @dataclass
@@ -187,7 +196,7 @@ class Config:
         local = self.path(value)
         if local.exists() or Path(value).is_absolute():
             return local
-        shipped = (PROGRAM_DIR / value).resolve()
+        shipped = (DATA_DIR / value).resolve()
         return shipped if shipped.exists() else local
 
 
@@ -283,8 +292,12 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.concurrency must be at least 1")
         if endpoint.token_limit_param not in ("max_tokens", "max_completion_tokens"):
             raise ConfigError(f"endpoints.{name}.token_limit_param must be max_tokens or max_completion_tokens")
-        if not endpoint.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {endpoint.base_url!r})")
+        urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
+        if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
+            raise ConfigError(f"endpoints.{name}.base_url must be a URL or a list of URLs")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {url!r})")
     tag_settings = config.tag_provider
     if tag_settings.source not in ("danbooru", "file", "none"):
         raise ConfigError(f"tag_provider.source must be danbooru, file or none (got {tag_settings.source!r})")

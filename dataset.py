@@ -9,6 +9,7 @@ gets an empty `<stem>.tags.txt` for the same reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import logging
-
-import aiofiles
 
 from config import Config
 from files import is_leftover_temp
@@ -68,24 +67,40 @@ class Dataset:
         self.leftover_temps: List[Path] = []
         """Temp files of a killed run, seen while walking; removed once the run holds the lock."""
 
-    def find_images(self) -> List[Path]:
-        """All images under the folder, in a stable order (sorted by folder, then name)."""
+    def folders(self) -> Iterator[List[Path]]:
+        """The images folder by folder, in a stable order: folders sorted, and in each folder
+        images sorted by name stem, then extension (so two images sharing a stem, and so a
+        caption file, come one after the other). One folder's list at a time."""
         if not self.root.is_dir():
             raise ValueError(f"images folder not found: {self.root}")
-        return list(self._walk())
-
-    def _walk(self) -> Iterator[Path]:
         for folder, subfolders, files in os.walk(self.root, onerror=None, followlinks=False):
             here = Path(folder)
             subfolders[:] = sorted(d for d in subfolders
                                    if not d.startswith(".") and (here / d) != self.output_dir)
-            for name in sorted(files):
+            names = []
+            for name in files:
                 if is_leftover_temp(name):
                     self.leftover_temps.append(here / name)
-                elif not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    yield here / name
+                elif not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    names.append(name)
+            del files[:]
+            names.sort(key=lambda name: os.path.splitext(name))
+            if names:
+                yield [here / name for name in names]
             if not self.recursive:
                 return
+
+    def tags_owner(self, image: Path) -> Optional[Path]:
+        """The image whose kept tags file would be this image's caption file (`a.tags.png`'s
+        caption `a.tags.txt` is where `a.png`'s tags are kept), if there is one."""
+        if not self.tags_extension or not image.stem.endswith(KEPT_TAGS_MARK):
+            return None
+        base = image.stem[: -len(KEPT_TAGS_MARK)]
+        for extension in IMAGE_EXTENSIONS:
+            for candidate in (image.with_name(base + extension), image.with_name(base + extension.upper())):
+                if candidate.exists():
+                    return candidate
+        return None
 
     def item(self, image: Path) -> ImageItem:
         rel = image.relative_to(self.root)
@@ -94,7 +109,7 @@ class Dataset:
         if not self.tags_extension:
             return ImageItem(image, rel, caption_file, None, None)
         tags_file = image.parent / f"{image.stem}{self.tags_extension}"
-        if tags_file.resolve() != caption_file.resolve():
+        if tags_file != caption_file:  # both built from resolved folders: equal paths are one file
             return ImageItem(image, rel, caption_file, tags_file if tags_file.exists() else None, None)
         backup = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
         if backup.exists():
@@ -105,16 +120,35 @@ class Dataset:
             return ImageItem(image, rel, caption_file, None, backup, prose_caption=True)
         return ImageItem(image, rel, caption_file, tags_file, backup)
 
-    def tags_backup_name(self, image: Path) -> Optional[Path]:
-        if not self.tags_extension:
-            return None
-        return image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
-
 
 def looks_like_caption(text: str) -> bool:
     """Sentences rather than tags: vlm-caption and others write captions to `<stem>.txt` too."""
     items = [item for item in re.split(r"[,\n]", text) if item.strip()]
     return any(len(item.split()) > 8 for item in items)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`--shard K/N`: this machine's share of the folder, chosen by a hash of each image's
+    path, so N machines sharing the folder caption it without overlap or coordination."""
+    index: int = 1
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            raise ValueError(f"--shard takes K/N with 1 <= K <= N, like 2/8 (got {text!r})")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def includes(self, rel: str) -> bool:
+        if self.count == 1:
+            return True
+        return int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:12], 16) % self.count == self.index - 1
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.count == 1 else f"-{self.index}-of-{self.count}"
 
 
 def normalize_tag(tag: str) -> str:
@@ -183,31 +217,28 @@ def parse_sidecar(data: object) -> Optional[ImageTags]:
     return found if found.tags else None
 
 
-async def _read_sidecar(image: Path) -> Optional[ImageTags]:
+def _read_sidecar(image: Path) -> Optional[ImageTags]:
     for path in sidecar_paths(image):
         if path.is_file():
-            async with aiofiles.open(path, "rb") as handle:
-                raw = await handle.read()
             try:
-                return parse_sidecar(json.loads(decode_text(raw)))
+                return parse_sidecar(json.loads(decode_text(path.read_bytes())))
             except ValueError:
                 log.warning("warning: %s is not valid JSON; its tags are ignored", path)
                 return None
     return None
 
 
-async def read_image_tags(item: ImageItem, sources: List[str], combine: str) -> ImageTags:
+def read_image_tags(item: ImageItem, sources: List[str], combine: str) -> ImageTags:
     """The image's tags from the configured sources, in order: the first that has tags
-    (`combine: first`), or all of them merged (`combine: all`)."""
+    (`combine: first`), or all of them merged (`combine: all`). File I/O: call it in a thread."""
     result = ImageTags()
     for source in sources:
         if source == "txt":
             if item.tags_file is None:
                 continue
-            async with aiofiles.open(item.tags_file, "rb") as handle:
-                found = ImageTags(parse_tags(decode_text(await handle.read())))
+            found = ImageTags(parse_tags(decode_text(item.tags_file.read_bytes())))
         else:
-            found = await _read_sidecar(item.path)
+            found = _read_sidecar(item.path)
         if not found or not found.tags:
             continue
         seen = set(result.tags)

@@ -47,7 +47,8 @@ class Interpreter:
         if transcript is not None:
             transcript["interpreter"] = messages
         reply = await self.llm.complete("interpreter", self.settings, messages,
-                                        clean=lambda text: clean_caption(text, self.postprocess), final=True)
+                                        clean=lambda text: clean_caption(text, self.postprocess), final=True,
+                                        trips=transcript.setdefault("guards", []) if transcript is not None else None)
         if transcript is not None:
             transcript["interpreter"] = messages + [{"role": "assistant", "content": reply}]
         return with_tags(plan, reply, values)

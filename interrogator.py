@@ -87,8 +87,8 @@ class Interrogator:
             last = turn == len(prompts) - 1
             text = prompt.render(**values)
             if turn == 0:
-                if values.get("hints"):
-                    text = f"{values['hints']}\n\n{text}"
+                if values.get("hints"):  # after the fixed prompt, so that prompt is a cacheable prefix
+                    text = f"{text}\n\n{values['hints']}"
                 content = [{"type": "text", "text": text},
                            {"type": "image_url", "image_url": {"url": image.data_url}}]
             else:
@@ -97,7 +97,9 @@ class Interrogator:
             try:
                 clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
                 reply = await self.llm.complete("interrogator", self.settings, messages, clean=clean,
-                                                final=last and self.final)
+                                                final=last and self.final,
+                                                trips=transcript.setdefault("guards", []) if transcript is not None
+                                                else None)
             finally:
                 if transcript is not None:
                     transcript["interrogator"] = _loggable(messages, image)

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import ipaddress
 import json
+import logging
 import random
 import re
 import time
@@ -25,6 +26,8 @@ import openai
 
 from config import Config, EndpointConfig, StageConfig
 from guards import Guards, Trip
+
+log = logging.getLogger("caption")
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 THINK_UNOPENED = re.compile(r"^.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -201,44 +204,71 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+class Replica:
+    """One server behind an endpoint: its client, how busy it is, and whether it is resting."""
+
+    def __init__(self, base_url: str, config: EndpointConfig):
+        self.base_url = base_url.rstrip("/")
+        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
+        http_client = openai.DefaultAsyncHttpxClient(trust_env=False) if is_loopback(self.base_url) else None
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
+                                         timeout=config.timeout, max_retries=0, http_client=http_client)
+        self.in_flight = 0
+        self.failures = 0
+        self.rested_until = 0.0
+
+
 class Endpoint:
-    """One server: its client, its concurrency limit, and the one retry loop for its requests.
+    """One named endpoint: one server or several replicas of it, a concurrency limit, and
+    the one retry loop for its requests.
 
     The SDK's own retries are turned off so that every retry, including those for faults
     the SDK does not retry (a stream cut in the middle, malformed JSON, an empty `choices`,
-    an error object inside a 200 stream), goes through the same loop and is counted.
+    an error object inside a 200 stream), goes through the same loop and is counted. Each
+    attempt goes to the replica with the fewest requests in flight; a replica that fails
+    `rest_after` times in a row rests for `rest_seconds` while the others carry on.
     """
 
     def __init__(self, name: str, config: EndpointConfig):
         self.name = name
         self.config = config
-        self.base_url = config.base_url.rstrip("/")
+        urls = [config.base_url] if isinstance(config.base_url, str) else list(config.base_url)
+        self.replicas = [Replica(url, config) for url in urls]
+        self.base_url = self.replicas[0].base_url
         register_secret(config.api_key)
-        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        http_client = openai.DefaultAsyncHttpxClient(trust_env=False) if is_loopback(self.base_url) else None
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=config.api_key or "no-key",
-            timeout=config.timeout,
-            max_retries=0,
-            http_client=http_client,
-        )
-        self.slots = asyncio.Semaphore(config.concurrency)
+        self.slots = asyncio.Semaphore(config.concurrency * len(self.replicas))
         self._failing_since: Optional[float] = None
 
-    def describe(self) -> str:
-        return f"endpoint '{self.name}' ({self.base_url})"
+    def describe(self, replica: Optional[Replica] = None) -> str:
+        return f"endpoint '{self.name}' ({(replica or self.replicas[0]).base_url})"
 
     async def list_models(self, timeout: float = 10.0) -> List[str]:
-        """Model ids from `/models`; raises ServerUnreachable when nothing answers."""
-        try:
-            page = await self.client.with_options(timeout=timeout).models.list()
-        except openai.APIConnectionError as exc:
-            raise ServerUnreachable(f"cannot reach {self.describe()}: {error_message(exc)}. {SERVER_HINTS}") from None
-        except openai.AuthenticationError as exc:
-            raise ServerUnreachable(f"{self.describe()} refused the API key: {error_message(exc)}. "
-                                    f"Set endpoints.{self.name}.api_key") from None
-        return [model.id for model in page.data]
+        """Model ids from `/models`; raises ServerUnreachable when no replica answers."""
+        listed: List[str] = []
+        unreachable = []
+        for replica in self.replicas:
+            try:
+                page = await replica.client.with_options(timeout=timeout).models.list()
+            except openai.APIConnectionError as exc:
+                unreachable.append(f"cannot reach {self.describe(replica)}: {error_message(exc)}")
+                replica.rested_until = time.monotonic() + self.config.rest_seconds
+                continue
+            except openai.AuthenticationError as exc:
+                raise ServerUnreachable(f"{self.describe(replica)} refused the API key: {error_message(exc)}. "
+                                        f"Set endpoints.{self.name}.api_key") from None
+            listed += [model.id for model in page.data]
+        if len(unreachable) == len(self.replicas):
+            raise ServerUnreachable(f"{'; '.join(unreachable)}. {SERVER_HINTS}")
+        for line in unreachable:
+            log.warning("warning: %s; resting it, the other replicas carry on", line)
+        return listed
+
+    def _pick(self) -> Replica:
+        now = time.monotonic()
+        ready = [replica for replica in self.replicas if replica.rested_until <= now]
+        if not ready:
+            return min(self.replicas, key=lambda replica: replica.rested_until)
+        return min(ready, key=lambda replica: replica.in_flight)
 
     async def chat(self, params: Dict[str, Any], usage: "StageUsage") -> tuple[Reply, Any]:
         """Send a chat request, retrying transient faults with backoff and jitter."""
@@ -246,19 +276,36 @@ class Endpoint:
         while True:
             attempt += 1
             usage.requests += 1
-            try:
-                async with self.slots:
-                    result = await self._attempt(params)
-                self._failing_since = None
-                return result
-            except Exception as exc:  # classified below: anything the server or transport can throw
-                fault = exc if isinstance(exc, _Fault) else classify(exc)
+            async with self.slots:
+                replica = self._pick()
+                replica.in_flight += 1
+                try:
+                    result = await self._attempt(replica, params)
+                except Exception as exc:  # classified below: anything the server or transport can throw
+                    fault = exc if isinstance(exc, _Fault) else classify(exc)
+                else:
+                    replica.failures = 0
+                    self._failing_since = None
+                    return result
+                finally:
+                    replica.in_flight -= 1
+            self._note_replica_failure(replica, fault)
             self._note_failure(fault)
             if not fault.retryable or attempt > self.config.max_retries:
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
-                raise LLMError(f"{self.describe()}: {fault}{tried}", fault.kind, attempt)
+                raise LLMError(f"{self.describe(replica)}: {fault}{tried}", fault.kind, attempt)
             usage.retries += 1
             await asyncio.sleep(self._backoff(attempt, fault.retry_after))
+
+    def _note_replica_failure(self, replica: Replica, fault: _Fault) -> None:
+        if not fault.retryable or len(self.replicas) == 1:
+            return
+        replica.failures += 1
+        if replica.failures >= self.config.rest_after and replica.rested_until <= time.monotonic():
+            replica.rested_until = time.monotonic() + self.config.rest_seconds
+            log.warning("warning: %s failed %d times in a row (%s); resting it for %.0f s",
+                        self.describe(replica), replica.failures, fault, self.config.rest_seconds)
+            replica.failures = 0
 
     def _note_failure(self, fault: _Fault) -> None:
         if fault.kind not in ("connection", "timeout"):
@@ -277,38 +324,47 @@ class Endpoint:
         ceiling = min(self.config.retry_max_backoff, self.config.retry_backoff * 2 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
-    async def _attempt(self, params: Dict[str, Any]) -> tuple[Reply, Any]:
+    async def _attempt(self, replica: Replica, params: Dict[str, Any]) -> tuple[Reply, dict]:
+        """One request. The SDK's generic `post` is used with plain dicts: building typed
+        objects for every request and stream chunk costs more CPU than the rest of a run."""
         if self.config.stream:
-            return await self._chat_streamed(params)
-        completion = await self.client.chat.completions.create(**params)
-        if not hasattr(completion, "choices"):  # e.g. an HTML page served with status 200
-            raise _Fault("malformed_reply", f"malformed reply (not a chat completion: {_one_line(str(completion), 80)})",
-                         True)
-        error = getattr(completion, "error", None)
-        if error:
-            raise _Fault("reply_error", f"error in the reply: {_message_from_body({'error': error}) or error}", True)
-        if not completion.choices:
+            return await self._chat_streamed(replica, params)
+        response = await replica.client.post("/chat/completions", cast_to=httpx2.Response, body=params)
+        try:
+            completion = response.json()
+        except ValueError:
+            raise _Fault("malformed_reply", f"malformed reply (not JSON: {_one_line(response.text, 80)})",
+                         True) from None
+        if not isinstance(completion, dict):
+            raise _Fault("malformed_reply", f"malformed reply ({_one_line(str(completion), 80)})", True)
+        if completion.get("error"):
+            raise _Fault("reply_error", f"error in the reply: {_message_from_body(completion)}", True)
+        choices = completion.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise _Fault("empty_choices", "reply had no choices", True)
-        choice = completion.choices[0]
-        return Reply(choice.message.content or "", choice.finish_reason), completion.usage
+        message = choices[0].get("message") or {}
+        return Reply(message.get("content") or "", choices[0].get("finish_reason")), completion.get("usage") or {}
 
-    async def _chat_streamed(self, params: Dict[str, Any]) -> tuple[Reply, Any]:
-        options = {"stream_options": {"include_usage": True}} if self.config.stream_usage else {}
-        stream = await self.client.chat.completions.create(**params, stream=True, **options)
+    async def _chat_streamed(self, replica: Replica, params: Dict[str, Any]) -> tuple[Reply, dict]:
+        body = dict(params, stream=True)
+        if self.config.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        stream = await replica.client.post("/chat/completions", cast_to=object, body=body, stream=True,
+                                           stream_cls=openai.AsyncStream[object])
         parts: List[str] = []
-        finish_reason = usage = None
+        finish_reason = None
+        usage: dict = {}
         saw_choice = False
         async for chunk in stream:
-            if not hasattr(chunk, "choices"):
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
                 raise _Fault("malformed_reply", "malformed reply stream", True)
-            if chunk.usage:
-                usage = chunk.usage
-            for choice in chunk.choices or ():
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or ():
                 saw_choice = True
-                if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
-                if choice.finish_reason:
-                    finish_reason = choice.finish_reason
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    parts.append(content)
+                finish_reason = choice.get("finish_reason") or finish_reason
         if not saw_choice:
             raise _Fault("empty_choices", "reply stream had no choices", True)
         if finish_reason is None:
@@ -335,12 +391,12 @@ class LLM:
         for name in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
             if getattr(settings, name) is not None:
                 params[name] = getattr(settings, name)
-        if settings.extra_body:
-            params["extra_body"] = dict(settings.extra_body)
+        params.update(settings.extra_body)  # server-specific fields go into the body as they are
         return params
 
     async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
-                       clean: Optional[Callable[[str], str]] = None, final: bool = False) -> str:
+                       clean: Optional[Callable[[str], str]] = None, final: bool = False,
+                       trips: Optional[List[str]] = None) -> str:
         """Ask `stage`'s model and return its cleaned answer; a reply that trips a quality
         guard is asked again (fresh, with a corrective turn, or with twice the token limit)
         up to guards.max_attempts times."""
@@ -354,9 +410,8 @@ class LLM:
         for attempt in range(1, attempts + 1):
             params.update(messages=conversation, **{endpoint.config.token_limit_param: max_tokens})
             reply, usage = await endpoint.chat(params, stats)
-            if usage:
-                stats.prompt_tokens += usage.prompt_tokens or 0
-                stats.completion_tokens += usage.completion_tokens or 0
+            stats.prompt_tokens += usage.get("prompt_tokens") or 0
+            stats.completion_tokens += usage.get("completion_tokens") or 0
             text = clean_reply(reply.text)
             if clean is not None and reply.finish_reason != "length":
                 text = clean(text)
@@ -364,6 +419,8 @@ class LLM:
                 _basic_check(text, reply.finish_reason)
             if trip is None:
                 return text
+            if trips is not None:
+                trips.append(trip.guard)
             if trip.retry == "more_tokens":
                 if max_tokens > settings.max_tokens:
                     break
@@ -380,7 +437,8 @@ class LLM:
         raise LLMError(f"{endpoint.describe()}: {detail}{tried}", f"guard_{trip.guard}", attempt)
 
     async def close(self) -> None:
-        await asyncio.gather(*(ep.client.close() for ep in self.endpoints.values()), return_exceptions=True)
+        await asyncio.gather(*(replica.client.close() for endpoint in self.endpoints.values()
+                               for replica in endpoint.replicas), return_exceptions=True)
 
 
 def _basic_check(text: str, finish_reason: Optional[str]) -> Optional[Trip]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import openai
 from tqdm import tqdm
 
 from config import Config, ConfigError
-from dataset import Dataset, ImageItem, ImageTags, read_image_tags
+from dry_run import DryRunLLM, format_preview
+from dataset import Dataset, ImageItem, ImageTags, Shard, read_image_tags
 from files import atomic_write_text, write_new_file
 from hints import HintInput, collect_hints, unknown_sources
 from images import ImageError, check_image
@@ -31,6 +33,8 @@ from interpreter import Interpreter
 from interrogator import Interrogator
 from postprocess import add_affixes
 from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
+from outputs import DatasetOutputs, check_formats
+from report import build_report
 from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
 from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
 
@@ -60,6 +64,8 @@ class RunResult:
     shrunk: int = 0
     guards: Dict[str, int] = field(default_factory=dict)
     failures_file: Optional[Path] = None
+    dry_run_report: Optional[str] = None
+    report_page: Optional[Path] = None
     seconds: float = 0.0
 
 
@@ -73,8 +79,18 @@ class ImageFailed(Exception):
 
 class Run:
     def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
-                 refresh_tags: bool = False, debug_dir: Optional[Path] = None):
+                 refresh_tags: bool = False, debug_dir: Optional[Path] = None, shard: Shard = Shard(),
+                 dry_run: Optional[str] = None, preview: int = 3, sample: Optional[int] = None,
+                 sample_seed: int = 0):
         self.config = config
+        self.shard = shard
+        self.dry_run = dry_run
+        """None, "llm" (no model request, no file written) or "tags" (Danbooru may be asked)."""
+        self.preview = preview
+        self.previews: Dict[str, dict] = {}
+        self.sample, self.sample_seed = sample, sample_seed
+        if dry_run and dry_run != "tags" and not config.tag_provider.skip:
+            config.tag_provider.source = "none"  # no Danbooru unless --dry-run=tags; the cache still answers
         self.debug_dir = debug_dir
         self.progress = progress
         self.retry_failed = retry_failed
@@ -87,10 +103,16 @@ class Run:
         if unknown:
             raise ConfigError(f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}")
         self.root = self.dataset.output_dir or self.dataset.root
-        self.failures_file = self.root / FAILURES_FILE
-        self.lock = RunLock(self.root)
+        self.failures_file = self.root / FAILURES_FILE.format(suffix=shard.suffix)
+        self.lock = RunLock(self.root, shard.suffix)
         self.record = CaptionRecord(self.root)
+        problem = check_formats(config.output.formats)
+        if problem:
+            raise ConfigError(problem)
+        self.outputs = DatasetOutputs(config.output.formats, self.root, self.dataset.root, shard.suffix)
         self.llm = LLM.from_config(config)
+        if dry_run:
+            self.llm = DryRunLLM(self.llm)
         self.tag_bar = self.image_bar = None
         self.tag_filter = TagFilter(config.tags, config.tag_provider.min_post_count)
         self.tag_provider = None if config.tag_provider.skip else TagProvider(
@@ -105,20 +127,33 @@ class Run:
         started = time.monotonic()
         try:
             pending = self._pending_images()
+            if self.sample is not None and len(pending) > self.sample:
+                pending = sorted(random.Random(self.sample_seed).sample(pending, self.sample))
             if pending:
-                await self._check_servers()
+                if not self.dry_run:
+                    await self._check_servers()
                 if self.tag_provider:
                     self.tag_provider.start()
-                self._take_lock()
-                self.record.load()
+                    self.tag_provider.cache.read_only = bool(self.dry_run)
+                if not self.dry_run:
+                    self._take_lock()
+                    self.outputs.merge()  # a journal left by a killed run
+                self.previews = {rel: {} for rel in pending[: self.preview]} if self.dry_run else {}
                 failed_before = len(self.result.failures)
                 with self._signals_handled():
                     await self._caption_all(pending)
                 failed = len(self.result.failures) - failed_before
                 self.result.unfinished = len(pending) - self.result.captioned - failed
-            self._save_failures()
+            if self.dry_run:
+                self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
+            else:
+                self._save_failures()
         finally:
             await self._close()
+            if self.lock.held:
+                self.outputs.merge()
+                if self.config.output.report:
+                    self.result.report_page = build_report(self.config)
             self.lock.release()
             self.result.seconds = time.monotonic() - started
         return self.result
@@ -133,42 +168,53 @@ class Run:
         for leftover in self.dataset.leftover_temps:
             leftover.unlink(missing_ok=True)
 
-    def _pending_images(self) -> List[ImageItem]:
+    def _pending_images(self) -> List[str]:
+        """The images to caption, as paths inside the folder (kept as short strings: a run over
+        50,000 images must not hold 50,000 objects); skips and collisions are counted here."""
+        failed = self._failed_before() if self.retry_failed else None
+        pending: List[str] = []
         try:
-            images = self.dataset.find_images()
+            for folder in self.dataset.folders():
+                previous: List[Optional[ImageItem]] = [None]  # images sharing a stem come in a row
+                for path in folder:
+                    rel = path.relative_to(self.dataset.root).as_posix()
+                    if (failed is not None and str(path) not in failed) or not self.shard.includes(rel):
+                        continue
+                    if self._check(path, previous) is not None:
+                        pending.append(rel)
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
-        if self.retry_failed:
-            images = self._only_failed(images)
-        # Files another image relies on: a caption must never land on one of them.
-        reserved = {self.dataset.tags_backup_name(path): path for path in images}
-        pending, owners = [], {}
-        for path in images:
-            try:
-                item = self.dataset.item(path)
-                done = not self.config.output.overwrite and item.has_caption()
-            except OSError as exc:
-                rel = path.relative_to(self.dataset.root)
-                self._fail(ImageItem(path, rel, path, None, None), ImageFailed(
-                    "input", "tags_file", f"cannot read {exc.filename or path}: {exc.strerror or exc}"))
-                continue
-            other = owners.get(item.caption_file) or reserved.get(item.caption_file)
-            if other is not None:
-                self._fail(item, ImageFailed("output", "caption_collision",
-                                             f"its caption file {item.caption_file.name} would replace a file of "
-                                             f"{other.name} (same name stem); rename one of them"))
-            elif done:
-                self.result.skipped += 1
-            else:
-                owners[item.caption_file] = path
-                pending.append(item)
         return pending
 
-    def _only_failed(self, images: List[Path]) -> List[Path]:
+    def _check(self, path: Path, previous: List[Optional[ImageItem]]) -> Optional[ImageItem]:
+        """The image's item when it needs a caption; None when it is done or cannot be done.
+        A caption must never land on a file another image relies on."""
+        try:
+            item = self.dataset.item(path)
+            done = not self.config.output.overwrite and item.has_caption()
+        except OSError as exc:
+            rel = path.relative_to(self.dataset.root)
+            self._fail(ImageItem(path, rel, path, None, None), ImageFailed(
+                "input", "tags_file", f"cannot read {exc.filename or path}: {exc.strerror or exc}"))
+            return None
+        before = previous[0]
+        other = before.path if before is not None and before.caption_file == item.caption_file else \
+            self.dataset.tags_owner(path)
+        previous[0] = item
+        if other is not None:
+            self._fail(item, ImageFailed("output", "caption_collision",
+                                         f"its caption file {item.caption_file.name} would replace a file of "
+                                         f"{other.name} (same name stem); rename one of them"))
+            return None
+        if done:
+            self.result.skipped += 1
+            return None
+        return item
+
+    def _failed_before(self) -> set:
         if not self.failures_file.exists():
             raise ConfigError(f"--retry-failed: no {self.failures_file} from an earlier run")
-        failed = set(read_failed_images(self.failures_file))
-        return [path for path in images if str(path) in failed]
+        return set(read_failed_images(self.failures_file))
 
     def _used_endpoints(self) -> Dict[str, List]:
         used: Dict[str, List] = {}
@@ -195,7 +241,7 @@ class Run:
 
     # --- running -------------------------------------------------------------------------
 
-    async def _caption_all(self, pending: List[ImageItem]) -> None:
+    async def _caption_all(self, pending: List[str]) -> None:
         show = self.progress
         total = len(pending) + self.result.skipped + len(self.result.failures)
         if self.tag_provider:
@@ -221,10 +267,18 @@ class Run:
                 if bar is not None:
                     bar.close()
 
-    async def _produce(self, pending: List[ImageItem], queue: asyncio.Queue) -> None:
-        for item in pending:
+    async def _produce(self, pending: List[str], queue: asyncio.Queue) -> None:
+        for rel in pending:
             if self.stopping.is_set():
                 break
+            path = self.dataset.root / rel
+            try:
+                item = self.dataset.item(path)
+            except OSError as exc:
+                item = ImageItem(path, Path(rel), path, None, None)
+                await queue.put((item, ImageFailed("input", "tags_file", f"cannot read {exc.filename or path}: "
+                                                                          f"{exc.strerror or exc}")))
+                continue
             await queue.put((item, await self._read_tags(item)))
         for _ in self.workers:
             await queue.put(None)
@@ -232,20 +286,23 @@ class Run:
     async def _read_tags(self, item: ImageItem):
         """The image's tags, or the ImageFailed that reading them ended in."""
         try:
-            return await read_image_tags(item, self.config.tags.sources, self.config.tags.combine)
+            return await asyncio.to_thread(read_image_tags, item, self.config.tags.sources, self.config.tags.combine)
         except OSError as exc:
             where = exc.filename or item.tags_file
             return ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
         except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
             return ImageFailed("tags", "tags_file", f"cannot read tags: {type(exc).__name__}: {exc}")
 
-    async def _prefetch_tags(self, pending: List[ImageItem]) -> None:
+    async def _prefetch_tags(self, pending: List[str]) -> None:
         """Read every pending image's tags ahead and start their lookups, so that Danbooru is
         asked in full batches and summaries are ready before the images that need them."""
-        for item in pending:
+        for rel in pending:
             if self.stopping.is_set():
                 return
-            tags = await self._read_tags(item)
+            try:
+                tags = await self._read_tags(self.dataset.item(self.dataset.root / rel))
+            except OSError:
+                continue  # the producer reports it
             if isinstance(tags, ImageTags):
                 self.tag_provider.prefetch(self._to_look_up(tags))
 
@@ -270,14 +327,14 @@ class Run:
         return [tag for tag in tags.tags if not self.tag_filter.excluded_by_name(tag)]
 
     async def _caption(self, item: ImageItem, tags: ImageTags) -> None:
-        transcript: Optional[dict] = {} if self.debug_dir else None
+        transcript: dict = self.previews.get(item.rel.as_posix(), {})  # conversations and guard trips
         try:
             await self._run_stages(item, tags, transcript)
         finally:
-            if transcript:
+            if self.debug_dir and transcript:
                 await asyncio.to_thread(self._write_transcript, item, transcript)
 
-    async def _run_stages(self, item: ImageItem, tags: ImageTags, transcript: Optional[dict]) -> None:
+    async def _run_stages(self, item: ImageItem, tags: ImageTags, transcript: dict) -> None:
         stage = "input"
         key = item.rel.as_posix()
         try:
@@ -302,7 +359,7 @@ class Run:
                 else values["description"]
             caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
             stage = "output"
-            await self._write(item, caption)
+            await self._write(item, caption, self._record(item, caption, values, transcript))
         except ImageFailed:
             raise
         except ServerDown as exc:
@@ -322,10 +379,22 @@ class Run:
             where = f": {exc.filename}" if exc.filename else ""
             raise ImageFailed(stage, "file", f"{exc.strerror or exc}{where}") from None
 
-    async def _write(self, item: ImageItem, caption: str) -> None:
+    def _record(self, item: ImageItem, caption: str, values: Dict[str, str], transcript: dict) -> dict:
+        """The line for captions.jsonl / metadata.jsonl."""
+        models = {name: stage.settings.model for name, stage in (
+            ("tag_provider", self.tag_provider), ("interrogator", self.interrogator),
+            ("interpreter", self.interpreter)) if stage is not None}
+        return {"file": item.rel.as_posix(), "caption": caption, "tags": values.get("tags", ""),
+                "description": values.get("description", ""), "models": models,
+                "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    async def _write(self, item: ImageItem, caption: str, record: dict) -> None:
         """Write in a thread that, once started, always finishes and is counted (a cancelled
         worker does not stop it, and the run waits for it before releasing the lock)."""
-        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, item, caption))
+        if self.dry_run:
+            self.result.captioned += 1
+            return
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, item, caption, record))
         self._writes.add(write)
 
         def done(future: asyncio.Future) -> None:
@@ -341,7 +410,7 @@ class Run:
         record = {"image": str(item.path), **transcript}
         atomic_write_text(self.debug_dir / name, redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n")
 
-    def _write_caption(self, item: ImageItem, caption: str) -> None:
+    def _write_caption(self, item: ImageItem, caption: str, record: dict) -> None:
         """Write the caption; first keep what it would replace: the tags (see dataset.py), or a
         caption that this program did not write or that was edited since."""
         if item.tags_backup is not None and not item.tags_backup.exists():
@@ -356,6 +425,7 @@ class Run:
             self._keep_backup(item.caption_file)
         self.record.record(item.caption_file, caption)  # first: a kill in between only costs a spare .bak
         atomic_write_text(item.caption_file, caption)
+        self.outputs.record(record)
 
     def _replaceable(self, item: ImageItem) -> bool:
         current = item.caption_file.read_bytes()
@@ -447,6 +517,5 @@ class Run:
         await self.llm.close()
 
 
-async def run(config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
-              refresh_tags: bool = False, debug_dir: Optional[Path] = None) -> RunResult:
-    return await Run(config, progress, retry_failed, refresh_tags, debug_dir).execute()
+async def run(config: Config, **options) -> RunResult:
+    return await Run(config, **options).execute()

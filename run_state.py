@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Dict, Iterable, List, Optional
 from files import atomic_write_text
 
 STATE_DIR = ".tagcaption"
-FAILURES_FILE = "failures.jsonl"
+FAILURES_FILE = "failures{suffix}.jsonl"
 
 
 class LockedError(Exception):
@@ -44,8 +45,8 @@ class RunLock:
     releases it when the process ends however it ends, so a dead run's lock is never in
     the way; the file itself only names the holder for the message."""
 
-    def __init__(self, root: Path):
-        self.path = root / STATE_DIR / "lock"
+    def __init__(self, root: Path, suffix: str = ""):
+        self.path = root / STATE_DIR / f"lock{suffix}"
         self._fd: Optional[int] = None
 
     def acquire(self) -> Optional[str]:
@@ -70,6 +71,10 @@ class RunLock:
             return (f"took over the lock {self.path} from a run that did not end cleanly "
                     f"(pid {previous.get('pid')}, started {previous.get('started')})")
         return None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -97,9 +102,12 @@ class CaptionRecord:
     def __init__(self, root: Path):
         self.root = root
         self.path = root / STATE_DIR / "captions.jsonl"
-        self.hashes: Dict[str, str] = {}
+        self.hashes: Optional[Dict[str, str]] = None
+        """Read only when a caption is about to be replaced, so a first run holds none of it."""
+        self._lock = threading.Lock()  # captions are written from several threads
 
     def load(self) -> None:
+        self.hashes = {}
         if not self.path.exists():
             return
         lines = 0
@@ -124,14 +132,19 @@ class CaptionRecord:
         return json.dumps({"file": file, "sha1": digest}, ensure_ascii=False) + "\n"
 
     def is_ours(self, caption_file: Path, text: str) -> bool:
-        return self.hashes.get(self._key(caption_file)) == sha1(text)
+        with self._lock:
+            if self.hashes is None:
+                self.load()
+            return self.hashes.get(self._key(caption_file)) == sha1(text)
 
     def record(self, caption_file: Path, text: str) -> None:
         key, digest = self._key(caption_file), sha1(text)
-        self.hashes[key] = digest
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(self._line(key, digest))
+        with self._lock:
+            if self.hashes is not None:
+                self.hashes[key] = digest
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(self._line(key, digest))
 
 
 def write_failures(path: Path, failures: Iterable[Failure]) -> None:

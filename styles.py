@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from config import PROGRAM_DIR, Config, ConfigError
+from config import DATA_DIR, Config, ConfigError
 
 STYLES_DIR = "templates/styles"
 LENGTHS = ("any", "very short", "short", "medium-length", "long", "very long")
@@ -50,7 +50,7 @@ def style_dir(config: Config) -> Path:
 
 
 def available_styles(config: Config) -> List[str]:
-    folders = {style_dir(config), PROGRAM_DIR / STYLES_DIR}
+    folders = {style_dir(config), DATA_DIR / STYLES_DIR}
     return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.txt")
                    if not p.name.startswith("_")})
 

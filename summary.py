@@ -9,6 +9,9 @@ STAGES = ("tag_provider", "interrogator", "interpreter")
 
 
 def format_summary(result: RunResult) -> str:
+    if result.dry_run_report is not None:
+        return (f"\nDry run summary: {result.captioned} images would be captioned, {result.skipped} skipped "
+                f"(caption exists), {len(result.failures)} would fail")
     lines: List[str] = ["", "Summary"]
     images = [f"{result.captioned} captioned", f"{result.skipped} skipped (caption exists)",
               f"{len(result.failures)} failed"]
@@ -48,6 +51,8 @@ def format_summary(result: RunResult) -> str:
     if result.failures:
         lines.append("Failures:")
         lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures)
+    if result.report_page:
+        lines.append(f"Review page: {result.report_page}")
     if result.failures_file and result.failures:
         lines.append(f"Failures are listed in {result.failures_file}; `--retry-failed` reruns just those images.")
     return "\n".join(lines)

@@ -36,6 +36,8 @@ class TagCache:
         self._dirty = False
         self._last_flush = 0.0
         self._flushing: Optional[asyncio.Task] = None
+        self.read_only = False
+        """A dry run reads the cache but never writes it."""
 
     def load(self) -> None:
         folder = self.path.parent
@@ -85,7 +87,7 @@ class TagCache:
             self._flushing = None
 
     async def flush(self) -> None:
-        if not self._dirty:
+        if not self._dirty or self.read_only:
             return
         self._dirty = False
         self._last_flush = time.monotonic()

@@ -83,7 +83,7 @@ def _deep_update(target: dict, update: dict) -> None:
 
 def run_caption(args: List[str], capsys=None) -> tuple:
     """Run caption.py's main in this process; returns (exit code, stdout, stderr)."""
-    code = caption.main(["--no-progress", *args])
+    code = caption.main([*args, "--no-progress"])
     if capsys is None:
         return code, "", ""
     out, err = capsys.readouterr()

@@ -171,11 +171,13 @@ class FakeOpenAIServer(FakeServer):
     """`GET /v1/models` and `POST /v1/chat/completions`, streamed (SSE) or not."""
 
     def __init__(self, models=("local-model",), responder: Callable[[dict], Reply] = default_responder,
-                 delay: float = 0.0):
+                 delay: float = 0.0, slots: Optional[int] = None):
         super().__init__()
         self.models = list(models)
         self.responder = responder
         self.delay = delay
+        self.slots = threading.Semaphore(slots) if slots else None
+        """Like a GPU server's parallel slots: requests beyond them wait their turn."""
         self.exchanges: List[tuple] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -206,7 +208,11 @@ class FakeOpenAIServer(FakeServer):
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.delay:
+            if self.slots:
+                with self.slots:
+                    if self.delay:
+                        time.sleep(self.delay)
+            elif self.delay:
                 time.sleep(self.delay)
             reply = self.responder(request)
             with self._lock:

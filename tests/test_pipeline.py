@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import make_dataset, make_image, run_caption, run_caption_process, write_config
 from fake_servers import Error, Text, user_text
 
-SUMMARY_ASK = re.compile(r'Danbooru wiki entry for the image tag "([^"]+)"')
+SUMMARY_ASK = re.compile(r'Tag: "([^"]+)"\n\nIts Danbooru wiki entry')
 
 
 def scripted_llm(prefix="CAPTION"):
@@ -316,8 +316,8 @@ def test_multi_turn_conversation_sends_whole_history(tmp_path, vision_server, da
     first, second, third = vision_server.chat_requests
     assert first["messages"][0] == {"role": "system", "content": "Be factual.\n\nCloud Strife: spiky blond hair."}
     first_user = first["messages"][1]["content"]
-    assert first_user[0]["text"].startswith("File path: cloud strife/pic.webp\nFolder metadata:\nseries: Final Fantasy VII")
-    assert first_user[0]["text"].endswith("Who is in cloud strife?")
+    assert first_user[0]["text"] == ("Who is in cloud strife?\n\nFile path: cloud strife/pic.webp\n"
+                                     "Folder metadata:\nseries: Final Fantasy VII")
     assert image_in(first).startswith("data:image/jpeg;base64,")
     assert [m["role"] for m in third["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert third["messages"][2]["content"] == "Answer 0." and third["messages"][4]["content"] == "Answer 1."

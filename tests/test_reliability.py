@@ -157,7 +157,7 @@ def test_mixed_faults_at_20_percent_leave_every_image_captioned(tmp_path, llm_se
     no_partial_files(tmp_path)
 
 
-SUMMARY = "Danbooru wiki entry for the image tag"
+SUMMARY = "Its Danbooru wiki entry"
 
 
 def test_server_down_for_good_stops_early(tmp_path, llm_server, danbooru, capsys):

@@ -127,7 +127,7 @@ def test_style_in_the_interpreter_rewrites_tags_and_description(tmp_path, llm_se
     assert vision_prompt == "Write a short descriptive caption for this image in a formal tone."
     prompt = user_text(llm_server.chat_requests[0])
     assert "A woman on a beach at dusk." in prompt and "1girl, beach" in prompt
-    assert ("Your task, about the image described above: Rewrite the description of this image into a short, "
+    assert ("Your task, about the image described below: Rewrite the description of this image into a short, "
             "engaging, attention-grabbing caption for a social media post.") in prompt
     assert (images / "a.txt").read_text() == "Golden hour vibes at the beach! #sunset"
 

@@ -15,7 +15,7 @@ from conftest import make_dataset, make_image, run_caption, write_config
 from fake_servers import Text, user_text
 from tag_provider import wiki_text_for_summary
 
-SUMMARY = re.compile(r'Danbooru wiki entry for the image tag "([^"]+)"')
+SUMMARY = re.compile(r'Tag: "([^"]+)"\n\nIts Danbooru wiki entry')
 
 
 def summarising(request):
@@ -93,7 +93,7 @@ def test_aliases_deleted_pages_categories_and_exclusions(tmp_path, llm_server, d
     assert "ARTIST<kei (artist)>" in prompt and "META<>" in prompt
     assert "kitty: Means kitty." in prompt  # the alias is summarised from its target's page
     assert sorted(summary_requests(llm_server)) == ["hatsune miku", "kitty", "long hair", "vocaloid"]
-    kitty = next(user_text(r) for r in llm_server.chat_requests if 'tag "kitty"' in user_text(r))
+    kitty = next(user_text(r) for r in llm_server.chat_requests if 'Tag: "kitty"' in user_text(r))
     assert "A feline." in kitty
     assert "watermark_text" not in danbooru.looked_up()
     cache = json.loads((tmp_path / "tags_cache.json").read_text())["tags"]
@@ -312,10 +312,10 @@ def test_an_image_waits_only_for_its_own_tags(tmp_path, llm_server, danbooru, te
 
     def respond(request):
         text = user_text(request)
-        if 'tag "slow"' in text:
+        if 'Tag: "slow"' in text:
             time.sleep(1.0)
         with lock:
-            events.append(("summary slow" if 'tag "slow"' in text else
+            events.append(("summary slow" if 'Tag: "slow"' in text else
                            "caption fast" if "TAGS<fast>" in text else "other"))
         return summarising(request)
     llm_server.responder = respond

@@ -1,0 +1,185 @@
+"""`python caption.py check`: can this config work? One table, one fix per failure.
+
+For every endpoint a stage uses: reach `/models`, see whether the model is listed (a
+warning only: some servers list placeholder names), send a one-token text request, and
+for the Interrogator's model a tiny image; then try the tag source. Nothing is written.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+from urllib.parse import urlsplit
+
+import openai
+from PIL import Image
+
+from config import Config, StageConfig
+from llm import LLM, Replica, error_message, is_loopback
+from tag_sources import SourceError, make_source
+
+COMMON_PORTS = {1234: "LM Studio", 11434: "Ollama", 8000: "vLLM", 8080: "llama.cpp", 5000: "text-generation-webui"}
+
+
+@dataclass
+class Row:
+    endpoint: str
+    model: str
+    stage: str
+    reachable: str = "-"
+    listed: str = "-"
+    text: str = "-"
+    vision: str = "-"
+    latency: str = "-"
+    fixes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.reachable == "yes" and self.text in ("ok", "-") and self.vision in ("ok", "-")
+
+
+def _tiny_image() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def _other_port(url: str) -> Optional[str]:
+    """On this machine, a nearby or common port where an OpenAI-compatible server answers
+    when the configured one does not: the usual cause is a typo in the port."""
+    parts = urlsplit(url)
+    if not is_loopback(url) or parts.port is None:
+        return None
+    nearby = [parts.port + step for step in (-1, 1, -2, 2, -10, 10) if 0 < parts.port + step < 65536]
+    for port in nearby + [port for port in COMMON_PORTS if port not in nearby]:
+        if port == parts.port:
+            continue
+        candidate = url.replace(f":{parts.port}", f":{port}", 1)
+        client = openai.AsyncOpenAI(base_url=candidate, api_key="check", max_retries=0, timeout=1.0,
+                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+        try:
+            await client.models.list()
+        except openai.OpenAIError:
+            continue
+        finally:
+            await client.close()
+        name = f" ({COMMON_PORTS[port]}'s default)" if port in COMMON_PORTS else ""
+        return f"a server answers at {candidate}{name}: is port {parts.port} a typo for {port}?"
+    return None
+
+
+def _fix_for(exc: BaseException, row: Row, url: str) -> str:
+    message = error_message(exc)
+    if isinstance(exc, openai.AuthenticationError):
+        return f"the server refused the API key: set endpoints.{row.endpoint}.api_key"
+    if isinstance(exc, openai.NotFoundError) or "model" in message.lower() and "not found" in message.lower():
+        return f"load the model '{row.model}' in the server, or set {row.stage}.model to one it lists"
+    if isinstance(exc, openai.APIConnectionError):
+        proxy = any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
+        hint = " (a proxy is set in the environment: check NO_PROXY for this host)" if proxy and not is_loopback(url) else ""
+        return f"nothing answers at {url}: start the server or fix the port{hint}"
+    return message
+
+
+async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Replica, vision: bool) -> None:
+    started = time.monotonic()
+    try:
+        page = await replica.client.with_options(timeout=10).models.list()
+        row.reachable = "yes"
+        listed = [model.id for model in page.data]
+        row.listed = "yes" if settings.model in listed else "no"
+        if row.listed == "no":
+            row.fixes.append(f"warning: '{settings.model}' is not among the models listed ({', '.join(listed[:6])})")
+    except openai.APIConnectionError as exc:
+        row.reachable = "no"
+        row.fixes.append(_fix_for(exc, row, replica.base_url))
+        other = await _other_port(replica.base_url)
+        if other:
+            row.fixes.append(other)
+        return
+    except openai.APIStatusError as exc:
+        row.reachable = "yes"
+        row.listed = "?"
+        if isinstance(exc, openai.AuthenticationError):
+            row.fixes.append(_fix_for(exc, row, replica.base_url))
+            return
+    row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
+    body = {"model": settings.model, "messages": [{"role": "user", "content": "Say OK."}],
+            llm.endpoints[settings.endpoint].config.token_limit_param: 1}
+    try:
+        await replica.client.with_options(timeout=60).post("/chat/completions", cast_to=object, body=body)
+        row.text = "ok"
+    except openai.OpenAIError as exc:
+        row.text = "failed"
+        row.fixes.append(_fix_for(exc, row, replica.base_url))
+    if vision:
+        body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"},
+                                                         {"type": "image_url", "image_url": {"url": _tiny_image()}}]}]
+        try:
+            await replica.client.with_options(timeout=60).post("/chat/completions", cast_to=object, body=body)
+            row.vision = "ok"
+        except openai.OpenAIError as exc:
+            row.vision = "failed"
+            message = error_message(exc)
+            row.fixes.append(f"the model cannot see images ({message}): load a vision model; for llama.cpp start "
+                             "llama-server with --mmproj" if "image" in message.lower() or "multimodal" in
+                             message.lower() else _fix_for(exc, row, replica.base_url))
+
+
+async def run_check(config: Config) -> int:
+    llm = LLM.from_config(config)
+    rows: List[Row] = []
+    try:
+        for stage in ("tag_provider", "interrogator", "interpreter"):
+            settings = getattr(config, stage)
+            if settings.skip:
+                continue
+            endpoint = llm.endpoints[settings.endpoint]
+            for replica in endpoint.replicas:
+                row = Row(settings.endpoint, settings.model, stage)
+                await _check_replica(llm, row, settings, replica, vision=stage == "interrogator")
+                rows.append(row)
+        tags_line, tags_ok = await _check_tags(config)
+    finally:
+        await llm.close()
+    print(_table(rows))
+    if tags_line:
+        print(tags_line)
+    for row in rows:
+        for fix in row.fixes:
+            print(f"  {row.stage} ({row.endpoint}, {row.model}): {fix}")
+    works = all(row.ok for row in rows) and tags_ok
+    print("Everything this config needs works." if works else "Some of what this config needs does not work.")
+    return 0 if works else 2
+
+
+async def _check_tags(config: Config):
+    if config.tag_provider.skip:
+        return "", True
+    try:
+        source = make_source(config)
+    except Exception as exc:  # a bad dump file or source name: reported like any other failure
+        return f"tag source: failed: {exc}", False
+    started = time.monotonic()
+    try:
+        found = await source.lookup(["1girl"])
+        known = found["1girl"].known
+        return (f"tag source: {source.describe()}: ok, {(time.monotonic() - started) * 1000:.0f} ms"
+                + ("" if known else " (it does not know the tag '1girl')")), True
+    except SourceError as exc:
+        return f"tag source: {source.describe()}: failed: {exc} (captions would be made with tags only)", False
+    finally:
+        await source.close()
+
+
+def _table(rows: List[Row]) -> str:
+    header = ("stage", "endpoint", "model", "reachable", "listed", "text OK", "vision OK", "latency")
+    lines = [header] + [(r.stage, r.endpoint, r.model, r.reachable, r.listed, r.text, r.vision, r.latency)
+                        for r in rows]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(value).ljust(width) for value, width in zip(line, widths)) for line in lines)
+

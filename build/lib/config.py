@@ -1,0 +1,346 @@
+"""The configuration schema, and loading it from YAML plus command-line overrides.
+
+The key names here are a public interface: users' config files and scripts rely on
+them, so new keys may be added but existing ones are never renamed.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROGRAM_DIR = Path(__file__).resolve().parent
+SHARE_DIR = Path(sys.prefix) / "share" / "tagcaption"
+"""Where `pip install .` puts the shipped config and templates."""
+DATA_DIR = PROGRAM_DIR if (PROGRAM_DIR / "templates").is_dir() else SHARE_DIR
+DEFAULT_CONFIG = DATA_DIR / "config.yaml"
+
+
+class ConfigError(Exception):
+    """A problem with the configuration or setup; the run stops before touching any file."""
+
+
+@dataclass
+class EndpointConfig:
+    base_url: Any = "http://localhost:1234/v1"
+    """One URL, or a list of replicas of the same model."""
+    api_key: str = ""
+    concurrency: int = 4
+    timeout: float = 300.0
+    max_retries: int = 3
+    retry_backoff: float = 1.0
+    retry_max_backoff: float = 60.0
+    down_after: float = 120.0
+    rest_after: int = 3
+    rest_seconds: float = 30.0
+    stream: bool = True
+    stream_usage: bool = True
+    token_limit_param: str = "max_tokens"
+
+
+@dataclass
+class StageConfig:
+    skip: bool = False
+    endpoint: str = "default"
+    model: str = "local-model"
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    max_tokens: int = 512
+    seed: Optional[int] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VariantConfig:
+    """One of several ways to prompt a stage, picked per image (deterministically) by weight."""
+    weight: float = 1.0
+    style: Optional[str] = None
+    length: Optional[str] = None
+    word_count: Optional[int] = None
+    extra_options: Optional[List[str]] = None
+    prompts: Optional[List[str]] = None
+    prompt_template: Optional[str] = None
+
+
+@dataclass
+class TagProviderConfig(StageConfig):
+    source: str = "danbooru"
+    danbooru_url: str = "https://danbooru.donmai.us"
+    login: str = ""
+    api_key: str = ""
+    danbooru_rate: float = 2.0
+    danbooru_batch_size: int = 100
+    danbooru_concurrency: int = 2
+    danbooru_timeout: float = 30.0
+    danbooru_retries: int = 3
+    wiki_dump: Optional[str] = None
+    tags_dump: Optional[str] = None
+    cache_file: str = "tags_cache.json"
+    negative_ttl_days: float = 30.0
+    system_prompt: str = ""
+    prompt_template: str = "templates/tag_summary.txt"
+    wiki_max_chars: int = 1500
+    min_post_count: int = 0
+    max_tokens: int = 120
+
+
+@dataclass
+class TagsConfig:
+    sources: List[str] = field(default_factory=lambda: ["txt", "sidecar"])
+    combine: str = "first"
+    exclude: List[str] = field(default_factory=list)
+    exclude_categories: List[str] = field(default_factory=lambda: ["meta"])
+
+
+@dataclass
+class InterrogatorConfig(StageConfig):
+    skip: bool = True
+    system_prompt: str = ""
+    prompts: List[str] = field(default_factory=lambda: ["Describe this image in detail."])
+    hint_sources: List[str] = field(default_factory=list)
+    global_metadata_file: Optional[str] = None
+    style: Optional[str] = None
+    prompt_variants: List[VariantConfig] = field(default_factory=list)
+    max_image_size: int = 1536
+    image_format: str = "jpeg"
+    jpeg_quality: int = 90
+    background: str = "#ffffff"
+
+
+@dataclass
+class InterpreterConfig(StageConfig):
+    system_prompt: str = ""
+    prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
+    style: Optional[str] = None
+    prompt_variants: List[VariantConfig] = field(default_factory=list)
+
+
+@dataclass
+class StyleConfig:
+    name: str = ""
+    length: str = "any"
+    word_count: Optional[int] = None
+    extra_options: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PostprocessConfig:
+    strip_preamble: bool = True
+    strip_label: bool = True
+    strip_markdown: bool = True
+    strip_quotes: bool = True
+    strip_image_shows: bool = False
+    collapse_whitespace: bool = True
+    max_words: Optional[int] = None
+    prefix: str = ""
+    suffix: str = ""
+
+
+REFUSALS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
+            "as an ai", "i apologize", "unable to help", "can't help with", "cannot help with",
+            "please provide the image", "please provide an image", "i don't see an image", "no image was provided",
+            "i do not see an image", "cannot assist", "can't assist"]
+
+
+@dataclass
+class GuardsConfig:
+    max_attempts: int = 3
+    retry_mode: str = "corrective"
+    refusal_phrases: List[str] = field(default_factory=lambda: list(REFUSALS))
+    banned_phrases: List[str] = field(default_factory=list)
+    banned_correction: str = "Rewrite your answer without these phrases: {phrases}. Answer with the new text only."
+    repeat_limit: int = 6
+    expected_script: str = "latin"
+    max_other_script: float = 0.1
+
+
+@dataclass
+class OutputConfig:
+    extension: str = ".txt"
+    dir: Optional[str] = None
+    overwrite: bool = False
+    formats: List[str] = field(default_factory=lambda: ["txt"])
+    report: bool = False
+
+
+@dataclass
+class Config:
+    images_dir: Optional[str] = None
+    recursive: bool = False
+    tags_extension: Optional[str] = ".txt"
+    tags: TagsConfig = field(default_factory=TagsConfig)
+    endpoints: Dict[str, EndpointConfig] = field(default_factory=lambda: {"default": EndpointConfig()})
+    tag_provider: TagProviderConfig = field(default_factory=TagProviderConfig)
+    interrogator: InterrogatorConfig = field(default_factory=InterrogatorConfig)
+    interpreter: InterpreterConfig = field(default_factory=InterpreterConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    config_dir: str = field(default=".", metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (Path(self.config_dir) / os.path.expanduser(value)).resolve()
+
+    def resource(self, value: str) -> Path:
+        """A template or data file: next to the config, else shipped with the program."""
+        local = self.path(value)
+        if local.exists() or Path(value).is_absolute():
+            return local
+        shipped = (DATA_DIR / value).resolve()
+        return shipped if shipped.exists() else local
+
+
+def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
+                images_dir: Optional[str] = None) -> Config:
+    """Read, merge, validate and resolve the configuration.
+
+    Raises ConfigError with a one-line message naming the offending key.
+    """
+    path = Path(config_file) if config_file else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        user = OmegaConf.load(path)
+    except Exception as exc:
+        raise ConfigError(f"cannot read config file {path}: {_first_line(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (for example interpreter.model=mistral-7b)")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides: {_first_line(exc)}") from None
+
+    for source in (user, cli):
+        _check_keys(OmegaConf.to_container(source, resolve=False) if source is not None else {}, Config, "")
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
+        merged.config_dir = str(path.resolve().parent)
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key {key}: {_first_line(exc.msg if hasattr(exc, 'msg') else exc)}") from None
+
+    if images_dir is not None:
+        config.images_dir = str(Path(images_dir).resolve())
+    elif config.images_dir:
+        config.images_dir = str(config.path(config.images_dir))
+    _check_semantics(config)
+    return config
+
+
+def _check_keys(data: object, schema: type, prefix: str) -> None:
+    """Reject unknown keys with the closest valid one, before OmegaConf's own checks."""
+    if not is_dataclass(schema):
+        return
+    if not isinstance(data, dict):
+        where = f"config key {prefix.rstrip('.')}" if prefix else "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys (like `key: value` lines), "
+                          f"not {type(data).__name__} {str(data)[:60]!r}")
+    known = {f.name: f for f in fields(schema) if not f.metadata.get("internal")}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), known, prefix)}")
+        annotation = _field_type(schema, key)
+        if annotation is not None and getattr(annotation, "__origin__", None) is dict:
+            value_type = annotation.__args__[1]
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full} must be a mapping of names to settings")
+            for name, sub in value.items():
+                _check_keys(sub, value_type, f"{full}.{name}.")
+        elif annotation is not None and is_dataclass(annotation):
+            _check_keys(value, annotation, f"{full}.")
+
+
+def _field_type(schema: type, name: str):
+    import typing
+
+    return typing.get_type_hints(schema).get(name)
+
+
+def _suggest(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
+
+
+def _check_semantics(config: Config) -> None:
+    stages = {"tag_provider": config.tag_provider, "interrogator": config.interrogator,
+              "interpreter": config.interpreter}
+    for name, stage in stages.items():
+        if stage.skip:
+            continue
+        if stage.endpoint not in config.endpoints:
+            close = difflib.get_close_matches(stage.endpoint, list(config.endpoints), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; defined endpoints: {', '.join(config.endpoints)}"
+            raise ConfigError(f"{name}.endpoint '{stage.endpoint}' is not defined under endpoints{hint}")
+        if stage.max_tokens < 1:
+            raise ConfigError(f"{name}.max_tokens must be at least 1")
+    for name, endpoint in config.endpoints.items():
+        if endpoint.concurrency < 1:
+            raise ConfigError(f"endpoints.{name}.concurrency must be at least 1")
+        if endpoint.token_limit_param not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError(f"endpoints.{name}.token_limit_param must be max_tokens or max_completion_tokens")
+        urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
+        if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
+            raise ConfigError(f"endpoints.{name}.base_url must be a URL or a list of URLs")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {url!r})")
+    tag_settings = config.tag_provider
+    if tag_settings.source not in ("danbooru", "file", "none"):
+        raise ConfigError(f"tag_provider.source must be danbooru, file or none (got {tag_settings.source!r})")
+    if tag_settings.danbooru_rate <= 0 or tag_settings.danbooru_batch_size < 1:
+        raise ConfigError("tag_provider.danbooru_rate and danbooru_batch_size must be positive")
+    unknown_sources = [name for name in config.tags.sources if name not in ("txt", "sidecar")]
+    if unknown_sources or not config.tags.sources:
+        raise ConfigError(f"tags.sources: use txt and/or sidecar (got {list(config.tags.sources)})")
+    if config.tags.combine not in ("first", "all"):
+        raise ConfigError(f"tags.combine must be first or all (got {config.tags.combine!r})")
+    bad = [name for name in config.tags.exclude_categories
+           if name not in ("general", "artist", "copyright", "character", "meta")]
+    if bad:
+        raise ConfigError(f"tags.exclude_categories: unknown categor{'ies' if len(bad) > 1 else 'y'} "
+                          f"{', '.join(bad)} (use general, artist, copyright, character, meta)")
+    if config.guards.max_attempts < 1:
+        raise ConfigError("guards.max_attempts must be at least 1")
+    if config.guards.retry_mode not in ("fresh", "corrective"):
+        raise ConfigError(f"guards.retry_mode must be fresh or corrective (got {config.guards.retry_mode!r})")
+    scripts = ("any", "latin", "cyrillic", "greek", "cjk", "arabic", "hebrew")
+    if config.guards.expected_script not in scripts:
+        raise ConfigError(f"guards.expected_script must be one of {', '.join(scripts)}")
+    for name in ("interrogator", "interpreter"):
+        for index, variant in enumerate(getattr(config, name).prompt_variants):
+            if variant.weight <= 0:
+                raise ConfigError(f"{name}.prompt_variants[{index}].weight must be positive")
+            wrong = "prompt_template" if name == "interrogator" else "prompts"
+            if getattr(variant, wrong) is not None:
+                raise ConfigError(f"{name}.prompt_variants[{index}].{wrong} belongs to the "
+                                  f"{'interpreter' if name == 'interrogator' else 'interrogator'}")
+    if config.interrogator.skip and config.interpreter.skip:
+        raise ConfigError("interrogator.skip and interpreter.skip are both true: nothing would write a caption")
+    if config.interrogator.image_format not in ("jpeg", "png", "original"):
+        raise ConfigError(f"interrogator.image_format must be jpeg, png or original "
+                          f"(got {config.interrogator.image_format!r})")
+    if not 1 <= config.interrogator.jpeg_quality <= 100:
+        raise ConfigError("interrogator.jpeg_quality must be between 1 and 100")
+    if not config.output.extension.startswith("."):
+        raise ConfigError(f"output.extension must start with a dot (got {config.output.extension!r})")
+    if config.tags_extension and not config.tags_extension.startswith("."):
+        raise ConfigError(f"tags_extension must start with a dot (got {config.tags_extension!r})")
+
+
+def _first_line(value: object) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else type(value).__name__

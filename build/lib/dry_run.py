@@ -1,0 +1,71 @@
+"""`--dry-run`: everything a run would send, shown instead of sent.
+
+The LLM client is replaced by one that records each request and answers with a
+placeholder, so the pipeline runs exactly as it would — templates, hints, image
+preparation, multi-turn conversations — without a server and without writing a file.
+The first images' requests are printed whole; for the folder, the requests per stage
+and an estimate of the prompt tokens.
+"""
+from __future__ import annotations
+
+
+from collections import Counter, defaultdict
+from typing import Any, Dict, List, Optional
+
+from llm import LLM
+
+
+class DryRunLLM(LLM):
+    def __init__(self, llm: LLM):
+        super().__init__(llm.endpoints, llm.guards)
+        self.requests: Counter = Counter()
+        self.characters: Counter = Counter()
+        self.images: Counter = Counter()
+        self.examples: Dict[str, List[list]] = defaultdict(list)
+
+    async def complete(self, stage: str, settings, messages: List[Dict[str, Any]], clean=None, final=False,
+                       trips: Optional[List[str]] = None) -> str:
+        self.requests[stage] += 1
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                self.images[stage] += sum(1 for part in content if part.get("type") == "image_url")
+                content = " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+            self.characters[stage] += len(content)
+        if stage == "tag_provider" and len(self.examples[stage]) < 1:
+            self.examples[stage].append(messages)
+        turn = sum(1 for message in messages if message["role"] == "user")
+        return f"[{settings.model} would answer here (turn {turn})]"
+
+
+def format_preview(transcripts: List[tuple], llm: DryRunLLM) -> str:
+    lines = ["", "Dry run: nothing was sent to a model and no file was written."]
+    for example in llm.examples.get("tag_provider", []):
+        lines += ["", "=== tag summary request (one of them) ===", _messages(example)]
+    for image, transcript in transcripts:
+        lines += ["", f"=== {image} ==="]
+        for stage in ("interrogator", "interpreter"):
+            if stage in transcript:
+                lines += [f"--- {stage} ---", _messages(transcript[stage])]
+        if "interrogator" not in transcript and "interpreter" not in transcript:
+            lines.append("(no request: the image would fail before reaching a model)")
+    lines += ["", "For the whole folder:"]
+    for stage in ("tag_provider", "interrogator", "interpreter"):
+        if llm.requests[stage]:
+            images = f" and {llm.images[stage]} images" if llm.images[stage] else ""
+            lines.append(f"  {stage + ':':<13} {llm.requests[stage]} requests, about "
+                         f"{llm.characters[stage] // 4:,} prompt tokens of text{images}")
+    return "\n".join(lines)
+
+
+def _messages(messages: List[dict]) -> str:
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "\n".join(part.get("text") or f"<image {part.get('image_url')}>" for part in content)
+        out.append(f"[{message['role']}]\n{content}")
+    return "\n".join(out)
+
+
+

@@ -1,0 +1,78 @@
+"""Writing files so that a crash at any moment leaves either the old file or the new one.
+
+Temporary files are hidden (leading dot), carry TEMP_MARK and end in `.tmp`, so no
+later run can mistake one for a caption, a tags file or a cache, and one left by a
+killed run can be recognised and removed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+TEMP_MARK = ".tagcaption-"
+TEMP_NAME = re.compile(r"^\..+\.tagcaption-[A-Za-z0-9_]+\.tmp$")
+
+
+def is_leftover_temp(name: str) -> bool:
+    return bool(TEMP_NAME.match(name))
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the file has, or a new file would get (mkstemp's 0600 is too private
+    for a dataset folder shared with a trainer or other users)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _mode_for(path) if mode is None else mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return temp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (temp file in the same folder + rename)."""
+    temp = _write_temp(path, text.encode("utf-8"))
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def write_new_file(path: Path, data: bytes, like: Optional[Path] = None) -> bool:
+    """Create `path` with `data` atomically (with the permissions of `like`, when given),
+    but never replace an existing file. Returns False (and writes nothing) when it exists.
+    """
+    temp = _write_temp(path, data, _mode_for(like) if like is not None and like.exists() else None)
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # No hard links (FAT/exFAT drives, some network shares). The run lock makes this
+        # check-then-rename safe against ourselves.
+        if path.exists():
+            return False
+        os.replace(temp, path)
+        return True
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)

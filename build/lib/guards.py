@@ -1,0 +1,94 @@
+"""Quality guards: a reply that trips one is never saved; the request is tried again.
+
+Each check returns a Trip naming the guard, a one-line reason, and how to try again:
+a fresh attempt, a corrective follow-up turn (the bad answer and an instruction to fix
+it), or a fresh attempt with twice the token limit (for a reply cut off at max_tokens).
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+from config import GuardsConfig
+
+SCRIPT_PREFIXES = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",),
+                   "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"), "arabic": ("ARABIC",), "hebrew": ("HEBREW",)}
+
+
+@dataclass
+class Trip:
+    guard: str
+    reason: str
+    retry: str = "fresh"  # fresh | corrective | more_tokens
+    correction: str = ""
+
+
+class Guards:
+    def __init__(self, settings: GuardsConfig):
+        self.settings = settings
+        self.refusals = [phrase.lower() for phrase in settings.refusal_phrases]
+        self.banned = [phrase.lower() for phrase in settings.banned_phrases]
+        self.counts: Counter = Counter()
+
+    def check(self, text: str, finish_reason: Optional[str], final: bool) -> Optional[Trip]:
+        trip = self._check(text, finish_reason, final)
+        if trip:
+            self.counts[trip.guard] += 1
+        return trip
+
+    def _check(self, text: str, finish_reason: Optional[str], final: bool) -> Optional[Trip]:
+        if finish_reason == "length":
+            return Trip("truncated", "reply cut off at max_tokens", "more_tokens")
+        if not text.strip():
+            return Trip("empty", "empty reply")
+        lowered = text.lower()
+        opening = lowered[:200]
+        refusal = next((phrase for phrase in self.refusals if phrase in opening), None)
+        if refusal:
+            return Trip("refusal", f"refusal ({refusal!r})", self.settings.retry_mode,
+                        "Please do the task as asked, without refusing, apologising or commenting.")
+        loop = repetition(text, self.settings.repeat_limit)
+        if loop:
+            return Trip("repetition", f"repetition loop ({loop!r} over and over)")
+        if final and self.banned:
+            found = [phrase for phrase in self.banned if phrase in lowered]
+            if found:
+                return Trip("banned_phrase", f"banned phrase {found[0]!r}", self.settings.retry_mode,
+                            self.settings.banned_correction.replace("{phrases}", ", ".join(found)))
+        share = other_script_share(text, self.settings.expected_script)
+        if share > self.settings.max_other_script:
+            return Trip("wrong_script", f"{share:.0%} of the letters are not {self.settings.expected_script}",
+                        self.settings.retry_mode,
+                        f"Please answer again, written only in {self.settings.expected_script} script.")
+        return None
+
+
+def repetition(text: str, limit: int) -> Optional[str]:
+    """A run of one character, or a short phrase (1-8 words) repeated `limit` times in a row."""
+    char_run = re.search(r"(\S)\1{" + str(max(limit * 4, 20) - 1) + r",}", text)
+    if char_run:
+        return char_run.group(1) * 3
+    words = text.lower().split()
+    for size in range(1, 9):
+        if len(words) < size * limit:
+            break
+        for start in range(0, len(words) - size * limit + 1):
+            phrase = words[start:start + size]
+            if all(words[start + k * size:start + (k + 1) * size] == phrase for k in range(1, limit)):
+                return " ".join(phrase)
+    return None
+
+
+def other_script_share(text: str, expected: str) -> float:
+    """The share of letters outside the expected script (0 when `expected` is `any`)."""
+    prefixes = SCRIPT_PREFIXES.get(expected)
+    if not prefixes:
+        return 0.0
+    letters = [char for char in text if char.isalpha()]
+    if not letters:
+        return 0.0
+    other = sum(1 for char in letters if not unicodedata.name(char, "").startswith(prefixes))
+    return other / len(letters)

@@ -1,0 +1,161 @@
+"""Turning an image file into what a vision model is sent: a base64 data URL.
+
+Servers ignore EXIF rotation, LM Studio cannot read WebP and large pictures cost
+thousands of tokens, so every image is oriented, flattened to RGB, downscaled and
+re-encoded as JPEG (or PNG) here. This is CPU work: call it in a thread. AVIF is read by
+Pillow itself; HEIC/HEIF when the `pillow-heif` package is installed.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+BACKGROUND = (255, 255, 255)
+
+try:  # optional: HEIC/HEIF photos from phones
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:
+    pass
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that; a picture that big is refused.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class ImageError(Exception):
+    """The file cannot be used as an image; str() is one line for the user."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    data_url: str
+    width: int
+    height: int
+    mime_type: str
+    size_bytes: int
+
+
+def check_image(path: Path) -> None:
+    """Fail on a file a trainer could not read either: decoded whole (JPEGs at reduced
+    scale, which is cheap), so a truncated file is caught too."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(_unreadable(exc)) from None
+
+
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (unknown format or damaged file)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read the file ({exc.strerror})"
+    return f"not a readable image ({exc or type(exc).__name__})"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    max_size: int = 1536
+    """Longest side in pixels; 0 = never resize. Never upscaled."""
+    image_format: str = "jpeg"
+    """jpeg | png | original (the file's own bytes, when it needs no rotation or resize)."""
+    jpeg_quality: int = 90
+    background: tuple = BACKGROUND
+
+
+ORIGINAL_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> PreparedImage:
+    """The picture as the user sees it: EXIF orientation applied, first frame of an
+    animation, transparency flattened onto the background, at most `max_size` on its long
+    side, encoded as JPEG or PNG with the matching MIME type."""
+    try:
+        with Image.open(path) as image:
+            source_format = image.format
+            if options.max_size and source_format == "JPEG":
+                _draft(image, options.max_size)
+            image.seek(0)
+            image.load()
+            untouched = _orientation(image) in (None, 1)
+            if not untouched:
+                image = ImageOps.exif_transpose(image)
+            too_big = bool(options.max_size) and max(image.size) > options.max_size
+            if options.image_format == "original" and untouched and not too_big and source_format in ORIGINAL_MIME \
+                    and not getattr(image, "is_animated", False):
+                data = path.read_bytes()
+                return _prepared(data, ORIGINAL_MIME[source_format], image.size)
+            image = _flatten(image, options.background, keep_alpha=False)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(_unreadable(exc)) from None
+    if too_big:
+        image.thumbnail((options.max_size, options.max_size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if options.image_format == "png":
+        image.save(buffer, format="PNG", optimize=False)
+        mime = "image/png"
+    else:
+        image.save(buffer, format="JPEG", quality=options.jpeg_quality)
+        mime = "image/jpeg"
+    return _prepared(buffer.getvalue(), mime, image.size)
+
+
+DRAFT_SLACK = 0.75
+
+
+def _draft(image: Image.Image, max_size: int) -> None:
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale when that lands within a quarter below
+    `max_size`: far cheaper than decoding 24 megapixels and resampling them."""
+    long_side = max(image.size)
+    if long_side <= max_size:
+        return
+    factor = DRAFT_SLACK * max_size / long_side
+    image.draft("RGB", (max(1, int(image.size[0] * factor)), max(1, int(image.size[1] * factor))))
+
+
+def _prepared(data: bytes, mime: str, size) -> PreparedImage:
+    return PreparedImage(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size[0], size[1],
+                         mime, len(data))
+
+
+def _orientation(image: Image.Image):
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: treat as no orientation
+        return None
+
+
+def _flatten(image: Image.Image, background: tuple, keep_alpha: bool) -> Image.Image:
+    """RGB from any mode: palette and alpha flattened onto `background`, 16-bit scaled down."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", image.size, background)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    return image.convert("RGB")
+
+
+def parse_color(value: str) -> tuple:
+    """`#rrggbb`, `rrggbb` or a colour name, as an RGB tuple."""
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(value if not value[:1].isalnum() or len(value) != 6 else f"#{value}")[:3]
+    except ValueError:
+        raise ValueError(f"not a colour: {value!r}") from None

@@ -1,0 +1,54 @@
+"""Stage 3: an instruct model turns tags, tag summaries and the description into the caption,
+through a prompt template from `templates/` that the user edits, or a style preset whose
+instruction is put into `templates/styles/_interpreter.txt`."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+from config import Config
+from llm import LLM
+from postprocess import clean_caption
+from prompt_plans import Plan, build_plans, pick
+from tag_provider import TAG_VARIABLES
+from templates import Template
+
+PLACEHOLDERS = TAG_VARIABLES + ("description", "hints", "filename", "folder", "name")
+STYLE_WRAPPER = "templates/styles/_interpreter.txt"
+
+
+def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
+    """The tags + description format: the image's own (filtered) tags, then the model's text."""
+    if plan.output == "tags_then_caption" and values.get("booru_tags"):
+        return f"{values['booru_tags']}, {text}"
+    return text
+
+
+class Interpreter:
+    def __init__(self, config: Config, llm: LLM):
+        self.settings = config.interpreter
+        self.postprocess = config.postprocess
+        self.llm = llm
+        self.plans: List[Plan] = build_plans(config, "interpreter")
+        self.templates: Dict[Plan, Template] = {}
+        for plan in self.plans:
+            if plan.style:
+                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), PLACEHOLDERS + ("instruction",))
+            else:
+                self.templates[plan] = Template.load(config.resource(plan.prompt_template), PLACEHOLDERS)
+
+    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+        plan = pick(self.plans, key)
+        messages = []
+        if self.settings.system_prompt:
+            messages.append({"role": "system", "content": self.settings.system_prompt})
+        rendered = self.templates[plan].render(**values, instruction=plan.instruction)
+        messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
+        if transcript is not None:
+            transcript["interpreter"] = messages
+        reply = await self.llm.complete("interpreter", self.settings, messages,
+                                        clean=lambda text: clean_caption(text, self.postprocess), final=True,
+                                        trips=transcript.setdefault("guards", []) if transcript is not None else None)
+        if transcript is not None:
+            transcript["interpreter"] = messages + [{"role": "assistant", "content": reply}]
+        return with_tags(plan, reply, values)

@@ -1,0 +1,122 @@
+"""Stage 2 (optional): a vision model describes the image.
+
+One prompt is one question; several prompts are a conversation that resends the whole
+history each turn, with the image in the first user turn. The last reply is the
+description. The system prompt comes first and carries the global metadata file (a
+character list, a universe description) so that it is the same, cacheable prefix for
+every image. A server that says the request is too long for its context gets the image
+once more at half the size.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from config import Config, ConfigError
+from images import ImageOptions, PreparedImage, parse_color, prepare_image
+from interpreter import with_tags
+from llm import LLM, LLMError
+from postprocess import clean_caption
+from prompt_plans import Plan, build_plans, pick
+from tag_provider import TAG_VARIABLES
+from templates import Template
+
+log = logging.getLogger("caption")
+
+PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints", "name")
+
+
+class Interrogator:
+    def __init__(self, config: Config, llm: LLM):
+        self.settings = config.interrogator
+        self.llm = llm
+        self.metadata = ""
+        if self.settings.global_metadata_file:
+            path = config.resource(self.settings.global_metadata_file)
+            try:
+                self.metadata = path.read_text(encoding="utf-8-sig").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read interrogator.global_metadata_file {path}: "
+                                  f"{exc.strerror or exc}") from None
+        try:
+            background = parse_color(self.settings.background)
+        except ValueError as exc:
+            raise ConfigError(f"interrogator.background: {exc}") from None
+        self.options = ImageOptions(self.settings.max_image_size, self.settings.image_format,
+                                    self.settings.jpeg_quality, background)
+        self.system = Template(self.settings.system_prompt, PLACEHOLDERS, "interrogator.system_prompt")
+        self.postprocess = config.postprocess
+        self.final = config.interpreter.skip
+        """With no Interpreter the description is the caption: cleaned and guarded as one."""
+        self.plans: List[Plan] = build_plans(config, "interrogator")
+        self.prompts: Dict[Plan, List[Template]] = {}
+        for plan in self.plans:
+            texts = [plan.instruction] if plan.style else list(plan.prompts)
+            if not texts:
+                raise ConfigError("interrogator.prompts is empty: give at least one prompt")
+            self.prompts[plan] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
+                                  for index, text in enumerate(texts)]
+        self.shrunk = 0
+
+    async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+        plan = pick(self.plans, key)
+        image = await asyncio.to_thread(prepare_image, path, self.options)
+        try:
+            text = await self._converse(image, self.prompts[plan], values, transcript)
+        except LLMError as exc:
+            if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
+                raise
+            half = max(image.width, image.height) // 2
+            log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
+            self.shrunk += 1
+            image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
+            text = await self._converse(image, self.prompts[plan], values, transcript)
+        return with_tags(plan, text, values) if self.final else text
+
+    async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
+                        transcript: Optional[dict]) -> str:
+        messages: List[dict] = []
+        system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
+        if system:
+            messages.append({"role": "system", "content": system})
+        reply = ""
+        for turn, prompt in enumerate(prompts):
+            last = turn == len(prompts) - 1
+            text = prompt.render(**values)
+            if turn == 0:
+                if values.get("hints"):  # after the fixed prompt, so that prompt is a cacheable prefix
+                    text = f"{text}\n\n{values['hints']}"
+                content = [{"type": "text", "text": text},
+                           {"type": "image_url", "image_url": {"url": image.data_url}}]
+            else:
+                content = text
+            messages.append({"role": "user", "content": content})
+            try:
+                clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
+                reply = await self.llm.complete("interrogator", self.settings, messages, clean=clean,
+                                                final=last and self.final,
+                                                trips=transcript.setdefault("guards", []) if transcript is not None
+                                                else None)
+            finally:
+                if transcript is not None:
+                    transcript["interrogator"] = _loggable(messages, image)
+            messages.append({"role": "assistant", "content": reply})
+        if transcript is not None:
+            transcript["interrogator"] = _loggable(messages, image)
+        return reply
+
+
+def _loggable(messages: List[dict], image: PreparedImage) -> List[dict]:
+    """The conversation so far, with the image replaced by a short placeholder."""
+    placeholder = f"[image: {image.mime_type} {image.width}x{image.height}, {image.size_bytes // 1024} KB]"
+    shown = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [part if part.get("type") != "image_url" else {"type": "image_url", "image_url": placeholder}
+                       for part in content]
+        shown.append({"role": message["role"], "content": content})
+    return shown

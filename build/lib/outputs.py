@@ -1,0 +1,105 @@
+"""Dataset files besides the per-image captions: `captions.jsonl` (one line per image:
+file, caption, tags, description, model per stage, time) and Hugging Face imagefolder's
+`metadata.jsonl` (`file_name`, `text`, `tags`, `description`).
+
+Records of the run are appended to a journal in `.tagcaption/` as captions are written,
+so a killed run loses none. At the end (and at the start of the next run, for a journal
+left by a killed one) the journal is merged into the files: one line per image, the
+newest winning, written atomically under a lock that runs sharing the folder respect.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from files import atomic_write_text
+from run_state import STATE_DIR
+
+FORMATS = ("txt", "jsonl", "metadata")
+CAPTIONS_FILE = "captions.jsonl"
+METADATA_FILE = "metadata.jsonl"
+
+
+class DatasetOutputs:
+    def __init__(self, formats: Iterable[str], output_root: Path, images_root: Path, suffix: str = ""):
+        self.formats = set(formats)
+        self.output_root = output_root
+        self.images_root = images_root
+        self.journal = output_root / STATE_DIR / f"records{suffix}.jsonl"
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.formats & {"jsonl", "metadata"})
+
+    def record(self, record: dict) -> None:
+        """Keep one captioned image's record (called from the caption-writing thread)."""
+        if not self.active:
+            return
+        with self._lock:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def merge(self) -> None:
+        """Fold the journal into captions.jsonl / metadata.jsonl, then drop it."""
+        if not self.active or not self.journal.exists():
+            return
+        records = _read_jsonl(self.journal)
+        lock_path = self.output_root / STATE_DIR / "outputs.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if "jsonl" in self.formats:
+                self._merge_into(self.output_root / CAPTIONS_FILE, records, "file", lambda r: r)
+            if "metadata" in self.formats:
+                self._merge_into(self.images_root / METADATA_FILE, records, "file_name", _metadata_line)
+        self.journal.unlink(missing_ok=True)
+
+    @staticmethod
+    def _merge_into(path: Path, records: List[dict], key: str, shape) -> None:
+        lines: Dict[str, dict] = {line.get(key): line for line in _read_jsonl(path) if line.get(key)}
+        for record in records:
+            line = shape(record)
+            lines[line[key]] = line
+        atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n"
+                                        for _, line in sorted(lines.items())))
+
+
+def _metadata_line(record: dict) -> dict:
+    line = {"file_name": record["file"], "text": record["caption"]}
+    if record.get("tags"):
+        line["tags"] = record["tags"]
+    if record.get("description"):
+        line["description"] = record["description"]
+    return line
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue  # a torn last line from a killed run
+        if isinstance(value, dict):
+            lines.append(value)
+    return lines
+
+
+def read_records(path: Path) -> List[dict]:
+    return _read_jsonl(path)
+
+
+def check_formats(formats: Iterable[str]) -> Optional[str]:
+    formats = list(formats)
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        return f"output.formats: unknown format(s) {', '.join(unknown)} (use {', '.join(FORMATS)})"
+    if "txt" not in formats:
+        return "output.formats must include txt: the per-image caption files are how a rerun knows what is done"
+    return None

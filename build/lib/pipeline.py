@@ -1,0 +1,521 @@
+"""One run: folder → images → tags → stages → captions, in one direction.
+
+A producer walks the pending images in order, reads each one's tags and starts their
+summaries (so tag work runs ahead of the images that need it), and hands the image to
+a bounded pool of workers. A worker takes one image through the Interrogator and the
+Interpreter and writes its caption. Each image fails alone: its error is recorded and
+the batch goes on. Ctrl-C or SIGTERM stops taking new images, gives those in flight a
+few seconds, then saves what there is.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import openai
+from tqdm import tqdm
+
+from config import Config, ConfigError
+from dry_run import DryRunLLM, format_preview
+from dataset import Dataset, ImageItem, ImageTags, Shard, read_image_tags
+from files import atomic_write_text, write_new_file
+from hints import HintInput, collect_hints, unknown_sources
+from images import ImageError, check_image
+from interpreter import Interpreter
+from interrogator import Interrogator
+from postprocess import add_affixes
+from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
+from outputs import DatasetOutputs, check_formats
+from report import build_report
+from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
+from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
+
+log = logging.getLogger("caption")
+
+STOP_GRACE_SECONDS = 5.0
+
+# Failures that would repeat for every image: the run stops at the first one.
+FATAL_KINDS = {"server_down", "no_vision"}
+
+
+@dataclass
+class RunResult:
+    captioned: int = 0
+    skipped: int = 0
+    unfinished: int = 0
+    failures: List[Failure] = field(default_factory=list)
+    tags: Optional[TagStats] = None
+    danbooru_requests: int = 0
+    danbooru_down: Optional[str] = None
+    usage: Dict[str, StageUsage] = field(default_factory=dict)
+    backups: int = 0
+    stopped: Optional[str] = None
+    interrupted: bool = False
+    fatal: bool = False
+    """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
+    shrunk: int = 0
+    guards: Dict[str, int] = field(default_factory=dict)
+    failures_file: Optional[Path] = None
+    dry_run_report: Optional[str] = None
+    report_page: Optional[Path] = None
+    seconds: float = 0.0
+
+
+class ImageFailed(Exception):
+    """One image could not be captioned; carries what the failure record needs."""
+
+    def __init__(self, stage: str, kind: str, message: str, attempts: int = 0):
+        super().__init__(message)
+        self.stage, self.kind, self.attempts = stage, kind, attempts
+
+
+class Run:
+    def __init__(self, config: Config, progress: Optional[bool] = None, retry_failed: bool = False,
+                 refresh_tags: bool = False, debug_dir: Optional[Path] = None, shard: Shard = Shard(),
+                 dry_run: Optional[str] = None, preview: int = 3, sample: Optional[int] = None,
+                 sample_seed: int = 0):
+        self.config = config
+        self.shard = shard
+        self.dry_run = dry_run
+        """None, "llm" (no model request, no file written) or "tags" (Danbooru may be asked)."""
+        self.preview = preview
+        self.previews: Dict[str, dict] = {}
+        self.sample, self.sample_seed = sample, sample_seed
+        if dry_run and dry_run != "tags" and not config.tag_provider.skip:
+            config.tag_provider.source = "none"  # no Danbooru unless --dry-run=tags; the cache still answers
+        self.debug_dir = debug_dir
+        self.progress = progress
+        self.retry_failed = retry_failed
+        self.result = RunResult()
+        try:
+            self.dataset = Dataset(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        unknown = unknown_sources(config.interrogator.hint_sources)
+        if unknown:
+            raise ConfigError(f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}")
+        self.root = self.dataset.output_dir or self.dataset.root
+        self.failures_file = self.root / FAILURES_FILE.format(suffix=shard.suffix)
+        self.lock = RunLock(self.root, shard.suffix)
+        self.record = CaptionRecord(self.root)
+        problem = check_formats(config.output.formats)
+        if problem:
+            raise ConfigError(problem)
+        self.outputs = DatasetOutputs(config.output.formats, self.root, self.dataset.root, shard.suffix)
+        self.llm = LLM.from_config(config)
+        if dry_run:
+            self.llm = DryRunLLM(self.llm)
+        self.tag_bar = self.image_bar = None
+        self.tag_filter = TagFilter(config.tags, config.tag_provider.min_post_count)
+        self.tag_provider = None if config.tag_provider.skip else TagProvider(
+            config, self.llm, on_tag_done=self._tag_done, on_tags_found=self._tags_found, refresh=refresh_tags)
+        self.interrogator = None if config.interrogator.skip else Interrogator(config, self.llm)
+        self.interpreter = None if config.interpreter.skip else Interpreter(config, self.llm)
+        self.stopping = asyncio.Event()
+        self.workers: List[asyncio.Task] = []
+        self._writes: set = set()
+
+    async def execute(self) -> RunResult:
+        started = time.monotonic()
+        try:
+            pending = self._pending_images()
+            if self.sample is not None and len(pending) > self.sample:
+                pending = sorted(random.Random(self.sample_seed).sample(pending, self.sample))
+            if pending:
+                if not self.dry_run:
+                    await self._check_servers()
+                if self.tag_provider:
+                    self.tag_provider.start()
+                    self.tag_provider.cache.read_only = bool(self.dry_run)
+                if not self.dry_run:
+                    self._take_lock()
+                    self.outputs.merge()  # a journal left by a killed run
+                self.previews = {rel: {} for rel in pending[: self.preview]} if self.dry_run else {}
+                failed_before = len(self.result.failures)
+                with self._signals_handled():
+                    await self._caption_all(pending)
+                failed = len(self.result.failures) - failed_before
+                self.result.unfinished = len(pending) - self.result.captioned - failed
+            if self.dry_run:
+                self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
+            else:
+                self._save_failures()
+        finally:
+            await self._close()
+            if self.lock.held:
+                self.outputs.merge()
+                if self.config.output.report:
+                    self.result.report_page = build_report(self.config)
+            self.lock.release()
+            self.result.seconds = time.monotonic() - started
+        return self.result
+
+    def _take_lock(self) -> None:
+        try:
+            note = self.lock.acquire()
+        except (LockedError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        if note:
+            log.warning("warning: %s", note)
+        for leftover in self.dataset.leftover_temps:
+            leftover.unlink(missing_ok=True)
+
+    def _pending_images(self) -> List[str]:
+        """The images to caption, as paths inside the folder (kept as short strings: a run over
+        50,000 images must not hold 50,000 objects); skips and collisions are counted here."""
+        failed = self._failed_before() if self.retry_failed else None
+        pending: List[str] = []
+        try:
+            for folder in self.dataset.folders():
+                previous: List[Optional[ImageItem]] = [None]  # images sharing a stem come in a row
+                for path in folder:
+                    rel = path.relative_to(self.dataset.root).as_posix()
+                    if (failed is not None and str(path) not in failed) or not self.shard.includes(rel):
+                        continue
+                    if self._check(path, previous) is not None:
+                        pending.append(rel)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        return pending
+
+    def _check(self, path: Path, previous: List[Optional[ImageItem]]) -> Optional[ImageItem]:
+        """The image's item when it needs a caption; None when it is done or cannot be done.
+        A caption must never land on a file another image relies on."""
+        try:
+            item = self.dataset.item(path)
+            done = not self.config.output.overwrite and item.has_caption()
+        except OSError as exc:
+            rel = path.relative_to(self.dataset.root)
+            self._fail(ImageItem(path, rel, path, None, None), ImageFailed(
+                "input", "tags_file", f"cannot read {exc.filename or path}: {exc.strerror or exc}"))
+            return None
+        before = previous[0]
+        other = before.path if before is not None and before.caption_file == item.caption_file else \
+            self.dataset.tags_owner(path)
+        previous[0] = item
+        if other is not None:
+            self._fail(item, ImageFailed("output", "caption_collision",
+                                         f"its caption file {item.caption_file.name} would replace a file of "
+                                         f"{other.name} (same name stem); rename one of them"))
+            return None
+        if done:
+            self.result.skipped += 1
+            return None
+        return item
+
+    def _failed_before(self) -> set:
+        if not self.failures_file.exists():
+            raise ConfigError(f"--retry-failed: no {self.failures_file} from an earlier run")
+        return set(read_failed_images(self.failures_file))
+
+    def _used_endpoints(self) -> Dict[str, List]:
+        used: Dict[str, List] = {}
+        for stage in (self.tag_provider, self.interrogator, self.interpreter):
+            if stage is not None:
+                used.setdefault(stage.settings.endpoint, []).append(stage.settings.model)
+        return used
+
+    async def _check_servers(self) -> None:
+        """Fail fast (exit 2) when a server the run needs does not answer at all."""
+        for name, models in self._used_endpoints().items():
+            endpoint = self.llm.endpoints[name]
+            try:
+                listed = await endpoint.list_models()
+            except ServerUnreachable as exc:
+                raise ConfigError(str(exc)) from None
+            except openai.OpenAIError as exc:
+                log.warning("warning: %s could not list its models (%s); going on", endpoint.describe(), exc)
+                continue
+            for model in sorted(set(models)):
+                if listed and model not in listed:
+                    log.warning("warning: model '%s' is not listed by %s (it lists: %s)",
+                                model, endpoint.describe(), ", ".join(listed[:8]))
+
+    # --- running -------------------------------------------------------------------------
+
+    async def _caption_all(self, pending: List[str]) -> None:
+        show = self.progress
+        total = len(pending) + self.result.skipped + len(self.result.failures)
+        if self.tag_provider:
+            self.tag_bar = tqdm(total=0, desc="tags", unit="tag", disable=show is False, position=0,
+                                leave=True, dynamic_ncols=True)
+        self.image_bar = tqdm(total=total, initial=total - len(pending), desc="images", unit="img",
+                              disable=show is False, position=1 if self.tag_bar else 0, leave=True,
+                              dynamic_ncols=True)
+        count = 2 * sum(self.config.endpoints[name].concurrency for name in self._used_endpoints())
+        queue: asyncio.Queue = asyncio.Queue(maxsize=count * 2)
+        self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
+        helpers = [asyncio.create_task(self._produce(pending, queue))]
+        if self.tag_provider:
+            helpers.append(asyncio.create_task(self._prefetch_tags(pending)))
+        try:
+            await asyncio.gather(*self.workers, return_exceptions=True)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)
+            for bar in (self.tag_bar, self.image_bar):
+                if bar is not None:
+                    bar.close()
+
+    async def _produce(self, pending: List[str], queue: asyncio.Queue) -> None:
+        for rel in pending:
+            if self.stopping.is_set():
+                break
+            path = self.dataset.root / rel
+            try:
+                item = self.dataset.item(path)
+            except OSError as exc:
+                item = ImageItem(path, Path(rel), path, None, None)
+                await queue.put((item, ImageFailed("input", "tags_file", f"cannot read {exc.filename or path}: "
+                                                                          f"{exc.strerror or exc}")))
+                continue
+            await queue.put((item, await self._read_tags(item)))
+        for _ in self.workers:
+            await queue.put(None)
+
+    async def _read_tags(self, item: ImageItem):
+        """The image's tags, or the ImageFailed that reading them ended in."""
+        try:
+            return await asyncio.to_thread(read_image_tags, item, self.config.tags.sources, self.config.tags.combine)
+        except OSError as exc:
+            where = exc.filename or item.tags_file
+            return ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
+        except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
+            return ImageFailed("tags", "tags_file", f"cannot read tags: {type(exc).__name__}: {exc}")
+
+    async def _prefetch_tags(self, pending: List[str]) -> None:
+        """Read every pending image's tags ahead and start their lookups, so that Danbooru is
+        asked in full batches and summaries are ready before the images that need them."""
+        for rel in pending:
+            if self.stopping.is_set():
+                return
+            try:
+                tags = await self._read_tags(self.dataset.item(self.dataset.root / rel))
+            except OSError:
+                continue  # the producer reports it
+            if isinstance(tags, ImageTags):
+                self.tag_provider.prefetch(self._to_look_up(tags))
+
+    async def _work(self, queue: asyncio.Queue) -> None:
+        while not self.stopping.is_set() and (job := await queue.get()) is not None:
+            item, tags = job
+            try:
+                if isinstance(tags, ImageFailed):
+                    raise tags
+                await self._caption(item, tags)
+            except ImageFailed as failure:
+                if failure.kind in FATAL_KINDS:
+                    self._stop(str(failure), fatal=failure.kind == "no_vision")
+                    continue
+                self._fail(item, failure)
+            except Exception as exc:  # a bug must cost one image, not the run
+                log.debug("unexpected error on %s", item.path, exc_info=True)
+                self._fail(item, ImageFailed("internal", "internal_error", f"unexpected {type(exc).__name__}: {exc}"))
+            self.image_bar.update(1)
+
+    def _to_look_up(self, tags: ImageTags) -> List[str]:
+        return [tag for tag in tags.tags if not self.tag_filter.excluded_by_name(tag)]
+
+    async def _caption(self, item: ImageItem, tags: ImageTags) -> None:
+        transcript: dict = self.previews.get(item.rel.as_posix(), {})  # conversations and guard trips
+        try:
+            await self._run_stages(item, tags, transcript)
+        finally:
+            if self.debug_dir and transcript:
+                await asyncio.to_thread(self._write_transcript, item, transcript)
+
+    async def _run_stages(self, item: ImageItem, tags: ImageTags, transcript: dict) -> None:
+        stage = "input"
+        key = item.rel.as_posix()
+        try:
+            if not tags.tags and not self.interrogator:
+                raise ImageFailed(stage, "no_tags",
+                                  f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
+                                  "and the Interrogator is off: nothing to caption from")
+            if not self.interrogator:
+                await asyncio.to_thread(check_image, item.path)
+            stage = "tag_provider"
+            knowledge = await self.tag_provider.knowledge(self._to_look_up(tags)) if self.tag_provider else {}
+            values = {"filename": item.path.name, "folder": item.rel.parent.as_posix(), "name": self.config.style.name,
+                      **tag_variables(tags.tags, knowledge, tags.categories, tags.rating, self.tag_filter)}
+            values["hints"] = await asyncio.to_thread(
+                collect_hints, self.config.interrogator.hint_sources, HintInput(item.path, item.rel, tags.tags))
+            values["description"] = ""
+            if self.interrogator:
+                stage = "interrogator"
+                values["description"] = await self.interrogator.describe(item.path, values, key, transcript)
+            stage = "interpreter"
+            caption = await self.interpreter.caption(values, key, transcript) if self.interpreter \
+                else values["description"]
+            caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
+            stage = "output"
+            await self._write(item, caption, self._record(item, caption, values, transcript))
+        except ImageFailed:
+            raise
+        except ServerDown as exc:
+            raise ImageFailed(stage, "server_down", str(exc), exc.attempts) from None
+        except LLMError as exc:
+            if exc.kind == "no_vision":
+                settings = self.config.interrogator
+                exc = LLMError(f"the model '{settings.model}' on {self.llm.endpoints[settings.endpoint].describe()} "
+                               f"cannot see images ({exc}). Load a vision model (for llama.cpp, start it with "
+                               "--mmproj) or set interrogator.model", "no_vision")
+            raise ImageFailed(stage, exc.kind, str(exc), exc.attempts) from None
+        except TagSummaryError as exc:
+            raise ImageFailed(stage, "tag_summary", str(exc)) from None
+        except ImageError as exc:
+            raise ImageFailed("input", "image", f"image: {exc}") from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise ImageFailed(stage, "file", f"{exc.strerror or exc}{where}") from None
+
+    def _record(self, item: ImageItem, caption: str, values: Dict[str, str], transcript: dict) -> dict:
+        """The line for captions.jsonl / metadata.jsonl."""
+        models = {name: stage.settings.model for name, stage in (
+            ("tag_provider", self.tag_provider), ("interrogator", self.interrogator),
+            ("interpreter", self.interpreter)) if stage is not None}
+        return {"file": item.rel.as_posix(), "caption": caption, "tags": values.get("tags", ""),
+                "description": values.get("description", ""), "models": models,
+                "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    async def _write(self, item: ImageItem, caption: str, record: dict) -> None:
+        """Write in a thread that, once started, always finishes and is counted (a cancelled
+        worker does not stop it, and the run waits for it before releasing the lock)."""
+        if self.dry_run:
+            self.result.captioned += 1
+            return
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, item, caption, record))
+        self._writes.add(write)
+
+        def done(future: asyncio.Future) -> None:
+            self._writes.discard(future)
+            if not future.cancelled() and future.exception() is None:
+                self.result.captioned += 1
+        write.add_done_callback(done)
+        await asyncio.shield(write)
+
+    def _write_transcript(self, item: ImageItem, transcript: dict) -> None:
+        """`--debug-dir`: the image's whole conversation, one file per image, no API keys."""
+        name = item.rel.as_posix().replace("/", "__") + ".json"
+        record = {"image": str(item.path), **transcript}
+        atomic_write_text(self.debug_dir / name, redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n")
+
+    def _write_caption(self, item: ImageItem, caption: str, record: dict) -> None:
+        """Write the caption; first keep what it would replace: the tags (see dataset.py), or a
+        caption that this program did not write or that was edited since."""
+        if item.tags_backup is not None and not item.tags_backup.exists():
+            if item.prose_caption:
+                self._keep_backup(item.caption_file)
+            original = item.caption_file.read_bytes() if item.caption_file.exists() and not item.prose_caption else b""
+            write_new_file(item.tags_backup, original, like=item.caption_file)
+        elif item.caption_file.exists() and not self._replaceable(item):
+            if not self.config.output.overwrite:
+                raise ImageFailed("output", "caption_exists",
+                                  f"{item.caption_file} appeared during the run; not replaced")
+            self._keep_backup(item.caption_file)
+        self.record.record(item.caption_file, caption)  # first: a kill in between only costs a spare .bak
+        atomic_write_text(item.caption_file, caption)
+        self.outputs.record(record)
+
+    def _replaceable(self, item: ImageItem) -> bool:
+        current = item.caption_file.read_bytes()
+        if item.tags_backup is not None and current == item.tags_backup.read_bytes():
+            return True  # a tags file whose copy is already kept
+        return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
+
+    def _keep_backup(self, caption_file: Path) -> None:
+        data = caption_file.read_bytes()
+        for number in range(1, 1000):
+            suffix = ".bak" if number == 1 else f".bak{number}"
+            if write_new_file(caption_file.with_name(caption_file.name + suffix), data, like=caption_file):
+                self.result.backups += 1
+                return
+        raise ImageFailed("output", "backup", f"no free backup name for {caption_file}")
+
+    def _fail(self, item: ImageItem, failure: ImageFailed) -> None:
+        record = Failure(str(item.path), failure.stage, failure.kind, redact(str(failure)), failure.attempts)
+        self.result.failures.append(record)
+        log.error("failed: %s: %s", item.path, record.message)
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def _stop(self, reason: str, interrupted: bool = False, fatal: bool = False) -> None:
+        if self.stopping.is_set():
+            return
+        self.result.stopped = reason
+        self.result.interrupted = interrupted
+        self.result.fatal = fatal
+        self.stopping.set()
+        log.warning("stopping: %s", reason)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping.is_set():
+            self._cancel_workers()
+            return
+        self._stop(f"{name}: no new images; waiting up to {STOP_GRACE_SECONDS:.0f} s for those in flight "
+                   "(press Ctrl-C again to cancel them)", interrupted=True)
+        asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, self._cancel_workers)
+
+    def _cancel_workers(self) -> None:
+        for worker in self.workers:
+            worker.cancel()
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or a platform without it
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    # --- closing -------------------------------------------------------------------------
+
+    def _save_failures(self) -> None:
+        """`failures.jsonl` lists this run's failures (an empty file when there were none)."""
+        if self.result.failures or self.failures_file.exists():
+            write_failures(self.failures_file, self.result.failures)
+            self.result.failures_file = self.failures_file
+
+    def _tags_found(self, count: int) -> None:
+        if self.tag_bar is not None:
+            self.tag_bar.total += count
+            self.tag_bar.refresh()
+
+    def _tag_done(self) -> None:
+        if self.tag_bar is not None:
+            self.tag_bar.update(1)
+
+    async def _close(self) -> None:
+        if self.tag_provider:
+            await self.tag_provider.close()
+            self.result.tags = self.tag_provider.stats
+            self.result.danbooru_requests = self.tag_provider.source_requests
+            self.result.danbooru_down = self.tag_provider.source_down
+        self.result.usage = dict(self.llm.usage)
+        self.result.guards = dict(self.llm.guards.counts) if self.llm.guards else {}
+        if self.interrogator:
+            self.result.shrunk = self.interrogator.shrunk
+        await self.llm.close()
+
+
+async def run(config: Config, **options) -> RunResult:
+    return await Run(config, **options).execute()

@@ -1,0 +1,75 @@
+"""Cleaning a model's answer into a caption: a small ordered pipeline, each step switchable
+under `postprocess` in the config. Reasoning blocks are already gone (llm.clean_reply)."""
+from __future__ import annotations
+
+import re
+
+from config import PostprocessConfig
+
+_PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|certainly|of course|absolutely|okay|ok|alright)\b[!,.]*\s*)?"
+    r"(?:(?:here(?:'s| is| are)|below is|this is)\b[^:\n]{0,80}?(?:caption|description|prompt|tags?|post|"
+    r"analysis|listing|version)[^:\n]{0,40}:\s*|"
+    r"(?:sure|certainly|of course|absolutely)[!.,]\s+)",
+    re.IGNORECASE)
+_IMAGE_SHOWS = re.compile(r"^\s*(?:the|this) (?:image|picture|photo(?:graph)?|illustration|artwork) "
+                          r"(?:shows|depicts|features|portrays|captures|presents|displays)\s+", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:caption|description|prompt)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.IGNORECASE)
+_QUOTES = (('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’"), ("«", "»"))
+
+
+def strip_markdown(text: str) -> str:
+    text = re.sub(r"^#{1,6}\s+", "", text, flags=re.MULTILINE)
+    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)
+    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"\1", text)
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    return re.sub(r"^\s*(?:[-*+]|\d+\.)\s+", "", text, flags=re.MULTILINE)
+
+
+def strip_quotes(text: str) -> str:
+    text = text.strip()
+    for opening, closing in _QUOTES:
+        if len(text) > 1 and text.startswith(opening) and text.endswith(closing) \
+                and opening not in text[1:-1] and closing not in text[1:-1]:
+            return text[1:-1].strip()
+    return text
+
+
+def cap_words(text: str, max_words: int) -> str:
+    """At most `max_words` words, cut after the last whole sentence that fits (or at a word)."""
+    words = text.split()
+    if len(words) <= max_words:
+        return text
+    cut = " ".join(words[:max_words])
+    end = max(cut.rfind(". "), cut.rfind("! "), cut.rfind("? "))
+    if cut.endswith((".", "!", "?")):
+        return cut
+    return cut[:end + 1] if end > 0 else cut
+
+
+def clean_caption(text: str, settings: PostprocessConfig) -> str:
+    if settings.strip_preamble:
+        text = _PREAMBLE.sub("", text, count=1)
+    if settings.strip_label:
+        text = _LABEL.sub("", text, count=1)
+    if settings.strip_markdown:
+        text = strip_markdown(text)
+    if settings.strip_quotes:
+        text = strip_quotes(text)
+    if settings.strip_image_shows:
+        stripped = _IMAGE_SHOWS.sub("", text, count=1)
+        text = stripped[:1].upper() + stripped[1:] if stripped != text else text
+    if settings.collapse_whitespace:
+        text = " ".join(text.split())
+    if settings.max_words:
+        text = cap_words(text, settings.max_words)
+    return text.strip()
+
+
+def add_affixes(text: str, prefix: str, suffix: str) -> str:
+    """Add the trigger word(s) once: a caption that already has them is left as it is."""
+    if prefix and not text.startswith(prefix):
+        text = f"{prefix}{text}"
+    if suffix and not text.endswith(suffix):
+        text = f"{text}{suffix}"
+    return text

@@ -1,0 +1,76 @@
+"""How a stage is prompted for one image: from a style preset or the stage's own prompts,
+and, with `prompt_variants`, one of several such ways picked per image by weight.
+
+The pick depends only on the image's path, so a rerun asks the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
+
+from config import Config, ConfigError, VariantConfig
+from styles import check_length, extra_options, instruction, load_style
+
+
+@dataclass(frozen=True)
+class Plan:
+    style: Optional[str]
+    instruction: str
+    """The style's instruction, `{name}` filled ("" when the stage's own prompts are used)."""
+    output: str
+    """caption | tags_then_caption"""
+    weight: float
+    prompts: Tuple[str, ...] = ()
+    prompt_template: Optional[str] = None
+
+
+def build_plans(config: Config, stage: str) -> List[Plan]:
+    settings = getattr(config, stage)
+    base = VariantConfig(style=settings.style, prompts=list(getattr(settings, "prompts", []) or []) or None,
+                         prompt_template=getattr(settings, "prompt_template", None))
+    variants = settings.prompt_variants or [VariantConfig()]
+    plans = []
+    for index, variant in enumerate(variants):
+        where = f"{stage}.prompt_variants[{index}]" if settings.prompt_variants else stage
+        plans.append(_plan(config, _merge(base, variant), where))
+    return plans
+
+
+def _merge(base: VariantConfig, variant: VariantConfig) -> VariantConfig:
+    """A variant naming a style or its own prompts replaces the base's way of prompting;
+    its length, word count and extra options (when set) override the `style` section's."""
+    own = variant.style is not None or variant.prompts is not None or variant.prompt_template is not None
+    source = variant if own else base
+    return replace(variant, style=source.style, prompts=source.prompts, prompt_template=source.prompt_template)
+
+
+def _plan(config: Config, variant: VariantConfig, where: str) -> Plan:
+    prompts = tuple(variant.prompts or ())
+    if not variant.style:
+        return Plan(None, "", "caption", variant.weight, prompts, variant.prompt_template)
+    style = load_style(config, variant.style)
+    length = variant.length if variant.length is not None else config.style.length
+    check_length(str(length))
+    word_count = variant.word_count if variant.word_count is not None else config.style.word_count
+    options = variant.extra_options if variant.extra_options is not None else config.style.extra_options
+    text = instruction(style, str(length), word_count, list(options), extra_options(config))
+    if "{name}" in text:
+        if not config.style.name:
+            raise ConfigError(f"{where}: the 'name' extra option needs style.name (the name to use)")
+        text = text.replace("{name}", config.style.name)
+    return Plan(style.name, text, style.output, variant.weight, prompts, variant.prompt_template)
+
+
+def pick(plans: Sequence[Plan], key: str) -> Plan:
+    """The plan for an image, chosen by weight from a hash of its path (stable across runs)."""
+    if len(plans) == 1:
+        return plans[0]
+    point = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+    total = sum(plan.weight for plan in plans)
+    running = 0.0
+    for plan in plans:
+        running += plan.weight / total
+        if point < running:
+            return plan
+    return plans[-1]

@@ -1,0 +1,161 @@
+"""What a run keeps beside the captions: the lock, the record of captions it wrote, and
+`failures.jsonl`.
+
+They live at the output root (`output.dir`, or the images folder): the lock and the
+record in a hidden `.tagcaption/` folder, `failures.jsonl` in plain sight.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from files import atomic_write_text
+
+STATE_DIR = ".tagcaption"
+FAILURES_FILE = "failures{suffix}.jsonl"
+
+
+class LockedError(Exception):
+    pass
+
+
+@dataclass
+class Failure:
+    image: str
+    stage: str
+    kind: str
+    message: str
+    attempts: int = 0
+
+
+def sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class RunLock:
+    """One run per output folder: an exclusive `flock` on `.tagcaption/lock`. The kernel
+    releases it when the process ends however it ends, so a dead run's lock is never in
+    the way; the file itself only names the holder for the message."""
+
+    def __init__(self, root: Path, suffix: str = ""):
+        self.path = root / STATE_DIR / f"lock{suffix}"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a note when the last holder did not end cleanly."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            os.close(fd)
+            who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+                   if owner else "another process")
+            raise LockedError(f"another run ({who}) is captioning this folder: lock {self.path}. "
+                              "Wait for it to finish") from None
+        previous = _owner(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        if previous:
+            return (f"took over the lock {self.path} from a run that did not end cleanly "
+                    f"(pid {previous.get('pid')}, started {previous.get('started')})")
+        return None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file means the last run ended cleanly
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def _owner(fd: int) -> Optional[dict]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data) if data.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+class CaptionRecord:
+    """The hash of every caption this program wrote, so a caption edited by hand since (or
+    never written by us) is recognised and kept before it is replaced.
+
+    An append-only JSON-lines file: a crash can at worst leave a torn last line, which is
+    ignored when read.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.path = root / STATE_DIR / "captions.jsonl"
+        self.hashes: Optional[Dict[str, str]] = None
+        """Read only when a caption is about to be replaced, so a first run holds none of it."""
+        self._lock = threading.Lock()  # captions are written from several threads
+
+    def load(self) -> None:
+        self.hashes = {}
+        if not self.path.exists():
+            return
+        lines = 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            lines += 1
+            try:
+                entry = json.loads(line)
+                self.hashes[entry["file"]] = entry["sha1"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        if lines > 2 * len(self.hashes) + 100:
+            atomic_write_text(self.path, "".join(self._line(f, h) for f, h in self.hashes.items()))
+
+    def _key(self, caption_file: Path) -> str:
+        try:
+            return caption_file.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(caption_file)
+
+    @staticmethod
+    def _line(file: str, digest: str) -> str:
+        return json.dumps({"file": file, "sha1": digest}, ensure_ascii=False) + "\n"
+
+    def is_ours(self, caption_file: Path, text: str) -> bool:
+        with self._lock:
+            if self.hashes is None:
+                self.load()
+            return self.hashes.get(self._key(caption_file)) == sha1(text)
+
+    def record(self, caption_file: Path, text: str) -> None:
+        key, digest = self._key(caption_file), sha1(text)
+        with self._lock:
+            if self.hashes is not None:
+                self.hashes[key] = digest
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(self._line(key, digest))
+
+
+def write_failures(path: Path, failures: Iterable[Failure]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in failures))
+
+
+def read_failed_images(path: Path) -> List[str]:
+    images = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            images.append(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return images

@@ -1,0 +1,133 @@
+"""`captions.html`: a review page for a captioned folder, one self-contained file.
+
+One card per image — thumbnail (a relative link to the image, so the page opens from disk
+and stays small), tags, description, caption — failed images first with their reason, a
+search box and a filter for failed, guard-triggered and uncaptioned images. The page reads
+`#q=text` and `#filter=failed|guards|missing` from its address, so a link can open it
+filtered.
+"""
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Dict, List
+
+from config import Config
+from dataset import Dataset, read_image_tags
+from files import atomic_write_text
+from outputs import CAPTIONS_FILE, read_records
+
+REPORT_FILE = "captions.html"
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Captions: {title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0; background: #f4f4f6; color: #222; }}
+header {{ position: sticky; top: 0; background: #fff; padding: 10px 16px; border-bottom: 1px solid #ddd;
+          display: flex; gap: 12px; align-items: center; flex-wrap: wrap; z-index: 1; }}
+header h1 {{ font-size: 16px; margin: 0 12px 0 0; }}
+input, select {{ font: inherit; padding: 4px 8px; }}
+#count {{ color: #666; }}
+main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 12px; padding: 16px; }}
+.card {{ background: #fff; border-radius: 8px; padding: 10px; box-shadow: 0 1px 2px #0002; }}
+.card[hidden] {{ display: none; }}
+.card.failed {{ border-left: 4px solid #c0392b; }}
+.card.missing {{ border-left: 4px solid #999; }}
+.card img {{ width: 100%; height: 200px; object-fit: contain; background: #eee; border-radius: 4px; }}
+.name {{ font-weight: 600; word-break: break-all; margin: 6px 0; }}
+.label {{ color: #777; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; margin-top: 6px; }}
+.failure {{ color: #c0392b; }}
+.badge {{ display: inline-block; background: #fde9c8; border-radius: 4px; padding: 0 6px; margin-right: 4px;
+          font-size: 12px; }}
+</style></head><body>
+<header><h1>{title}</h1>
+<input id="search" type="search" placeholder="Search file, tags, caption…" aria-label="Search">
+<select id="filter" aria-label="Filter"><option value="all">all images</option><option value="failed">failed</option>
+<option value="guards">guard triggered</option><option value="missing">no caption</option></select>
+<span id="count"></span></header>
+<main id="cards">
+{cards}
+</main>
+<script>
+const cards = Array.from(document.querySelectorAll('.card'));
+const search = document.getElementById('search'), filter = document.getElementById('filter');
+const params = new URLSearchParams(location.hash.slice(1));
+search.value = params.get('q') || '';
+filter.value = params.get('filter') || 'all';
+function apply() {{
+  const q = search.value.toLowerCase(), f = filter.value;
+  let shown = 0;
+  for (const card of cards) {{
+    const match = (!q || card.dataset.text.includes(q)) && (f === 'all' || card.dataset.kind.split(' ').includes(f));
+    card.hidden = !match;
+    if (match) shown++;
+  }}
+  document.getElementById('count').textContent = shown + ' of ' + cards.length + ' images';
+}}
+search.addEventListener('input', apply);
+filter.addEventListener('change', apply);
+apply();
+</script></body></html>
+"""
+
+
+def _card(entry: dict, page_dir: Path) -> str:
+    kinds = [entry["status"]] + (["guards"] if entry.get("guards") else [])
+    text = " ".join(str(entry.get(key) or "") for key in ("file", "tags", "description", "caption", "failure"))
+    src = os.path.relpath(entry["path"], page_dir)
+    parts = [f'<article class="card {entry["status"]}" data-kind="{" ".join(kinds)}" '
+             f'data-text="{html.escape(text.lower(), quote=True)}">',
+             f'<img loading="lazy" src="{html.escape(Path(src).as_posix(), quote=True)}" alt="">',
+             f'<div class="name">{html.escape(entry["file"])}</div>']
+    if entry.get("failure"):
+        parts.append(f'<div class="label">failed</div><div class="failure">{html.escape(entry["failure"])}</div>')
+    if entry.get("guards"):
+        parts.append('<div class="label">guards</div><div>' + "".join(
+            f'<span class="badge">{html.escape(name.replace("_", " "))}</span>' for name in entry["guards"]) + "</div>")
+    for label in ("tags", "description", "caption"):
+        if entry.get(label):
+            parts.append(f'<div class="label">{label}</div><div class="{label}">{html.escape(entry[label])}</div>')
+    parts.append("</article>")
+    return "".join(parts)
+
+
+def build_report(config: Config) -> Path:
+    """Write captions.html at the output root from the folder as it is now."""
+    dataset = Dataset(config)
+    root = dataset.output_dir or dataset.root
+    records = {record.get("file"): record for record in read_records(root / CAPTIONS_FILE)}
+    failures: Dict[str, str] = {}
+    for path in sorted(root.glob("failures*.jsonl")):
+        for record in read_records(path):
+            failures[record.get("image", "")] = record.get("message", "")
+    entries: List[dict] = []
+    for folder in dataset.folders():
+        for path in folder:
+            item = dataset.item(path)
+            rel = item.rel.as_posix()
+            record = records.get(rel, {})
+            try:
+                tags = ", ".join(t.replace("_", " ") for t in read_image_tags(item, config.tags.sources,
+                                                                               config.tags.combine).tags)
+            except OSError:
+                tags = ""
+            captioned = item.has_caption()
+            caption = item.caption_file.read_text(encoding="utf-8", errors="replace") if captioned else ""
+            failure = failures.get(str(path), "") if not captioned else ""
+            entries.append({"file": rel, "path": path, "tags": record.get("tags") or tags,
+                            "description": record.get("description", ""), "caption": caption,
+                            "guards": record.get("guards", []), "failure": failure,
+                            "status": "captioned" if captioned else ("failed" if failure else "missing")})
+    order = {"failed": 0, "missing": 1, "captioned": 2}
+    entries.sort(key=lambda entry: (order[entry["status"]], entry["file"]))
+    page = root / REPORT_FILE
+    cards = "\n".join(_card(entry, page.parent) for entry in entries)
+    atomic_write_text(page, PAGE.format(title=html.escape(str(dataset.root.name)), cards=cards))
+    return page
+
+
+def report_summary(page: Path) -> str:
+    return f"Review page: {page} (open it in a browser)"
+

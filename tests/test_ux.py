@@ -1,0 +1,233 @@
+"""check, dry runs, samples, dataset outputs, the review page, examples and packaging (issue 8)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import load_config
+from conftest import ROOT, make_dataset, make_image, run_caption, write_config
+from fake_servers import Error, Text, user_text
+
+
+def three_stage_config(tmp_path, llm_server, vision_server, danbooru, **sections):
+    return write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                        endpoints={"vision": {"base_url": vision_server.base_url}},
+                        interrogator={"skip": False, "endpoint": "vision", "system_prompt": "Look closely.",
+                                      "prompts": ["What is in {filename}?", "Now in one sentence."],
+                                      "hint_sources": ["full_path"]},
+                        interpreter={"prompt_template": "templates/interpreter_prompt_template_short.txt"},
+                        **sections)
+
+
+# --- check -------------------------------------------------------------------------------
+
+def test_check_passes_when_everything_works(tmp_path, llm_server, vision_server, danbooru, capsys):
+    danbooru.wiki = {"1girl": "One girl."}
+    config = three_stage_config(tmp_path, llm_server, vision_server, danbooru)
+    code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 0, out
+    assert "Everything this config needs works." in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("tag_", "inter"))}
+    assert rows["interrogator"][3:7] == ["yes", "yes", "ok", "ok"]
+    assert rows["interpreter"][3:7] == ["yes", "yes", "ok", "-"]
+    assert "tag source: Danbooru at" in out and ": ok," in out
+    vision_request = vision_server.chat_requests[-1]
+    assert vision_request["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert list(tmp_path.iterdir()) == [config]  # nothing written
+
+
+def test_check_spots_a_port_typo(tmp_path, llm_server, danbooru, capsys):
+    wrong = llm_server.base_url.replace(str(llm_server.port), str(llm_server.port + 1))
+    config = write_config(tmp_path / "config.yaml", wrong, danbooru.url)
+    code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2
+    assert f"nothing answers at {wrong}: start the server or fix the port" in out
+    assert f"a server answers at {llm_server.base_url}" in out and f"typo for {llm_server.port}" in out
+
+
+def test_check_spots_a_model_that_cannot_see_and_a_missing_model(tmp_path, llm_server, vision_server, danbooru,
+                                                                 capsys):
+    vision_server.responder = lambda request: Error(500, {"error": {
+        "code": 500, "type": "server_error", "message": "image input is not supported - hint: provide the mmproj"}}) \
+        if isinstance(request["messages"][0]["content"], list) else Text("OK")
+    config = three_stage_config(tmp_path, llm_server, vision_server, danbooru,
+                                tag_provider={"model": "not-loaded-model"})
+    code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2
+    assert "the model cannot see images" in out and "--mmproj" in out
+    assert "warning: 'not-loaded-model' is not among the models listed (instruct-model)" in out
+
+
+def test_check_reports_an_unreachable_danbooru(tmp_path, llm_server, capsys):
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, "http://127.0.0.1:9",
+                          tag_provider={"danbooru_retries": 0})
+    code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2 and "tag source: Danbooru at http://127.0.0.1:9: failed: cannot reach" in out
+
+
+# --- dry run and sample ------------------------------------------------------------------
+
+def test_dry_run_shows_every_prompt_and_sends_nothing(tmp_path, llm_server, vision_server, danbooru, capsys):
+    danbooru.wiki = {"cat": "A cat."}
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n}.png": "cat, outdoors" for n in range(5)})
+    before = sorted(p.name for p in images.iterdir())
+    config = three_stage_config(tmp_path, llm_server, vision_server, danbooru)
+    code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run", "--preview", "2"], capsys)
+    assert code == 0, out
+    assert llm_server.chat_requests == [] and vision_server.chat_requests == [] and danbooru.requests == []
+    assert sorted(p.name for p in images.iterdir()) == before and not (tmp_path / "tags_cache.json").exists()
+    assert out.count("=== ") == 2 and "=== 0.png ===" in out and "=== 1.png ===" in out
+    assert "[system]\nLook closely." in out
+    assert "What is in 0.png?\n\nFile path: 0.png\n<image [image: image/jpeg 64x48," in out
+    assert "[user]\nNow in one sentence." in out
+    assert "Tags attached to the image:\ncat, outdoors" in out
+    assert "interrogator: 10 requests" in out and "and 10 images" in out and "interpreter:  5 requests" in out
+
+    code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run=tags"], capsys)
+    assert code == 0 and sorted(danbooru.looked_up()) == ["cat", "outdoors"]
+    assert "=== tag summary request (one of them) ===" in out and "A cat." in out
+    assert llm_server.chat_requests == [] and not (tmp_path / "tags_cache.json").exists()
+
+
+def test_sample_captions_n_images_picked_by_seed(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:02}.png": f"tag{n}" for n in range(20)})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption"})
+    code, out, _ = run_caption([str(images), "--config", str(config), "--sample", "4", "--seed", "7"], capsys)
+    assert code == 0 and "4 captioned" in out
+    first = sorted(p.name for p in images.glob("*.caption"))
+    for path in images.glob("*.caption"):
+        path.unlink()
+    run_caption([str(images), "--config", str(config), "--sample", "4", "--seed", "7"], capsys)
+    assert sorted(p.name for p in images.glob("*.caption")) == first and len(first) == 4
+
+
+# --- outputs and the review page -----------------------------------------------------------
+
+def test_jsonl_and_metadata_outputs_stay_consistent_on_reruns(tmp_path, llm_server, danbooru, capsys):
+    replies = iter(f"Caption {n}." for n in range(100))
+    llm_server.responder = lambda request: Text(next(replies))
+    images = tmp_path / "images"
+    make_dataset(images / "sub", {"b.png": "dog"})
+    make_dataset(images, {"a.png": "cat, blue_sky"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          recursive=True, output={"extension": ".caption", "formats": ["txt", "jsonl", "metadata"]})
+    run_caption([str(images), "--config", str(config)], capsys)
+    run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    captions = [json.loads(line) for line in (images / "captions.jsonl").read_text().splitlines()]
+    assert [c["file"] for c in captions] == ["a.png", "sub/b.png"]
+    assert [c["caption"] for c in captions] == [(images / "a.caption").read_text(),
+                                                (images / "sub" / "b.caption").read_text()]
+    assert captions[0]["tags"] == "cat, blue sky" and captions[0]["models"] == {"interpreter": "instruct-model"}
+    metadata = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+    assert metadata == [{"file_name": "a.png", "text": captions[0]["caption"], "tags": "cat, blue sky"},
+                        {"file_name": "sub/b.png", "text": captions[1]["caption"], "tags": "dog"}]
+    assert not (images / ".tagcaption" / "records.jsonl").exists()
+
+
+def test_metadata_loads_with_hugging_face_datasets(tmp_path, llm_server, danbooru, capsys):
+    datasets = pytest.importorskip("datasets")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption", "formats": ["txt", "metadata"]})
+    run_caption([str(images), "--config", str(config)], capsys)
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(images), split="train")
+    assert sorted(loaded["text"]) == sorted(p.read_text() for p in images.glob("*.caption"))
+
+
+def test_formats_must_include_txt(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          output={"formats": ["jsonl"]})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2 and "output.formats must include txt" in err
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered(page: Path, fragment: str = "") -> str:
+    """The page's DOM after its script ran, from headless Chromium."""
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={page.parent / '.chromium'}", "--virtual-time-budget=2000", "--dump-dom",
+         page.as_uri() + fragment], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_review_page(tmp_path, llm_server, danbooru, capsys):
+    llm_server.responder = lambda request: Error(400, {"error": "bad"}) if "dog" in user_text(request) else \
+        Text("A cat on a <b>mat</b>.")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog", "c.png": "cat, hat"})
+    make_image(images / "d.png")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption", "report": True})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and f"Review page: {images / 'captions.html'}" in out
+    page = images / "captions.html"
+    text = page.read_text()
+    assert text.index('data-kind="failed"') < text.index('data-kind="captioned"')
+    assert "A cat on a &lt;b&gt;mat&lt;/b&gt;." in text and 'src="a.png"' in text
+    (images / "captions.html").unlink()
+    code, out, _ = run_caption(["report", str(images), "--config", str(config)], capsys)
+    assert code == 0 and page.exists()
+    if not chromium():
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    dom = rendered(page)
+    assert dom.count('<article class="card') == 4 and "4 of 4 images" in dom
+    failed = rendered(page, "#filter=failed")  # b.png (HTTP 400) and d.png (no tags)
+    assert "2 of 4 images" in failed and failed.count("<article") - failed.count("hidden=") == 2
+    search = rendered(page, "#q=hat")
+    assert "1 of 4 images" in search
+
+
+# --- examples and packaging -----------------------------------------------------------------
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda path: path.stem)
+def test_example_configs_are_valid(example, monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.setenv(name, "sk-example")
+    config = load_config(str(example))
+    from interpreter import Interpreter
+    from interrogator import Interrogator
+    from llm import LLM
+    llm = LLM.from_config(config)
+    if not config.interpreter.skip:
+        Interpreter(config, llm)
+    if not config.interrogator.skip:
+        Interrogator(config, llm)
+
+
+def test_wheel_installs_the_caption_command(tmp_path):
+    pytest.importorskip("setuptools")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "setuptools" in result.stderr:
+        pytest.skip("setuptools too old to build here")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import zipfile
+    (wheel,) = tmp_path.glob("tagcaption-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "caption.py" in names and "hints/tags.py" in names
+    assert any(name.endswith("data/data/share/tagcaption/templates/styles/descriptive.txt") for name in names)
+    entry = next(name for name in names if name.endswith("entry_points.txt"))
+    assert "caption = caption:cli" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        run_caption(["--version"])
+    assert capsys.readouterr().out.startswith("tagcaption ")
