@@ -144,10 +144,12 @@ class PostprocessConfig:
     suffix: str = ""
 
 
-REFUSALS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
-            "as an ai", "i apologize", "unable to help", "can't help with", "cannot help with",
-            "please provide the image", "please provide an image", "i don't see an image", "no image was provided",
-            "i do not see an image", "cannot assist", "can't assist"]
+REFUSALS = ["i'm sorry", "i am sorry", "sorry, i", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
+            "i'm not able", "i am not able", "i won't", "i will not", "i'm afraid i", "as an ai", "as a language model",
+            "as an assistant", "i apologize", "i don't have the ability", "i do not have the ability",
+            "please provide the image", "please provide an image", "please upload", "i don't see an image",
+            "i do not see an image", "no image was provided", "there is no image", "i'm not comfortable",
+            "i am not comfortable"]
 
 
 @dataclass

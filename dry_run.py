@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional
 
 from llm import LLM
+from tag_sources import TagInfo
 
 
 class DryRunLLM(LLM):
@@ -49,7 +50,7 @@ def format_preview(transcripts: List[tuple], llm: DryRunLLM) -> str:
                 lines += [f"--- {stage} ---", _messages(transcript[stage])]
         if "interrogator" not in transcript and "interpreter" not in transcript:
             lines.append("(no request: the image would fail before reaching a model)")
-    lines += ["", "For the whole folder:"]
+    lines += ["", "For the whole folder (tag summaries: at most, as tags without a wiki page need none):"]
     for stage in ("tag_provider", "interrogator", "interpreter"):
         if llm.requests[stage]:
             images = f" and {llm.images[stage]} images" if llm.images[stage] else ""
@@ -69,3 +70,19 @@ def _messages(messages: List[dict]) -> str:
 
 
 
+
+
+class DryRunSource:
+    """Stands in for Danbooru in a dry run: every uncached tag is taken to have a wiki page,
+    so the summary requests counted are the most a real run could make."""
+
+    requests = 0
+
+    def describe(self) -> str:
+        return "no tag source (dry run)"
+
+    async def lookup(self, names: List[str]) -> Dict[str, TagInfo]:
+        return {name: TagInfo(name, wiki=f"[the wiki page of '{name}' would be here]") for name in names}
+
+    async def close(self) -> None:
+        pass

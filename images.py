@@ -83,18 +83,20 @@ def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> Prepare
     try:
         with Image.open(path) as image:
             source_format = image.format
+            as_stored = max(image.size)
+            untouched = _orientation(image) in (None, 1)
+            if options.image_format == "original" and untouched and source_format in ORIGINAL_MIME \
+                    and not getattr(image, "is_animated", False) \
+                    and not (options.max_size and as_stored > options.max_size):
+                image.load()  # a damaged file must fail here, not on the server
+                return _prepared(path.read_bytes(), ORIGINAL_MIME[source_format], image.size)
             if options.max_size and source_format == "JPEG":
                 _draft(image, options.max_size)
             image.seek(0)
             image.load()
-            untouched = _orientation(image) in (None, 1)
             if not untouched:
                 image = ImageOps.exif_transpose(image)
             too_big = bool(options.max_size) and max(image.size) > options.max_size
-            if options.image_format == "original" and untouched and not too_big and source_format in ORIGINAL_MIME \
-                    and not getattr(image, "is_animated", False):
-                data = path.read_bytes()
-                return _prepared(data, ORIGINAL_MIME[source_format], image.size)
             image = _flatten(image, options.background, keep_alpha=False)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a decompression bomb ({exc})") from None

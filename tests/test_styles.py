@@ -158,6 +158,8 @@ def test_captioning_vlm_alone_and_tags_plus_description(tmp_path, vision_server,
     ("A  cat\n\n on   a mat.", "A cat on a mat."),
     ('He said "hi" to a cat.', 'He said "hi" to a cat.'),
     ("Here is the cat's toy on the mat.", "Here is the cat's toy on the mat."),
+    ("This is a post-apocalyptic city at dusk: ruined towers.", "This is a post-apocalyptic city at dusk: ruined towers."),
+    ("Here's the poster design: a cat.", "Here's the poster design: a cat."),
 ])
 def test_post_processing(raw, clean):
     assert clean_caption(raw, PostprocessConfig()) == clean
@@ -226,6 +228,45 @@ def test_each_guard_retries_and_then_saves_a_good_caption(tmp_path, llm_server, 
         assert second["messages"] == first["messages"]
 
 
+@pytest.mark.parametrize("reply, saved", [
+    ('A girl holding a sign that says "I can\'t stop".', True),
+    ("A poster reading I'm sorry in red letters.", True),
+    ("Unfortunately, I am not able to view images.", False),
+    ("As a language model, I don't have the ability to see images.", False),
+    ("<think>unfinished reasoning about the picture", False),
+])
+def test_refusals_are_recognised_at_the_start_only(tmp_path, llm_server, danbooru, capsys, reply, saved):
+    llm_server.responder = lambda request: Text(reply)
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption"}, guards={"max_attempts": 1})
+    code, _, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert (code, (images / "a.caption").exists()) == ((0, True) if saved else (1, False))
+
+
+def test_a_refused_tag_summary_costs_the_summary_not_the_images(tmp_path, llm_server, danbooru, capsys):
+    danbooru.wiki = {"nsfw_tag": "Explicit.", "asuka": "Souryuu Asuka Langley."}
+
+    def respond(request):
+        text = user_text(request)
+        if 'Tag: "nsfw tag"' in text:
+            return Text("I'm sorry, but I can't describe that.")
+        if 'Tag: "asuka"' in text:
+            return Text("Souryuu Asuka Langley (惣流・アスカ・ラングレー), a pilot.")
+        return Text("A caption.")
+    llm_server.responder = respond
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n}.png": "nsfw_tag, asuka" for n in range(5)})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "5 captioned" in out and "1 without summary" in out
+    assert "tag 'nsfw_tag' has no summary" in err
+    asked = len(llm_server.chat_requests)
+    run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    assert len(llm_server.chat_requests) - asked == 5  # the refusal is remembered: captions only
+
+
 def test_a_guard_that_keeps_failing_fails_the_image_and_writes_nothing(tmp_path, llm_server, danbooru, capsys):
     llm_server.responder = lambda request: Text("As an AI, I cannot describe images.")
     images = tmp_path / "images"
@@ -233,7 +274,7 @@ def test_a_guard_that_keeps_failing_fails_the_image_and_writes_nothing(tmp_path,
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
                           output={"extension": ".caption"}, guards={"max_attempts": 4})
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
-    assert code == 1 and "refusal ('i cannot')" in out and "after 4 attempts" in out
+    assert code == 1 and "refusal ('as an ai')" in out and "after 4 attempts" in out
     assert len(llm_server.chat_requests) == 4
     assert not (images / "a.caption").exists()
     record = json.loads((images / "failures.jsonl").read_text())
@@ -292,6 +333,16 @@ def test_prompt_variants_are_weighted_and_stable_per_image(tmp_path, vision_serv
     assert set(counts) == {"Write a long descriptive caption for this image in a formal tone.",
                            "Write a stable diffusion prompt for this image.", "What is this?"}
     assert counts["Write a long descriptive caption for this image in a formal tone."] > 25
+    first_run = {r["messages"][0]["content"][1]["image_url"]["url"]: r["messages"][0]["content"][0]["text"]
+                 for r in vision_server.chat_requests if len(r["messages"]) == 1}
+    before = len(vision_server.chat_requests)
+    run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    second = [r for r in vision_server.chat_requests[before:] if len(r["messages"]) == 1]
+    assert len(second) == 60
+    # Every image is asked the same way on a rerun (the images are identical, so compare per file order).
+    assert sorted(r["messages"][0]["content"][0]["text"] for r in second) == sorted(firsts)
     loaded = load_config(str(config))
     plans = build_plans(loaded, "interrogator")
-    assert [pick(plans, f"{n:02}.png") for n in range(60)] == [pick(plans, f"{n:02}.png") for n in range(60)]
+    again = [pick(build_plans(loaded, "interrogator"), f"{n:02}.png").style for n in range(60)]
+    assert [pick(plans, f"{n:02}.png").style for n in range(60)] == again and len(set(again)) == 3
+    assert first_run

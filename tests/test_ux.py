@@ -63,6 +63,16 @@ def test_check_spots_a_model_that_cannot_see_and_a_missing_model(tmp_path, llm_s
     assert "warning: 'not-loaded-model' is not among the models listed (instruct-model)" in out
 
 
+def test_check_loads_templates_styles_and_hint_sources(tmp_path, llm_server, danbooru, capsys):
+    danbooru.wiki = {"1girl": "One girl."}
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          interpreter={"prompt_template": "nope.txt"},
+                          interrogator={"hint_sources": ["bogus"]})
+    code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2 and "config: interrogator.hint_sources: unknown source(s) bogus" in out
+    assert "cannot read template" in out and "nope.txt" in out
+
+
 def test_check_reports_an_unreachable_danbooru(tmp_path, llm_server, capsys):
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, "http://127.0.0.1:9",
                           tag_provider={"danbooru_retries": 0})
@@ -82,12 +92,14 @@ def test_dry_run_shows_every_prompt_and_sends_nothing(tmp_path, llm_server, visi
     assert code == 0, out
     assert llm_server.chat_requests == [] and vision_server.chat_requests == [] and danbooru.requests == []
     assert sorted(p.name for p in images.iterdir()) == before and not (tmp_path / "tags_cache.json").exists()
-    assert out.count("=== ") == 2 and "=== 0.png ===" in out and "=== 1.png ===" in out
+    assert out.count("=== ") == 3 and "=== 0.png ===" in out and "=== 1.png ===" in out
+    assert "=== tag summary request (one of them) ===" in out and "[the wiki page of 'cat' would be here]" in out
     assert "[system]\nLook closely." in out
     assert "What is in 0.png?\n\nFile path: 0.png\n<image [image: image/jpeg 64x48," in out
     assert "[user]\nNow in one sentence." in out
     assert "Tags attached to the image:\ncat, outdoors" in out
     assert "interrogator: 10 requests" in out and "and 10 images" in out and "interpreter:  5 requests" in out
+    assert "tag_provider: 2 requests" in out  # cat and outdoors: at most two summaries
 
     code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run=tags"], capsys)
     assert code == 0 and sorted(danbooru.looked_up()) == ["cat", "outdoors"]
@@ -167,6 +179,21 @@ def rendered(page: Path, fragment: str = "") -> str:
     return result.stdout
 
 
+def test_review_page_shows_descriptions_and_guard_trips(tmp_path, llm_server, vision_server, danbooru, capsys):
+    vision_server.responder = lambda request: Text("A tabby cat asleep.")
+    replies = iter(["I'm sorry, I can't help with that.", "A cat sleeps on a mat.", "A dog."])
+    llm_server.responder = lambda request: Text(next(replies))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = three_stage_config(tmp_path, llm_server, vision_server, danbooru, tag_provider={"skip": True},
+                                output={"extension": ".caption", "report": True})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    text = (images / "captions.html").read_text()
+    assert '<div class="description">A tabby cat asleep.</div>' in text
+    assert 'data-kind="captioned guards"' in text and '<span class="badge">refusal</span>' in text
+
+
 def test_review_page(tmp_path, llm_server, danbooru, capsys):
     llm_server.responder = lambda request: Error(400, {"error": "bad"}) if "dog" in user_text(request) else \
         Text("A cat on a <b>mat</b>.")
@@ -225,6 +252,12 @@ def test_wheel_installs_the_caption_command(tmp_path):
     assert any(name.endswith("data/data/share/tagcaption/templates/styles/descriptive.txt") for name in names)
     entry = next(name for name in names if name.endswith("entry_points.txt"))
     assert "caption = caption:cli" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_sample_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        run_caption([str(tmp_path), "--sample", "0"])
+    assert raised.value.code == 2 and "--sample takes a number of images" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -66,12 +66,14 @@ def test_png_original_and_unlimited_size(tmp_path, vision_server, danbooru, caps
     other = tmp_path / "other"
     make_image(other / "as_is.webp", size=(120, 80), format="WEBP")
     make_image(other / "big.png", size=(3000, 100))
+    make_image(other / "big_photo.jpg", size=(2400, 1800))  # decodable at half scale: must still be shrunk
     config = vision_config(tmp_path, vision_server, danbooru, image_format="original", max_image_size=1536)
     run_caption([str(other), "--config", str(config)], capsys)
     assert (other / "as_is.caption").read_text() == "image/webp WEBP 120x80"
     sent = next(sent_image(r)[1] for r in vision_server.chat_requests if sent_image(r)[2].size == (120, 80))
     assert sent == (other / "as_is.webp").read_bytes()
     assert (other / "big.caption").read_text() == "image/jpeg JPEG 1536x51"  # too big: re-encoded
+    assert (other / "big_photo.caption").read_text() == "image/jpeg JPEG 1200x900"
 
 
 def test_orientation_transparency_and_first_frame(tmp_path, vision_server, danbooru, capsys):
@@ -172,8 +174,10 @@ def test_debug_dir_writes_each_conversation_without_images_or_keys(tmp_path, vis
     debug = tmp_path / "debug"
     code, out, _ = run_caption([str(images), "--config", str(config), "--debug-dir", str(debug)], capsys)
     assert code == 0, out
-    assert sorted(p.name for p in debug.iterdir()) == ["one.png.json", "sub__one.png.json"]
-    record = json.loads((debug / "sub__one.png.json").read_text())
+    make_image(images / "sub__one.png")  # must not share a transcript file with sub/one.png
+    code, out, _ = run_caption([str(images), "--config", str(config), "--debug-dir", str(debug)], capsys)
+    assert sorted(p.name for p in debug.iterdir()) == ["one.png.json", "sub%2Fone.png.json", "sub__one.png.json"]
+    record = json.loads((debug / "sub%2Fone.png.json").read_text())
     turns = record["interrogator"]
     assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant"]
     assert turns[0]["content"][1]["image_url"] == "[image: image/jpeg 64x48, 0 KB]"
@@ -253,6 +257,16 @@ def test_exif_camera_lens_and_date(tmp_path):
     Image.new("RGB", (16, 16)).save(photo, exif=exif)
     assert hints_for(photo, ["exif"], tmp_path) == \
         "Photo: camera Canon EOS R5, lens RF50mm F1.2 L USM, taken 2023:05:01 18:30:00"
+
+
+def test_a_prompt_naming_hints_gets_them_once(tmp_path, vision_server, danbooru, capsys):
+    vision_server.responder = lambda request: Text(user_text(request).replace("\n", " | "))
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    config = vision_config(tmp_path, vision_server, danbooru, prompts=["Context: {hints}. Describe it."],
+                           hint_sources=["full_path"])
+    run_caption([str(images), "--config", str(config)], capsys)
+    assert (images / "a.caption").read_text() == "Context: File path: a.png. Describe it."
 
 
 def test_a_failing_hint_source_costs_a_warning_not_the_image(tmp_path, vision_server, danbooru, capsys):

@@ -81,6 +81,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
     args = parser.parse_intermixed_args(argv)
     args.command = command
+    if args.sample is not None and args.sample < 1:
+        parser.error("--sample takes a number of images, 1 or more")
+    if args.preview < 0:
+        parser.error("--preview takes 0 or more")
     if args.images_dir and "=" in args.images_dir and not os.path.exists(args.images_dir):
         args.overrides.insert(0, args.images_dir)
         args.images_dir = None

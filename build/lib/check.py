@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import openai
 from PIL import Image
 
-from config import Config, StageConfig
+from config import Config, ConfigError, StageConfig
 from llm import LLM, Replica, error_message, is_loopback
 from tag_sources import SourceError, make_source
 
@@ -130,8 +130,35 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
                              message.lower() else _fix_for(exc, row, replica.base_url))
 
 
+def _check_setup(config: Config, llm: LLM) -> List[str]:
+    """Templates, styles and hint sources, as a run would load them."""
+    from hints import unknown_sources
+    from interpreter import Interpreter
+    from interrogator import Interrogator
+    from tag_provider import SUMMARY_PLACEHOLDERS
+    from templates import Template
+
+    problems = []
+    unknown = unknown_sources(config.interrogator.hint_sources)
+    if unknown:
+        problems.append(f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}")
+    checks = {"tag_provider": lambda: Template.load(config.resource(config.tag_provider.prompt_template),
+                                                    SUMMARY_PLACEHOLDERS),
+              "interrogator": lambda: Interrogator(config, llm), "interpreter": lambda: Interpreter(config, llm)}
+    for name, build in checks.items():
+        if not getattr(config, name).skip:
+            try:
+                build()
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return problems
+
+
 async def run_check(config: Config) -> int:
     llm = LLM.from_config(config)
+    setup = _check_setup(config, llm)
+    for problem in setup:
+        print(f"config: {problem}")
     rows: List[Row] = []
     try:
         for stage in ("tag_provider", "interrogator", "interpreter"):
@@ -152,7 +179,7 @@ async def run_check(config: Config) -> int:
     for row in rows:
         for fix in row.fixes:
             print(f"  {row.stage} ({row.endpoint}, {row.model}): {fix}")
-    works = all(row.ok for row in rows) and tags_ok
+    works = all(row.ok for row in rows) and tags_ok and not setup
     print("Everything this config needs works." if works else "Some of what this config needs does not work.")
     return 0 if works else 2
 

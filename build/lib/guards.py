@@ -1,6 +1,8 @@
 """Quality guards: a reply that trips one is never saved; the request is tried again.
 
-Each check returns a Trip naming the guard, a one-line reason, and how to try again:
+Refusals and the script check apply where they matter: a refusal is recognised at the
+start of a reply; the expected script is checked on captions only (a tag summary may
+rightly quote a character's Japanese name). Each check returns a Trip naming the guard, a one-line reason, and how to try again:
 a fresh attempt, a corrective follow-up turn (the bad answer and an instruction to fix
 it), or a fresh attempt with twice the token limit (for a reply cut off at max_tokens).
 """
@@ -16,6 +18,11 @@ from config import GuardsConfig
 
 SCRIPT_PREFIXES = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",),
                    "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"), "arabic": ("ARABIC",), "hebrew": ("HEBREW",)}
+
+
+# Refusals are recognised at the start of a reply only, so a caption quoting a sign that
+# says "I can't stop" is not one; these openers may come first.
+_REFUSAL_LEAD = re.compile(r"^(?:(?:unfortunately|sadly|hmm|well|oh|apologies)[,.!]?\s+)+")
 
 
 @dataclass
@@ -45,8 +52,10 @@ class Guards:
         if not text.strip():
             return Trip("empty", "empty reply")
         lowered = text.lower()
-        opening = lowered[:200]
-        refusal = next((phrase for phrase in self.refusals if phrase in opening), None)
+        if "<think>" in lowered or "</think>" in lowered:
+            return Trip("reasoning", "unfinished reasoning block in the reply")
+        opening = _REFUSAL_LEAD.sub("", lowered.lstrip(" \t\n\"'“‘*"))
+        refusal = next((phrase for phrase in self.refusals if opening.startswith(phrase)), None)
         if refusal:
             return Trip("refusal", f"refusal ({refusal!r})", self.settings.retry_mode,
                         "Please do the task as asked, without refusing, apologising or commenting.")
@@ -58,7 +67,7 @@ class Guards:
             if found:
                 return Trip("banned_phrase", f"banned phrase {found[0]!r}", self.settings.retry_mode,
                             self.settings.banned_correction.replace("{phrases}", ", ".join(found)))
-        share = other_script_share(text, self.settings.expected_script)
+        share = other_script_share(text, self.settings.expected_script) if final else 0.0
         if share > self.settings.max_other_script:
             return Trip("wrong_script", f"{share:.0%} of the letters are not {self.settings.expected_script}",
                         self.settings.retry_mode,

@@ -87,7 +87,7 @@ class Interrogator:
             last = turn == len(prompts) - 1
             text = prompt.render(**values)
             if turn == 0:
-                if values.get("hints"):  # after the fixed prompt, so that prompt is a cacheable prefix
+                if values.get("hints") and "hints" not in prompt.names:  # after the fixed, cacheable prompt
                     text = f"{text}\n\n{values['hints']}"
                 content = [{"type": "text", "text": text},
                            {"type": "image_url", "image_url": {"url": image.data_url}}]

@@ -237,6 +237,7 @@ class Endpoint:
         self.base_url = self.replicas[0].base_url
         register_secret(config.api_key)
         self.slots = asyncio.Semaphore(config.concurrency * len(self.replicas))
+        self._freed = asyncio.Condition()
         self._failing_since: Optional[float] = None
 
     def describe(self, replica: Optional[Replica] = None) -> str:
@@ -263,6 +264,22 @@ class Endpoint:
             log.warning("warning: %s; resting it, the other replicas carry on", line)
         return listed
 
+    async def _take_replica(self) -> Replica:
+        """The least busy replica that has a free slot (a resting replica's share is not
+        piled onto the others: its slots wait instead)."""
+        async with self._freed:
+            while True:
+                replica = self._pick()
+                if replica.in_flight < self.config.concurrency:
+                    replica.in_flight += 1
+                    return replica
+                await self._freed.wait()
+
+    async def _give_back(self, replica: Replica) -> None:
+        async with self._freed:
+            replica.in_flight -= 1
+            self._freed.notify()
+
     def _pick(self) -> Replica:
         now = time.monotonic()
         ready = [replica for replica in self.replicas if replica.rested_until <= now]
@@ -277,8 +294,7 @@ class Endpoint:
             attempt += 1
             usage.requests += 1
             async with self.slots:
-                replica = self._pick()
-                replica.in_flight += 1
+                replica = await self._take_replica()
                 try:
                     result = await self._attempt(replica, params)
                 except Exception as exc:  # classified below: anything the server or transport can throw
@@ -288,7 +304,7 @@ class Endpoint:
                     self._failing_since = None
                     return result
                 finally:
-                    replica.in_flight -= 1
+                    await self._give_back(replica)
             self._note_replica_failure(replica, fault)
             self._note_failure(fault)
             if not fault.retryable or attempt > self.config.max_retries:

@@ -24,7 +24,7 @@ import openai
 from tqdm import tqdm
 
 from config import Config, ConfigError
-from dry_run import DryRunLLM, format_preview
+from dry_run import DryRunLLM, DryRunSource, format_preview
 from dataset import Dataset, ImageItem, ImageTags, Shard, read_image_tags
 from files import atomic_write_text, write_new_file
 from hints import HintInput, collect_hints, unknown_sources
@@ -89,8 +89,7 @@ class Run:
         self.preview = preview
         self.previews: Dict[str, dict] = {}
         self.sample, self.sample_seed = sample, sample_seed
-        if dry_run and dry_run != "tags" and not config.tag_provider.skip:
-            config.tag_provider.source = "none"  # no Danbooru unless --dry-run=tags; the cache still answers
+
         self.debug_dir = debug_dir
         self.progress = progress
         self.retry_failed = retry_failed
@@ -109,7 +108,8 @@ class Run:
         problem = check_formats(config.output.formats)
         if problem:
             raise ConfigError(problem)
-        self.outputs = DatasetOutputs(config.output.formats, self.root, self.dataset.root, shard.suffix)
+        formats = list(config.output.formats) + (["jsonl"] if config.output.report else [])  # the page reads it
+        self.outputs = DatasetOutputs(formats, self.root, self.dataset.root, shard.suffix)
         self.llm = LLM.from_config(config)
         if dry_run:
             self.llm = DryRunLLM(self.llm)
@@ -117,6 +117,8 @@ class Run:
         self.tag_filter = TagFilter(config.tags, config.tag_provider.min_post_count)
         self.tag_provider = None if config.tag_provider.skip else TagProvider(
             config, self.llm, on_tag_done=self._tag_done, on_tags_found=self._tags_found, refresh=refresh_tags)
+        if self.tag_provider and dry_run == "llm":  # no Danbooru unless --dry-run=tags; the cache still answers
+            self.tag_provider.source = DryRunSource()
         self.interrogator = None if config.interrogator.skip else Interrogator(config, self.llm)
         self.interpreter = None if config.interpreter.skip else Interpreter(config, self.llm)
         self.stopping = asyncio.Event()
@@ -250,7 +252,8 @@ class Run:
         self.image_bar = tqdm(total=total, initial=total - len(pending), desc="images", unit="img",
                               disable=show is False, position=1 if self.tag_bar else 0, leave=True,
                               dynamic_ncols=True)
-        count = 2 * sum(self.config.endpoints[name].concurrency for name in self._used_endpoints())
+        count = 2 * sum(self.config.endpoints[name].concurrency * len(self.llm.endpoints[name].replicas)
+                        for name in self._used_endpoints())
         queue: asyncio.Queue = asyncio.Queue(maxsize=count * 2)
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
         helpers = [asyncio.create_task(self._produce(pending, queue))]
@@ -406,7 +409,7 @@ class Run:
 
     def _write_transcript(self, item: ImageItem, transcript: dict) -> None:
         """`--debug-dir`: the image's whole conversation, one file per image, no API keys."""
-        name = item.rel.as_posix().replace("/", "__") + ".json"
+        name = item.rel.as_posix().replace("%", "%25").replace("/", "%2F") + ".json"  # one file per image
         record = {"image": str(item.path), **transcript}
         atomic_write_text(self.debug_dir / name, redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n")
 

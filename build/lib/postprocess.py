@@ -8,8 +8,8 @@ from config import PostprocessConfig
 
 _PREAMBLE = re.compile(
     r"^\s*(?:(?:sure|certainly|of course|absolutely|okay|ok|alright)\b[!,.]*\s*)?"
-    r"(?:(?:here(?:'s| is| are)|below is|this is)\b[^:\n]{0,80}?(?:caption|description|prompt|tags?|post|"
-    r"analysis|listing|version)[^:\n]{0,40}:\s*|"
+    r"(?:(?:here(?:'s| is| are)|below is)\b[^:\n]{0,80}?\b(?:caption|description|prompt|tags?|post|"
+    r"analysis|listing|version)\b[^:\n]{0,40}:\s*|"
     r"(?:sure|certainly|of course|absolutely)[!.,]\s+)",
     re.IGNORECASE)
 _IMAGE_SHOWS = re.compile(r"^\s*(?:the|this) (?:image|picture|photo(?:graph)?|illustration|artwork) "

@@ -29,6 +29,8 @@ def format_summary(result: RunResult) -> str:
             parts.append(f"{tags.resummarised} summarised again (model or template changed)")
         if tags.excluded:
             parts.append(f"{tags.excluded} excluded")
+        if tags.refused:
+            parts.append(f"{tags.refused} without summary (the model's replies tripped a guard)")
         if tags.lookup_failed:
             parts.append(f"{tags.lookup_failed} not looked up (lookup error)")
         if tags.failed:

@@ -158,6 +158,7 @@ class TagStats:
     cached: int = 0
     no_wiki: int = 0
     excluded: int = 0
+    refused: int = 0
     lookup_failed: int = 0
     failed: int = 0
 
@@ -262,6 +263,8 @@ class TagProvider:
             self._on_tag_done()
 
     def _summary_is_current(self, entry: dict) -> bool:
+        if entry.get("refused"):
+            return entry.get("model") == self.settings.model and entry.get("template") == self.template_hash
         if not entry.get("summary"):
             return False
         if "model" not in entry:  # from the original script's cache: keep it
@@ -315,9 +318,17 @@ class TagProvider:
                                                                          wiki=entry["wiki"])})
         try:
             summary = " ".join((await self.llm.complete("tag_provider", self.settings, messages)).split())
-        except LLMError:
-            self.stats.failed += 1
-            raise
+        except LLMError as exc:
+            if not exc.kind.startswith("guard_"):
+                self.stats.failed += 1
+                raise
+            # A summary the model refused (or that tripped another guard) is no summary; remembered
+            # for this model and template so that reruns do not ask again.
+            self.stats.refused += 1
+            log.warning("warning: tag '%s' has no summary: %s", tag, exc)
+            self.cache.put(tag, dict(entry, summary=None, refused=str(exc), model=self.settings.model,
+                                     template=self.template_hash))
+            return knowledge
         if resummarise:
             self.stats.resummarised += 1
         else:
