@@ -74,6 +74,7 @@ class Outcome:
     cpu_seconds: float
     exit_code: int
     summary: str
+    system_seconds: float = 0.0
 
     @property
     def per_stage(self) -> dict:
@@ -90,7 +91,7 @@ def run_caption(images: Path, config: Path) -> Outcome:
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     return Outcome(time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime,
-                   os.waitstatus_to_exitcode(status), out)
+                   os.waitstatus_to_exitcode(status), out, usage.ru_stime)
 
 
 def scenario(count: int, latency: float, slots: int, replicas: int = 1, captions: bool = False, **stages):
@@ -118,7 +119,8 @@ def three_stages(count: int, latency: float, slots: int) -> None:
           f"{stats['requests']} requests {outcome.per_stage}, wall {outcome.seconds:.1f} s, ideal {ideal:.1f} s, "
           f"ratio {outcome.seconds / ideal:.2f}; first to last request {stats['busy_seconds']:.1f} s "
           f"(ratio {stats['busy_seconds'] / ideal:.2f}); in flight {stats['average_in_flight']:.1f} on average "
-          f"(max {stats['max_in_flight']}); client CPU {outcome.cpu_seconds:.1f} s, peak RSS {outcome.peak_mb:.0f} MB")
+          f"(max {stats['max_in_flight']}); client CPU {outcome.cpu_seconds:.1f} s ({outcome.system_seconds:.1f} s in the "
+          f"kernel), peak RSS {outcome.peak_mb:.0f} MB")
 
 
 def tags_memory(counts, latency: float, slots: int) -> None:
