@@ -240,8 +240,11 @@ def test_example_configs_are_valid(example, monkeypatch):
 
 def test_wheel_installs_the_caption_command(tmp_path):
     pytest.importorskip("setuptools")
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "build", "*.egg-info",
+                                                               "__pycache__", "tags_cache.json*"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "setuptools" in result.stderr:
         pytest.skip("setuptools too old to build here")
     assert result.returncode == 0, result.stderr[-2000:]
