@@ -1,8 +1,8 @@
 """One run: folder → images → tags → stages → captions, in one direction.
 
 A producer walks the pending images in order, reads each one's tags and starts their
-summaries (so tag work runs ahead of the images that need it), and hands the image to
-a bounded pool of workers. A worker takes one image through the Interrogator and the
+lookups and summaries, and queues the image up to LOOKAHEAD images ahead of a bounded
+pool of workers (so tag work runs ahead of the images that need it). A worker takes one image through the Interrogator and the
 Interpreter and writes its caption. Each image fails alone: its error is recorded and
 the batch goes on. Ctrl-C or SIGTERM stops taking new images, gives those in flight a
 few seconds, then saves what there is.
@@ -41,6 +41,9 @@ from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_
 log = logging.getLogger("caption")
 
 STOP_GRACE_SECONDS = 5.0
+LOOKAHEAD = 1000
+"""Images read ahead of the workers: their tags' lookups and summaries start early, and
+Danbooru gets full batches, while memory stays bounded however large the folder."""
 
 # Failures that would repeat for every image: the run stops at the first one.
 FATAL_KINDS = {"server_down", "no_vision"}
@@ -254,11 +257,9 @@ class Run:
                               dynamic_ncols=True)
         count = 2 * sum(self.config.endpoints[name].concurrency * len(self.llm.endpoints[name].replicas)
                         for name in self._used_endpoints())
-        queue: asyncio.Queue = asyncio.Queue(maxsize=count * 2)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
         helpers = [asyncio.create_task(self._produce(pending, queue))]
-        if self.tag_provider:
-            helpers.append(asyncio.create_task(self._prefetch_tags(pending)))
         try:
             await asyncio.gather(*self.workers, return_exceptions=True)
         finally:
@@ -282,7 +283,10 @@ class Run:
                 await queue.put((item, ImageFailed("input", "tags_file", f"cannot read {exc.filename or path}: "
                                                                           f"{exc.strerror or exc}")))
                 continue
-            await queue.put((item, await self._read_tags(item)))
+            tags = await self._read_tags(item)
+            if self.tag_provider and isinstance(tags, ImageTags):
+                self.tag_provider.prefetch(self._to_look_up(tags))
+            await queue.put((item, tags))
         for _ in self.workers:
             await queue.put(None)
 
@@ -295,19 +299,6 @@ class Run:
             return ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
         except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
             return ImageFailed("tags", "tags_file", f"cannot read tags: {type(exc).__name__}: {exc}")
-
-    async def _prefetch_tags(self, pending: List[str]) -> None:
-        """Read every pending image's tags ahead and start their lookups, so that Danbooru is
-        asked in full batches and summaries are ready before the images that need them."""
-        for rel in pending:
-            if self.stopping.is_set():
-                return
-            try:
-                tags = await self._read_tags(self.dataset.item(self.dataset.root / rel))
-            except OSError:
-                continue  # the producer reports it
-            if isinstance(tags, ImageTags):
-                self.tag_provider.prefetch(self._to_look_up(tags))
 
     async def _work(self, queue: asyncio.Queue) -> None:
         while not self.stopping.is_set() and (job := await queue.get()) is not None:
