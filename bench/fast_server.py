@@ -56,6 +56,7 @@ class FastServer:
         server.close()
         span = (self.last - self.first) if self.first is not None else 0.0
         self._stats.put({"requests": self.requests, "max_in_flight": self.max_in_flight, "busy_seconds": span,
+                         "first": self.first, "last": self.last,
                          "average_in_flight": self.slot_seconds / span if span else 0.0})
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -69,6 +69,7 @@ def write_config(path: Path, llm_urls, danbooru_url: str, concurrency: int, **st
 
 @dataclass
 class Outcome:
+    started: float
     seconds: float
     peak_mb: float
     cpu_seconds: float
@@ -90,7 +91,7 @@ def run_caption(images: Path, config: Path) -> Outcome:
                              cwd=ROOT)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
-    return Outcome(time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime,
+    return Outcome(started, time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime,
                    os.waitstatus_to_exitcode(status), out, usage.ru_stime)
 
 
@@ -118,7 +119,8 @@ def three_stages(count: int, latency: float, slots: int) -> None:
     print(f"three stages: {count} images, {slots} slots, {latency * 1000:.0f} ms/request: exit {outcome.exit_code}, "
           f"{stats['requests']} requests {outcome.per_stage}, wall {outcome.seconds:.1f} s, ideal {ideal:.1f} s, "
           f"ratio {outcome.seconds / ideal:.2f}; first to last request {stats['busy_seconds']:.1f} s "
-          f"(ratio {stats['busy_seconds'] / ideal:.2f}); in flight {stats['average_in_flight']:.1f} on average "
+          f"(ratio {stats['busy_seconds'] / ideal:.2f}), the first one {stats['first'] - outcome.started:.1f} s after "
+          f"start; in flight {stats['average_in_flight']:.1f} on average "
           f"(max {stats['max_in_flight']}); client CPU {outcome.cpu_seconds:.1f} s ({outcome.system_seconds:.1f} s in the "
           f"kernel), peak RSS {outcome.peak_mb:.0f} MB")
 
