@@ -117,7 +117,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return asyncio.run(run_check(config))
         if args.command == "report":
             from report import build_report
-            print(f"Review page written: {build_report(config)}")
+            try:
+                print(f"Review page written: {build_report(config)}")
+            except (ValueError, OSError) as exc:
+                raise ConfigError(f"cannot write the review page: {exc}") from None
             return EXIT_OK
         from pipeline import run
         result = asyncio.run(run(config, progress=False if args.no_progress else None,

@@ -6,7 +6,6 @@ for the Interrogator's model a tiny image; then try the tag source. Nothing is w
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import os

@@ -144,7 +144,7 @@ class Shard:
     def includes(self, rel: str) -> bool:
         if self.count == 1:
             return True
-        return int(hashlib.sha1(rel.encode("utf-8")).hexdigest()[:12], 16) % self.count == self.index - 1
+        return int(stable_fraction(rel) * self.count) == self.index - 1
 
     @property
     def suffix(self) -> str:
@@ -189,6 +189,13 @@ class ImageTags:
 
 
 SIDECAR_CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
+"""Danbooru's one-letter ratings, as they read in a prompt."""
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on `key`: for choices that must repeat on a rerun."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
 
 
 def sidecar_paths(image: Path) -> List[Path]:

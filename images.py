@@ -97,7 +97,7 @@ def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> Prepare
             if not untouched:
                 image = ImageOps.exif_transpose(image)
             too_big = bool(options.max_size) and max(image.size) > options.max_size
-            image = _flatten(image, options.background, keep_alpha=False)
+            image = _flatten(image, options.background)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -139,7 +139,7 @@ def _orientation(image: Image.Image):
         return None
 
 
-def _flatten(image: Image.Image, background: tuple, keep_alpha: bool) -> Image.Image:
+def _flatten(image: Image.Image, background: tuple) -> Image.Image:
     """RGB from any mode: palette and alpha flattened onto `background`, 16-bit scaled down."""
     if image.mode == "P":
         image = image.convert("RGBA")

@@ -189,6 +189,13 @@ def _message_from_body(body: Any) -> Optional[str]:
     return None
 
 
+def _text(content: Any) -> str:
+    """Reply content as text: a string, or a list of parts as some servers send it."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -359,7 +366,7 @@ class Endpoint:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise _Fault("empty_choices", "reply had no choices", True)
         message = choices[0].get("message") or {}
-        return Reply(message.get("content") or "", choices[0].get("finish_reason")), completion.get("usage") or {}
+        return Reply(_text(message.get("content")), choices[0].get("finish_reason")), completion.get("usage") or {}
 
     async def _chat_streamed(self, replica: Replica, params: Dict[str, Any]) -> tuple[Reply, dict]:
         body = dict(params, stream=True)
@@ -377,7 +384,7 @@ class Endpoint:
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
                 saw_choice = True
-                content = (choice.get("delta") or {}).get("content")
+                content = _text((choice.get("delta") or {}).get("content"))
                 if content:
                     parts.append(content)
                 finish_reason = choice.get("finish_reason") or finish_reason

@@ -155,13 +155,23 @@ class Run:
                 self._save_failures()
         finally:
             await self._close()
-            if self.lock.held:
-                self.outputs.merge()
-                if self.config.output.report:
-                    self.result.report_page = build_report(self.config)
-            self.lock.release()
-            self.result.seconds = time.monotonic() - started
+            try:
+                if self.lock.held:
+                    self._finish_outputs()
+            finally:
+                self.lock.release()
+                self.result.seconds = time.monotonic() - started
         return self.result
+
+    def _finish_outputs(self) -> None:
+        """captions.jsonl, metadata.jsonl and the review page; the captions are safe either way."""
+        try:
+            self.outputs.merge()
+            if self.config.output.report:
+                self.result.report_page = build_report(self.config)
+        except OSError as exc:
+            log.error("error: cannot write the dataset files (%s); the captions are written, and the next run "
+                      "merges this run's records", exc.strerror or exc)
 
     def _take_lock(self) -> None:
         try:

@@ -5,11 +5,11 @@ The pick depends only on the image's path, so a rerun asks the same way.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 from config import Config, ConfigError, VariantConfig
+from dataset import stable_fraction
 from styles import check_length, extra_options, instruction, load_style
 
 
@@ -66,7 +66,7 @@ def pick(plans: Sequence[Plan], key: str) -> Plan:
     """The plan for an image, chosen by weight from a hash of its path (stable across runs)."""
     if len(plans) == 1:
         return plans[0]
-    point = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+    point = stable_fraction(key)
     total = sum(plan.weight for plan in plans)
     running = 0.0
     for plan in plans:

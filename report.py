@@ -128,6 +128,3 @@ def build_report(config: Config) -> Path:
     return page
 
 
-def report_summary(page: Path) -> str:
-    return f"Review page: {page} (open it in a browser)"
-

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 from config import Config, TagsConfig
-from dataset import display_tag
+from dataset import RATINGS, display_tag
 from llm import LLM, LLMError, ServerDown
 from tag_cache import TagCache
 from tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
@@ -29,7 +29,6 @@ log = logging.getLogger("caption")
 
 SUMMARY_PLACEHOLDERS = ("tag", "wiki")
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
-RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
 
 
 # --- DText -------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from typing import List, Optional
 
-from dataset import decode_text, sidecar_paths
+from dataset import RATINGS, decode_text, sidecar_paths
 
-RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
 MAX_VALUE = 200
 MAX_BLOCK = 1500
 

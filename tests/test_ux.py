@@ -267,3 +267,23 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         run_caption(["--version"])
     assert capsys.readouterr().out.startswith("tagcaption ")
+
+
+def test_unwritable_dataset_files_cost_a_line_not_the_captions(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    (images / "metadata.jsonl").mkdir()  # in the way of the file to write
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption", "formats": ["txt", "metadata"]})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "1 captioned" in out and (images / "a.caption").exists()
+    assert "error: cannot write the dataset files" in err and "Traceback" not in err
+    assert (images / ".tagcaption" / "records.jsonl").exists()  # kept for the next run to merge
+    assert (images / ".tagcaption" / "lock").read_text() == ""
+
+
+def test_report_without_a_folder_is_a_setup_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("images_dir: null\n")
+    code, _, err = run_caption(["report", "--config", str(config)], capsys)
+    assert code == 2 and "no images folder" in err

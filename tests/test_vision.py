@@ -6,7 +6,6 @@ import base64
 import io
 import json
 
-import pytest
 from PIL import Image, PngImagePlugin
 
 from conftest import make_image, run_caption, write_config
