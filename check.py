@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import openai
 from PIL import Image
 
+import tls
 from config import Config, ConfigError, StageConfig
 from llm import LLM, Replica, error_message, is_loopback
 from tag_sources import SourceError, make_source
@@ -59,7 +60,7 @@ async def _other_port(url: str) -> Optional[str]:
             continue
         candidate = url.replace(f":{parts.port}", f":{port}", 1)
         client = openai.AsyncOpenAI(base_url=candidate, api_key="check", max_retries=0, timeout=1.0,
-                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False, verify=tls.context()))
         try:
             await client.models.list()
         except openai.OpenAIError:

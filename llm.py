@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
+import tls
 from config import Config, EndpointConfig, StageConfig
 from guards import Guards, Trip
 
@@ -37,6 +38,8 @@ SERVER_HINTS = (
     "Ollama: `ollama serve` (http://localhost:11434/v1); vLLM: `vllm serve MODEL` (http://localhost:8000/v1); "
     "llama.cpp: `llama-server -m model.gguf --port 8080` (http://localhost:8080/v1)"
 )
+TLS_HINT = ("the server's TLS certificate is not trusted: set SSL_CERT_FILE to a PEM file holding it "
+            "(or the authority that signed it)")
 
 
 _SECRETS: set = set()
@@ -217,7 +220,7 @@ class Replica:
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
         # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        http_client = openai.DefaultAsyncHttpxClient(trust_env=False) if is_loopback(self.base_url) else None
+        http_client = openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url), verify=tls.context())
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
                                          timeout=config.timeout, max_retries=0, http_client=http_client)
         self.in_flight = 0
@@ -266,7 +269,8 @@ class Endpoint:
                                         f"Set endpoints.{self.name}.api_key") from None
             listed += [model.id for model in page.data]
         if len(unreachable) == len(self.replicas):
-            raise ServerUnreachable(f"{'; '.join(unreachable)}. {SERVER_HINTS}")
+            hint = TLS_HINT if any("CERTIFICATE_VERIFY_FAILED" in line for line in unreachable) else SERVER_HINTS
+            raise ServerUnreachable(f"{'; '.join(unreachable)}. {hint}")
         for line in unreachable:
             log.warning("warning: %s; resting it, the other replicas carry on", line)
         return listed

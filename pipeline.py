@@ -1,11 +1,13 @@
 """One run: folder → images → tags → stages → captions, in one direction.
 
-A producer walks the pending images in order, reads each one's tags and starts their
-lookups and summaries, and queues the image up to LOOKAHEAD images ahead of a bounded
-pool of workers (so tag work runs ahead of the images that need it). A worker takes one image through the Interrogator and the
-Interpreter and writes its caption. Each image fails alone: its error is recorded and
-the batch goes on. Ctrl-C or SIGTERM stops taking new images, gives those in flight a
-few seconds, then saves what there is.
+The folder walk runs as a task that hands on the images needing a caption as it finds
+them, so the first requests leave while a large folder is still being walked. A producer
+takes them in order, reads each one's tags and starts their lookups and summaries, and
+queues the image up to LOOKAHEAD images ahead of a bounded pool of workers (so tag work
+runs ahead of the images that need it). A worker takes one image through the
+Interrogator and the Interpreter and writes its caption. Each image fails alone: its
+error is recorded and the batch goes on. Ctrl-C or SIGTERM stops taking new images,
+gives those in flight a few seconds, then saves what there is.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import openai
 from tqdm import tqdm
@@ -41,9 +43,13 @@ from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_
 log = logging.getLogger("caption")
 
 STOP_GRACE_SECONDS = 5.0
+LEFTOVER_AGE = 60.0
+"""Seconds after which a temp file is a killed run's leftover even while other shards write."""
 LOOKAHEAD = 1000
 """Images read ahead of the workers: their tags' lookups and summaries start early, and
 Danbooru gets full batches, while memory stays bounded however large the folder."""
+SCAN_CHUNK = 50
+"""Images the folder walk checks between two turns of the event loop."""
 
 # Failures that would repeat for every image: the run stops at the first one.
 FATAL_KINDS = {"server_down", "no_vision"}
@@ -127,14 +133,21 @@ class Run:
         self.stopping = asyncio.Event()
         self.workers: List[asyncio.Task] = []
         self._writes: set = set()
+        self.pending = 0
+        """Images the walk found needing a caption (so far)."""
+        self.failed_in_walk = 0
+        self._done_on_bar = 0
+        self._first_found = asyncio.Event()
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
+        found: asyncio.Queue = asyncio.Queue()
+        walk = asyncio.create_task(self._walk(found))
         try:
-            pending = self._pending_images()
-            if self.sample is not None and len(pending) > self.sample:
-                pending = sorted(random.Random(self.sample_seed).sample(pending, self.sample))
-            if pending:
+            await self._first_found.wait()
+            if walk.done():
+                walk.result()  # the walk's error, if it failed
+            if self.pending:
                 if not self.dry_run:
                     await self._check_servers()
                 if self.tag_provider:
@@ -143,20 +156,26 @@ class Run:
                 if not self.dry_run:
                     self._take_lock()
                     self.outputs.merge()  # a journal left by a killed run
-                self.previews = {rel: {} for rel in pending[: self.preview]} if self.dry_run else {}
-                failed_before = len(self.result.failures)
                 with self._signals_handled():
-                    await self._caption_all(pending)
-                failed = len(self.result.failures) - failed_before
-                self.result.unfinished = len(pending) - self.result.captioned - failed
+                    await self._caption_all(found)
+                if self.result.interrupted:
+                    walk.cancel()  # the count of images not started is then a lower bound
+                await asyncio.wait([walk])
+                if not walk.cancelled():
+                    walk.result()  # a walk that broke off must not pass for a finished folder
+                failed = len(self.result.failures) - self.failed_in_walk
+                self.result.unfinished = self.pending - self.result.captioned - failed
             if self.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
             else:
                 self._save_failures()
         finally:
+            walk.cancel()
+            await asyncio.gather(walk, return_exceptions=True)
             await self._close()
             try:
                 if self.lock.held:
+                    self._remove_leftover_temps()
                     self._finish_outputs()
             finally:
                 self.lock.release()
@@ -180,14 +199,43 @@ class Run:
             raise ConfigError(str(exc)) from None
         if note:
             log.warning("warning: %s", note)
-        for leftover in self.dataset.leftover_temps:
-            leftover.unlink(missing_ok=True)
+        self._remove_leftover_temps()
 
-    def _pending_images(self) -> List[str]:
-        """The images to caption, as paths inside the folder (kept as short strings: a run over
-        50,000 images must not hold 50,000 objects); skips and collisions are counted here."""
+    def _remove_leftover_temps(self) -> None:
+        """Temp files of a killed run, found by the walk. While another shard runs, a young
+        one may be its write in progress: then only those older than LEFTOVER_AGE go."""
+        oldest_kept = time.time() - (LEFTOVER_AGE if self.lock.others_running() else 0)
+        while self.dataset.leftover_temps:
+            leftover = self.dataset.leftover_temps.pop()
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime <= oldest_kept:
+                    leftover.unlink()
+
+    async def _walk(self, found: asyncio.Queue) -> None:
+        """Put the images that need a caption into `found` as the walk finds them (then None),
+        turning the event loop every SCAN_CHUNK images so requests flow meanwhile."""
+        try:
+            images = self._images_to_caption()
+            if self.sample is not None:
+                images = iter(self._sampled([rel for rel in images if rel is not None]))
+            for count, rel in enumerate(images, 1):
+                if rel is not None:
+                    self.pending += 1
+                    found.put_nowait(rel)
+                    self._first_found.set()
+                if count % SCAN_CHUNK == 0:
+                    self._count_walked()
+                    await asyncio.sleep(0)
+        finally:
+            self._count_walked()
+            found.put_nowait(None)
+            self._first_found.set()
+
+    def _images_to_caption(self) -> Iterator[Optional[str]]:
+        """For each image of the folder, its path inside the folder (a short string: a run over
+        50,000 images must not hold 50,000 objects) when it needs a caption, else None; skips
+        and collisions are counted here."""
         failed = self._failed_before() if self.retry_failed else None
-        pending: List[str] = []
         try:
             for folder in self.dataset.folders():
                 previous: List[Optional[ImageItem]] = [None]  # images sharing a stem come in a row
@@ -195,11 +243,22 @@ class Run:
                     rel = path.relative_to(self.dataset.root).as_posix()
                     if (failed is not None and str(path) not in failed) or not self.shard.includes(rel):
                         continue
-                    if self._check(path, previous) is not None:
-                        pending.append(rel)
+                    yield rel if self._check(path, previous) is not None else None
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
-        return pending
+
+    def _sampled(self, pending: List[str]) -> List[str]:
+        if len(pending) <= self.sample:
+            return pending
+        return sorted(random.Random(self.sample_seed).sample(pending, self.sample))
+
+    def _count_walked(self) -> None:
+        """The image bar's total grows with the walk; images it skips or fails count as done."""
+        done = self.result.skipped + self.failed_in_walk
+        if self.image_bar is not None:
+            self.image_bar.total = self.pending + done
+            self.image_bar.update(done - self._done_on_bar)
+        self._done_on_bar = done
 
     def _check(self, path: Path, previous: List[Optional[ImageItem]]) -> Optional[ImageItem]:
         """The image's item when it needs a caption; None when it is done or cannot be done.
@@ -209,6 +268,7 @@ class Run:
             done = not self.config.output.overwrite and item.has_caption()
         except OSError as exc:
             rel = path.relative_to(self.dataset.root)
+            self.failed_in_walk += 1
             self._fail(ImageItem(path, rel, path, None, None), ImageFailed(
                 "input", "tags_file", f"cannot read {exc.filename or path}: {exc.strerror or exc}"))
             return None
@@ -217,6 +277,7 @@ class Run:
             self.dataset.tags_owner(path)
         previous[0] = item
         if other is not None:
+            self.failed_in_walk += 1
             self._fail(item, ImageFailed("output", "caption_collision",
                                          f"its caption file {item.caption_file.name} would replace a file of "
                                          f"{other.name} (same name stem); rename one of them"))
@@ -256,20 +317,19 @@ class Run:
 
     # --- running -------------------------------------------------------------------------
 
-    async def _caption_all(self, pending: List[str]) -> None:
+    async def _caption_all(self, found: asyncio.Queue) -> None:
         show = self.progress
-        total = len(pending) + self.result.skipped + len(self.result.failures)
         if self.tag_provider:
             self.tag_bar = tqdm(total=0, desc="tags", unit="tag", disable=show is False, position=0,
                                 leave=True, dynamic_ncols=True)
-        self.image_bar = tqdm(total=total, initial=total - len(pending), desc="images", unit="img",
-                              disable=show is False, position=1 if self.tag_bar else 0, leave=True,
+        self.image_bar = tqdm(total=self.pending + self._done_on_bar, initial=self._done_on_bar, desc="images",
+                              unit="img", disable=show is False, position=1 if self.tag_bar else 0, leave=True,
                               dynamic_ncols=True)
         count = 2 * sum(self.config.endpoints[name].concurrency * len(self.llm.endpoints[name].replicas)
                         for name in self._used_endpoints())
         queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
-        helpers = [asyncio.create_task(self._produce(pending, queue))]
+        helpers = [asyncio.create_task(self._produce(found, queue))]
         try:
             await asyncio.gather(*self.workers, return_exceptions=True)
         finally:
@@ -281,10 +341,10 @@ class Run:
                 if bar is not None:
                     bar.close()
 
-    async def _produce(self, pending: List[str], queue: asyncio.Queue) -> None:
-        for rel in pending:
-            if self.stopping.is_set():
-                break
+    async def _produce(self, found: asyncio.Queue, queue: asyncio.Queue) -> None:
+        while (rel := await found.get()) is not None and not self.stopping.is_set():
+            if self.dry_run and len(self.previews) < self.preview:
+                self.previews[rel] = {}
             path = self.dataset.root / rel
             try:
                 item = self.dataset.item(path)

@@ -53,9 +53,9 @@ class RunLock:
         """Take the lock; returns a note when the last holder did not end cleanly."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, fcntl.LOCK_EX):
+            time.sleep(0.1)  # another shard may be probing this lock for an instant (others_running)
+        if not _flock(fd, fcntl.LOCK_EX):
             owner = _owner(fd)
             os.close(fd)
             who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
@@ -76,11 +76,35 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def others_running(self) -> bool:
+        """Whether another run holds another lock of this folder (another shard) right now."""
+        for path in self.path.parent.glob("lock*"):
+            if path == self.path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                if not _flock(fd, fcntl.LOCK_SH):
+                    return True
+            finally:
+                os.close(fd)  # and with it the probe's own lock
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # an empty lock file means the last run ended cleanly
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+def _flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _owner(fd: int) -> Optional[dict]:

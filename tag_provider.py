@@ -29,6 +29,8 @@ log = logging.getLogger("caption")
 
 SUMMARY_PLACEHOLDERS = ("tag", "wiki")
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+BATCH_WAIT = 0.05
+"""Seconds a Danbooru batch waits for more tags before it is sent less than full."""
 
 
 # --- DText -------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class TagProvider:
         self._tasks: Dict[str, asyncio.Task] = {}
         self._waiting: Dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
+        self._batch_full = asyncio.Event()
         self._lookup_slots = asyncio.Semaphore(max(1, self.settings.danbooru_concurrency))
         self._dispatcher: Optional[asyncio.Task] = None
         self._lookups: set = set()
@@ -343,6 +346,8 @@ class TagProvider:
         future = asyncio.get_running_loop().create_future()
         self._waiting[tag] = future
         self._wake.set()
+        if len(self._waiting) >= self.settings.danbooru_batch_size:
+            self._batch_full.set()
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch())
         return await future
@@ -355,12 +360,21 @@ class TagProvider:
             self._wake.clear()
             while self._waiting:
                 await self._lookup_slots.acquire()
-                await asyncio.sleep(0.05)  # let the tags of images read just now join this batch
+                await self._until_batch_full(BATCH_WAIT)
                 names = list(self._waiting)[: self.settings.danbooru_batch_size]
                 batch = {name: self._waiting.pop(name) for name in names}
                 task = asyncio.create_task(self._lookup_batch(batch))
                 self._lookups.add(task)
                 task.add_done_callback(self._lookups.discard)
+
+    async def _until_batch_full(self, seconds: float) -> None:
+        """Let the tags of images read just now join this batch, for at most `seconds`."""
+        if len(self._waiting) < self.settings.danbooru_batch_size:
+            try:
+                await asyncio.wait_for(self._batch_full.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        self._batch_full.clear()
 
     async def _lookup_batch(self, batch: Dict[str, asyncio.Future]) -> None:
         try:

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import httpx2  # installed by openai; its async client keeps Danbooru lookups on the event loop
 
+import tls
 from config import Config, ConfigError, TagProviderConfig
 from llm import is_loopback, register_secret
 from version import USER_AGENT
@@ -69,7 +70,7 @@ class DanbooruSource:
         self.http = httpx2.AsyncClient(
             base_url=self.base_url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=settings.danbooru_timeout, trust_env=not is_loopback(self.base_url), follow_redirects=True,
-            auth=auth)
+            auth=auth, verify=tls.context())
         self.slots = asyncio.Semaphore(settings.danbooru_concurrency)
         self.requests = 0
         self._next_start = 0.0

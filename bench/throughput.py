@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -95,7 +96,8 @@ def run_caption(images: Path, config: Path) -> Outcome:
                    os.waitstatus_to_exitcode(status), out, usage.ru_stime)
 
 
-def scenario(count: int, latency: float, slots: int, replicas: int = 1, captions: bool = False, **stages):
+def scenario(count: int, latency: float, slots: int, replicas: int = 1, captions: bool = False,
+             concurrency: Optional[int] = None, **stages):
     wiki = {f"tag_{n}": f"Tag number {n}, a [[thing]]." for n in range(TAG_POOL)}
     danbooru = FakeDanbooru(wiki=wiki).start()
     llms = [FastServer(latency, slots).start() for _ in range(replicas)]
@@ -104,7 +106,7 @@ def scenario(count: int, latency: float, slots: int, replicas: int = 1, captions
             folder = Path(scratch) / "images"
             make_images(folder, count, with_captions=captions)
             config = write_config(Path(scratch) / "config.json", [llm.base_url for llm in llms], danbooru.url,
-                                  slots, **stages)
+                                  concurrency or slots, **stages)
             outcome = run_caption(folder, config)
     finally:
         danbooru.stop()
@@ -112,11 +114,13 @@ def scenario(count: int, latency: float, slots: int, replicas: int = 1, captions
     return outcome, stats, len(danbooru.requests)
 
 
-def three_stages(count: int, latency: float, slots: int) -> None:
-    outcome, (stats,), _ = scenario(count, latency, slots, interrogator={"skip": False},
+def three_stages(count: int, latency: float, slots: int, concurrency: int) -> None:
+    """`concurrency` is the client's setting; above `slots`, the server queues the extra requests."""
+    outcome, (stats,), _ = scenario(count, latency, slots, concurrency=concurrency, interrogator={"skip": False},
                                     interpreter={"prompt_template": "templates/interpreter_prompt_template_short.txt"})
     ideal = stats["requests"] * latency / slots
-    print(f"three stages: {count} images, {slots} slots, {latency * 1000:.0f} ms/request: exit {outcome.exit_code}, "
+    print(f"three stages: {count} images, {slots} slots, concurrency {concurrency}, {latency * 1000:.0f} ms/request: "
+          f"exit {outcome.exit_code}, "
           f"{stats['requests']} requests {outcome.per_stage}, wall {outcome.seconds:.1f} s, ideal {ideal:.1f} s, "
           f"ratio {outcome.seconds / ideal:.2f}; first to last request {stats['busy_seconds']:.1f} s "
           f"(ratio {stats['busy_seconds'] / ideal:.2f}), the first one {stats['first'] - outcome.started:.1f} s after "
@@ -183,6 +187,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="*", help="image counts (scenario defaults otherwise)")
     parser.add_argument("--latency", type=float, default=None, help="seconds per request")
     parser.add_argument("--slots", type=int, default=None, help="parallel slots per server")
+    parser.add_argument("--concurrency", type=int, nargs="*",
+                        help="the client's endpoint concurrency for three-stages (default: the slots, then the "
+                             "slots + 1/8, as the README recommends)")
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
 
@@ -192,7 +199,9 @@ def main() -> None:
     if wanted in ("all", "prep"):
         preparation()
     if wanted in ("all", "three-stages"):
-        three_stages((args.images or [2000])[0], pick(args.latency, 0.1), args.slots or 32)
+        slots = args.slots or 32
+        for concurrency in args.concurrency or [slots, slots + max(1, slots // 8)]:
+            three_stages((args.images or [2000])[0], pick(args.latency, 0.1), slots, concurrency)
     if wanted in ("all", "rerun"):
         rerun((args.images or [10000])[0])
     if wanted in ("all", "replicas"):

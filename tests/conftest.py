@@ -90,8 +90,9 @@ def run_caption(args: List[str], capsys=None) -> tuple:
     return code, out, err
 
 
-def run_caption_process(args: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
+def run_caption_process(args: List[str], timeout: float = 60, **extra_env: str) -> subprocess.CompletedProcess:
     """Run `python caption.py` as users do, in a child process."""
     env = {key: value for key, value in os.environ.items() if not key.endswith("_PROXY")}
+    env.update(extra_env)
     return subprocess.run([sys.executable, str(ROOT / "caption.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)

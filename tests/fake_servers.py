@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -86,10 +87,19 @@ class FakeServer:
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def use_tls(self, certfile, keyfile) -> "FakeServer":
+        """Serve HTTPS with this certificate and key (before start)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        self.scheme = "https"
+        return self
 
     def start(self) -> "FakeServer":
         self._thread.start()

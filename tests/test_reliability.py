@@ -417,3 +417,32 @@ def test_a_failed_tag_summary_is_tried_again(tmp_path, llm_server, danbooru, cap
                           endpoints={"default": {"max_retries": 0}})
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0 and "12 captioned" in out
+
+
+def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tmp_path, llm_server, danbooru,
+                                                                              capsys):
+    """While another shard runs, a young temp file may be its caption being written."""
+    from run_state import RunLock
+
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "b.png": "dog"})
+    old = images / ".a.caption.tagcaption-x1y2z3.tmp"
+    young = images / ".b.caption.tagcaption-q7r8s9.tmp"
+    for temp in (old, young):
+        temp.write_text("A half-written capt", encoding="utf-8")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    args = [str(images), "--config", str(tags_only_config(tmp_path, llm_server, danbooru)), "output.extension=.caption"]
+    other_shard = RunLock(images, "-2-of-2")
+    other_shard.acquire()
+    try:
+        code, out, _ = run_caption(args, capsys)
+    finally:
+        other_shard.release()
+    assert code == 0 and "2 captioned" in out
+    assert not old.exists() and young.exists()
+
+    make_dataset(images, {"c.png": "bird"})
+    code, out, _ = run_caption(args, capsys)  # alone now: every temp file is a leftover
+    assert code == 0 and "1 captioned, 2 skipped" in out
+    assert not young.exists()

@@ -3,9 +3,13 @@ Throughput itself is measured by bench/throughput.py, not asserted here."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
-from conftest import make_dataset, run_caption, write_config
-from fake_servers import Fault, FakeOpenAIServer, Text, user_text
+import pytest
+
+from conftest import make_dataset, run_caption, run_caption_process, write_config
+from fake_servers import Fault, FakeDanbooru, FakeOpenAIServer, Text, user_text
 
 
 def test_replicas_share_the_work(tmp_path, llm_server, danbooru, capsys):
@@ -106,3 +110,50 @@ def test_fixed_text_comes_first_for_prefix_caching(tmp_path, llm_server, vision_
     prompts = [user_text(r) for r in llm_server.chat_requests]
     shared = prompts[0].split("Tags attached to the image:")[0]
     assert len(shared) > 300 and prompts[1].startswith(shared)
+
+
+def make_certificate(folder) -> tuple:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_servers_are_verified_with_the_certificates_users_trust(tmp_path):
+    """The LLM server and Danbooru over HTTPS share one TLS context, which honours SSL_CERT_FILE."""
+    certificate = make_certificate(tmp_path / "trusted")
+    llm = FakeOpenAIServer(models=["instruct-model"]).use_tls(*certificate).start()
+    danbooru = FakeDanbooru(wiki={"cat": "A small [[feline]]."}).use_tls(*certificate).start()
+    try:
+        images = tmp_path / "images"
+        make_dataset(images, {"a.png": "cat"})
+        config = write_config(tmp_path / "config.yaml", llm.base_url, danbooru.url)
+        args = [str(images), "--config", str(config), "--no-progress"]
+        result = run_caption_process(args, SSL_CERT_FILE=str(certificate[0]))
+        assert result.returncode == 0, result.stderr
+        assert "1 captioned" in result.stdout
+        assert [r.path for r in danbooru.requests] == ["/tags.json"]
+        assert len(llm.chat_requests) == 2  # the tag summary and the caption
+
+        (images / "a.caption.txt").unlink(missing_ok=True)
+        (images / "a.txt").write_text("cat", encoding="utf-8")
+        (images / "a.tags.txt").unlink()
+        stranger = make_certificate(tmp_path / "stranger")[0]
+        result = run_caption_process(args, SSL_CERT_FILE=str(stranger))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "certificate verify failed" in result.stderr and "set SSL_CERT_FILE" in result.stderr, result.stderr
+
+        empty = tmp_path / "empty.pem"
+        empty.write_text("")
+        result = run_caption_process(args, SSL_CERT_FILE=str(empty))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"cannot load the TLS certificates from SSL_CERT_FILE={empty}" in result.stderr, result.stderr
+        assert len(llm.chat_requests) == 2
+    finally:
+        llm.stop()
+        danbooru.stop()

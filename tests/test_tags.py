@@ -372,3 +372,23 @@ def test_a_bad_wiki_dump_is_a_setup_error(tmp_path, llm_server, danbooru, templa
                         tag_provider={"source": "file", "wiki_dump": name})
     code, _, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 2 and "tag_provider.wiki_dump: cannot read" in err and name in err
+
+
+def test_a_full_danbooru_batch_leaves_without_waiting_for_more_tags(tmp_path, llm_server, danbooru, template, capsys,
+                                                                   monkeypatch):
+    """Only a batch that is not full waits (BATCH_WAIT) for the tags of the next images."""
+    import tag_provider
+
+    monkeypatch.setattr(tag_provider, "BATCH_WAIT", 30.0)
+    danbooru.wiki = {f"tag{n}": f"Tag number {n}." for n in range(8)}
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n}.png": f"tag{2 * n}, tag{2 * n + 1}" for n in range(4)})
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"danbooru_batch_size": 2})
+    started = time.monotonic()
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    assert time.monotonic() - started < 15
+    batches = [r.query["search[name_comma]"][0].split(",") for r in danbooru.requests if r.path == "/tags.json"]
+    assert sorted(len(batch) for batch in batches) == [2, 2, 2, 2]
+    assert sorted(danbooru.looked_up()) == sorted(danbooru.wiki)

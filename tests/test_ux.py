@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -287,3 +288,27 @@ def test_report_without_a_folder_is_a_setup_error(tmp_path, capsys):
     config.write_text("images_dir: null\n")
     code, _, err = run_caption(["report", "--config", str(config)], capsys)
     assert code == 2 and "no images folder" in err
+
+
+def test_the_progress_bar_counts_the_whole_folder_as_the_walk_finds_it(tmp_path, llm_server, danbooru, capsys,
+                                                                        monkeypatch):
+    """The walk hands on images while it goes, so the bar's total grows as captioning runs: it
+    must end at every image of the folder, the captioned ones counted done as they are found."""
+    import caption
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "SCAN_CHUNK", 1)  # a turn of the event loop after every image
+    images = tmp_path / "images"
+    make_dataset(images, {f"{folder}/{n:03}.png": f"tag{n}" for folder in ("a", "b") for n in range(70)})
+    for n in range(0, 70, 2):
+        (images / "b" / f"{n:03}.caption").write_text("Written by hand.", encoding="utf-8")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          recursive=True, output={"extension": ".caption"})
+    code = caption.main([str(images), "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "105 captioned, 35 skipped (caption exists)" in out
+    bar_states = [tuple(map(int, state)) for state in re.findall(r"images:\s+\d+%\S*\s*\|[^|]*\|\s*(\d+)/(\d+)", err)]
+    assert bar_states[-1] == (140, 140), bar_states[-3:]
+    assert bar_states[0][1] < 140  # the bar appeared before the walk was over
+    assert all(done <= total for done, total in bar_states)
