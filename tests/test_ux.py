@@ -252,7 +252,9 @@ def test_wheel_installs_the_caption_command(tmp_path):
     import zipfile
     (wheel,) = tmp_path.glob("tagcaption-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "caption.py" in names and "hints/tags.py" in names
+    modules = sorted(path.name for path in ROOT.glob("*.py"))
+    assert [name for name in modules if name not in names] == [], "add them to py-modules in pyproject.toml"
+    assert "hints/tags.py" in names
     assert any(name.endswith("data/data/share/tagcaption/templates/styles/descriptive.txt") for name in names)
     entry = next(name for name in names if name.endswith("entry_points.txt"))
     assert "caption = caption:cli" in zipfile.ZipFile(wheel).read(entry).decode()
