@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import logging
 
@@ -64,31 +64,51 @@ class Dataset:
         self.tags_extension = config.tags_extension or None
         self.caption_extension = config.output.extension
         self.output_dir = config.path(config.output.dir) if config.output.dir else None
-        self.leftover_temps: List[Path] = []
+        self.leftover_temps: Set[Path] = set()
         """Temp files of a killed run, seen while walking; removed once the run holds the lock."""
 
-    def folders(self) -> Iterator[List[Path]]:
-        """The images folder by folder, in a stable order: folders sorted, and in each folder
-        images sorted by name stem, then extension (so two images sharing a stem, and so a
-        caption file, come one after the other). One folder's list at a time."""
+    def folders(self) -> Iterator[Iterator[Path]]:
+        """The images folder by folder (see `listing`), each image's Path made as it is reached."""
+        for folder, names in self.listing():
+            yield map(folder.joinpath, names)
+
+    def listing(self, ordered: bool = True) -> Iterator[Tuple[Path, Iterable[str]]]:
+        """Each folder with its image names, in a stable order: folders sorted, and in each
+        folder images sorted by name stem, then extension (so two images sharing a stem, and
+        so a caption file, come one after the other). One folder's names at a time: a folder
+        of 50,000 images costs names, not objects. Unordered (to count them), the names come
+        as the folder is read and none are kept."""
         if not self.root.is_dir():
             raise ValueError(f"images folder not found: {self.root}")
-        for folder, subfolders, files in os.walk(self.root, onerror=None, followlinks=False):
-            here = Path(folder)
-            subfolders[:] = sorted(d for d in subfolders
-                                   if not d.startswith(".") and (here / d) != self.output_dir)
-            names = []
-            for name in files:
-                if is_leftover_temp(name):
-                    self.leftover_temps.append(here / name)
-                elif not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    names.append(name)
-            del files[:]
-            names.sort(key=lambda name: os.path.splitext(name))
-            if names:
-                yield [here / name for name in names]
-            if not self.recursive:
-                return
+        waiting = [self.root]
+        while waiting:
+            here = waiting.pop()
+            subfolders: List[Path] = []
+            names: Iterable[str] = self._read_folder(here, subfolders)
+            if ordered:  # by stem, then extension; one string per key costs a third of a tuple
+                names = sorted(names, key=lambda name: "\0".join(os.path.splitext(name)))
+            yield here, names  # read to the end before the next folder: that fills `subfolders`
+            waiting += sorted(subfolders, reverse=True)
+
+    def _read_folder(self, folder: Path, subfolders: List[Path]) -> Iterator[str]:
+        """The image names of one folder as it is read, hidden ones left out; its subfolders go
+        into `subfolders` when recursive. Like os.walk, an unreadable folder counts as empty
+        and symlinked folders are not followed."""
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if is_leftover_temp(name):
+                        self.leftover_temps.add(folder / name)
+                    elif name.startswith("."):
+                        continue
+                    elif entry.is_dir():
+                        if self.recursive and not entry.is_symlink() and folder / name != self.output_dir:
+                            subfolders.append(folder / name)
+                    elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                        yield name
+        except OSError:
+            return
 
     def tags_owner(self, image: Path) -> Optional[Path]:
         """The image whose kept tags file would be this image's caption file (`a.tags.png`'s

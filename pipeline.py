@@ -1,9 +1,10 @@
 """One run: folder → images → tags → stages → captions, in one direction.
 
-The folder walk runs as a task that hands on the images needing a caption as it finds
-them, so the first requests leave while a large folder is still being walked. A producer
-takes them in order, reads each one's tags and starts their lookups and summaries, and
-queues the image up to LOOKAHEAD images ahead of a bounded pool of workers (so tag work
+A producer walks the folder as captioning goes, so the first requests leave while a large
+folder is still being walked and memory stays flat however large it is (a count of names,
+in a thread, gives the progress bar its total). It takes the images that need a caption in
+order, reads each one's tags and starts their lookups and summaries, and queues the image
+up to LOOKAHEAD images ahead of a bounded pool of workers (so tag work
 runs ahead of the images that need it). A worker takes one image through the
 Interrogator and the Interpreter and writes its caption. Each image fails alone: its
 error is recorded and the batch goes on. Ctrl-C or SIGTERM stops taking new images,
@@ -15,12 +16,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
 import openai
 from tqdm import tqdm
@@ -136,18 +138,16 @@ class Run:
         self.pending = 0
         """Images the walk found needing a caption (so far)."""
         self.failed_in_walk = 0
+        self.selected: Optional[int] = None
+        """How many images this run is asked for, once counted (skipped ones included)."""
         self._done_on_bar = 0
-        self._first_found = asyncio.Event()
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
-        found: asyncio.Queue = asyncio.Queue()
-        walk = asyncio.create_task(self._walk(found))
+        walk = self._walk()
         try:
-            await self._first_found.wait()
-            if walk.done():
-                walk.result()  # the walk's error, if it failed
-            if self.pending:
+            first = await anext(walk, None)
+            if first is not None:
                 if not self.dry_run:
                     await self._check_servers()
                 if self.tag_provider:
@@ -157,21 +157,15 @@ class Run:
                     self._take_lock()
                     self.outputs.merge()  # a journal left by a killed run
                 with self._signals_handled():
-                    await self._caption_all(found)
-                if self.result.interrupted:
-                    walk.cancel()  # the count of images not started is then a lower bound
-                await asyncio.wait([walk])
-                if not walk.cancelled():
-                    walk.result()  # a walk that broke off must not pass for a finished folder
-                failed = len(self.result.failures) - self.failed_in_walk
-                self.result.unfinished = self.pending - self.result.captioned - failed
+                    await self._caption_all(first, walk)
+                self.result.unfinished = max(0, self._total() - self.result.skipped - len(self.result.failures)
+                                             - self.result.captioned)
             if self.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
             else:
                 self._save_failures()
         finally:
-            walk.cancel()
-            await asyncio.gather(walk, return_exceptions=True)
+            await walk.aclose()
             await self._close()
             try:
                 if self.lock.held:
@@ -211,52 +205,75 @@ class Run:
                 if leftover.stat().st_mtime <= oldest_kept:
                     leftover.unlink()
 
-    async def _walk(self, found: asyncio.Queue) -> None:
-        """Put the images that need a caption into `found` as the walk finds them (then None),
-        turning the event loop every SCAN_CHUNK images so requests flow meanwhile."""
+    async def _walk(self) -> AsyncIterator[str]:
+        """The images that need a caption, as the walk finds them; the event loop turns
+        every SCAN_CHUNK images so requests flow meanwhile."""
         try:
             images = self._images_to_caption()
             if self.sample is not None:
                 images = iter(self._sampled([rel for rel in images if rel is not None]))
+            else:
+                counting = asyncio.ensure_future(asyncio.to_thread(self._count_selected))
+                counting.add_done_callback(self._counted)
             for count, rel in enumerate(images, 1):
                 if rel is not None:
                     self.pending += 1
-                    found.put_nowait(rel)
-                    self._first_found.set()
+                    yield rel
                 if count % SCAN_CHUNK == 0:
                     self._count_walked()
                     await asyncio.sleep(0)
         finally:
             self._count_walked()
-            found.put_nowait(None)
-            self._first_found.set()
 
-    def _images_to_caption(self) -> Iterator[Optional[str]]:
-        """For each image of the folder, its path inside the folder (a short string: a run over
-        50,000 images must not hold 50,000 objects) when it needs a caption, else None; skips
-        and collisions are counted here."""
+    def _selected_images(self, ordered: bool = True) -> Iterator[Tuple[Path, str, str]]:
+        """(folder, name, path inside the images folder) of each image this run is asked for:
+        the whole folder, this machine's shard, or the images that failed last time."""
         failed = self._failed_before() if self.retry_failed else None
         try:
-            for folder in self.dataset.folders():
-                previous: List[Optional[ImageItem]] = [None]  # images sharing a stem come in a row
-                for path in folder:
-                    rel = path.relative_to(self.dataset.root).as_posix()
-                    if (failed is not None and str(path) not in failed) or not self.shard.includes(rel):
-                        continue
-                    yield rel if self._check(path, previous) is not None else None
+            for folder, names in self.dataset.listing(ordered):
+                inside = folder.relative_to(self.dataset.root).as_posix()
+                prefix = "" if inside == "." else f"{inside}/"
+                for name in names:
+                    rel = prefix + name
+                    if (failed is None or os.path.join(folder, name) in failed) and self.shard.includes(rel):
+                        yield folder, name, rel
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
+
+    def _count_selected(self) -> int:
+        return sum(1 for _ in self._selected_images(ordered=False))
+
+    def _counted(self, counting: asyncio.Future) -> None:
+        if not counting.cancelled() and counting.exception() is None:
+            self.selected = counting.result()
+            self._count_walked()
+
+    def _images_to_caption(self) -> Iterator[Optional[str]]:
+        """For each image, its path inside the folder (a short string) when it needs a
+        caption, else None; skips and collisions are counted here."""
+        current, previous = None, [None]
+        for folder, name, rel in self._selected_images():
+            if folder != current:
+                current, previous = folder, [None]  # images sharing a stem come in a row
+            # From one string, not folder / name: Python 3.11's pathlib interns the parts it is
+            # given, and a listed name would stay in the intern table as long as the listing.
+            path = Path(f"{folder}/{name}")
+            yield rel if self._check(path, previous) is not None else None
 
     def _sampled(self, pending: List[str]) -> List[str]:
         if len(pending) <= self.sample:
             return pending
         return sorted(random.Random(self.sample_seed).sample(pending, self.sample))
 
+    def _total(self) -> int:
+        """Images this run is asked for: counted, or as far as the walk has gone."""
+        return max(self.selected or 0, self.pending + self.result.skipped + self.failed_in_walk)
+
     def _count_walked(self) -> None:
-        """The image bar's total grows with the walk; images it skips or fails count as done."""
+        """The image bar: images the walk skips or fails count as done as they are found."""
         done = self.result.skipped + self.failed_in_walk
         if self.image_bar is not None:
-            self.image_bar.total = self.pending + done
+            self.image_bar.total = self._total()
             self.image_bar.update(done - self._done_on_bar)
         self._done_on_bar = done
 
@@ -317,48 +334,61 @@ class Run:
 
     # --- running -------------------------------------------------------------------------
 
-    async def _caption_all(self, found: asyncio.Queue) -> None:
+    async def _caption_all(self, first: str, walk: AsyncIterator[str]) -> None:
         show = self.progress
         if self.tag_provider:
             self.tag_bar = tqdm(total=0, desc="tags", unit="tag", disable=show is False, position=0,
                                 leave=True, dynamic_ncols=True)
-        self.image_bar = tqdm(total=self.pending + self._done_on_bar, initial=self._done_on_bar, desc="images",
+        self.image_bar = tqdm(total=self._total(), initial=self._done_on_bar, desc="images",
                               unit="img", disable=show is False, position=1 if self.tag_bar else 0, leave=True,
                               dynamic_ncols=True)
         count = 2 * sum(self.config.endpoints[name].concurrency * len(self.llm.endpoints[name].replicas)
                         for name in self._used_endpoints())
         queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
-        helpers = [asyncio.create_task(self._produce(found, queue))]
+        producer = asyncio.create_task(self._produce(first, walk, queue))
         try:
             await asyncio.gather(*self.workers, return_exceptions=True)
+            if producer.done() and not producer.cancelled():
+                producer.result()  # a walk that broke off must not pass for a finished folder
         finally:
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
             await asyncio.gather(*self._writes, return_exceptions=True)
             for bar in (self.tag_bar, self.image_bar):
                 if bar is not None:
                     bar.close()
 
-    async def _produce(self, found: asyncio.Queue, queue: asyncio.Queue) -> None:
-        while (rel := await found.get()) is not None and not self.stopping.is_set():
-            if self.dry_run and len(self.previews) < self.preview:
-                self.previews[rel] = {}
-            path = self.dataset.root / rel
-            try:
-                item = self.dataset.item(path)
-            except OSError as exc:
-                item = ImageItem(path, Path(rel), path, None, None)
-                await queue.put((item, ImageFailed("input", "tags_file", f"cannot read {exc.filename or path}: "
-                                                                          f"{exc.strerror or exc}")))
-                continue
-            tags = await self._read_tags(item)
-            if self.tag_provider and isinstance(tags, ImageTags):
-                self.tag_provider.prefetch(self._to_look_up(tags))
-            await queue.put((item, tags))
+    async def _produce(self, first: str, walk: AsyncIterator[str], queue: asyncio.Queue) -> None:
+        broke: Optional[Exception] = None
+        try:
+            rel: Optional[str] = first
+            while rel is not None and not self.stopping.is_set():
+                if self.dry_run and len(self.previews) < self.preview:
+                    self.previews[rel] = {}
+                await queue.put(await self._read_ahead(rel))
+                rel = await anext(walk, None)
+        except Exception as exc:  # the workers finish what they have; the run then reports it
+            broke = exc
         for _ in self.workers:
             await queue.put(None)
+        if broke is not None:
+            raise broke
+
+    async def _read_ahead(self, rel: str) -> tuple:
+        """The image and its tags (or why they could not be read); its tags' lookups and
+        summaries start now."""
+        path = Path(f"{self.dataset.root}/{rel}")  # see _images_to_caption
+        try:
+            item = self.dataset.item(path)
+        except OSError as exc:
+            item = ImageItem(path, Path(rel), path, None, None)
+            return item, ImageFailed("input", "tags_file", f"cannot read {exc.filename or path}: "
+                                                          f"{exc.strerror or exc}")
+        tags = await self._read_tags(item)
+        if self.tag_provider and isinstance(tags, ImageTags):
+            self.tag_provider.prefetch(self._to_look_up(tags))
+        return item, tags
 
     async def _read_tags(self, item: ImageItem):
         """The image's tags, or the ImageFailed that reading them ended in."""

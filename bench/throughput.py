@@ -196,8 +196,6 @@ def main() -> None:
     def pick(value, default):
         return default if value is None else value
     wanted = args.scenario
-    if wanted in ("all", "prep"):
-        preparation()
     if wanted in ("all", "three-stages"):
         slots = args.slots or 32
         for concurrency in args.concurrency or [slots, slots + max(1, slots // 8)]:
@@ -208,6 +206,8 @@ def main() -> None:
         replicas((args.images or [1000])[0], pick(args.latency, 0.1), args.slots or 8)
     if wanted in ("all", "tags-memory"):
         tags_memory(args.images or [5000, 50000], pick(args.latency, 0.0), args.slots or 64)
+    if wanted in ("all", "prep"):  # last: a child inherits this process's peak memory in its own
+        preparation()
 
 
 if __name__ == "__main__":
