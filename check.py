@@ -60,7 +60,8 @@ async def _other_port(url: str) -> Optional[str]:
             continue
         candidate = url.replace(f":{parts.port}", f":{port}", 1)
         client = openai.AsyncOpenAI(base_url=candidate, api_key="check", max_retries=0, timeout=1.0,
-                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False, verify=tls.context()))
+                                    http_client=openai.DefaultAsyncHttpxClient(
+                                        trust_env=False, verify=tls.context_for(candidate)))
         try:
             await client.models.list()
         except openai.OpenAIError:

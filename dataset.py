@@ -102,7 +102,7 @@ class Dataset:
                         self.leftover_temps.add(folder / name)
                     elif name.startswith("."):
                         continue
-                    elif entry.is_dir():
+                    elif _is_folder(entry):
                         if self.recursive and not entry.is_symlink() and folder / name != self.output_dir:
                             subfolders.append(folder / name)
                     elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
@@ -139,6 +139,13 @@ class Dataset:
         if looks_like_caption(decode_text(tags_file.read_bytes())):
             return ImageItem(image, rel, caption_file, None, backup, prose_caption=True)
         return ImageItem(image, rel, caption_file, tags_file, backup)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # as os.walk does: an entry that cannot be examined is taken for a file
+        return False
 
 
 def looks_like_caption(text: str) -> bool:

@@ -220,7 +220,8 @@ class Replica:
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
         # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        http_client = openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url), verify=tls.context())
+        http_client = openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url),
+                                                     verify=tls.context_for(self.base_url))
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
                                          timeout=config.timeout, max_retries=0, http_client=http_client)
         self.in_flight = 0

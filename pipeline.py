@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class RunResult:
     captioned: int = 0
     skipped: int = 0
     unfinished: int = 0
+    unchecked: int = 0
+    """Images the walk had not reached when the run stopped (their captions not looked at)."""
     failures: List[Failure] = field(default_factory=list)
     tags: Optional[TagStats] = None
     danbooru_requests: int = 0
@@ -158,8 +161,9 @@ class Run:
                     self.outputs.merge()  # a journal left by a killed run
                 with self._signals_handled():
                     await self._caption_all(first, walk)
-                self.result.unfinished = max(0, self._total() - self.result.skipped - len(self.result.failures)
-                                             - self.result.captioned)
+                failed_in_work = len(self.result.failures) - self.failed_in_walk
+                self.result.unfinished = self.pending - self.result.captioned - failed_in_work
+                self.result.unchecked = max(0, (self.selected or 0) - self._walked())
             if self.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
             else:
@@ -197,8 +201,9 @@ class Run:
 
     def _remove_leftover_temps(self) -> None:
         """Temp files of a killed run, found by the walk. While another shard runs, a young
-        one may be its write in progress: then only those older than LEFTOVER_AGE go."""
-        oldest_kept = time.time() - (LEFTOVER_AGE if self.lock.others_running() else 0)
+        one may be its write in progress: then only those LEFTOVER_AGE older than this run's
+        lock go (both times from the same file server's clock)."""
+        oldest_kept = self.lock.path.stat().st_mtime - LEFTOVER_AGE if self.lock.others_running() else time.time()
         while self.dataset.leftover_temps:
             leftover = self.dataset.leftover_temps.pop()
             with contextlib.suppress(OSError):
@@ -207,52 +212,75 @@ class Run:
 
     async def _walk(self) -> AsyncIterator[str]:
         """The images that need a caption, as the walk finds them; the event loop turns
-        every SCAN_CHUNK images so requests flow meanwhile."""
+        every SCAN_CHUNK entries (images or folders) so requests flow meanwhile."""
+        stop_counting = threading.Event()
         try:
             images = self._images_to_caption()
             if self.sample is not None:
-                images = iter(self._sampled([rel for rel in images if rel is not None]))
+                images = iter(self._sampled([rel for rel in images if rel]))
             else:
-                counting = asyncio.ensure_future(asyncio.to_thread(self._count_selected))
-                counting.add_done_callback(self._counted)
+                self._start_count(stop_counting)
             for count, rel in enumerate(images, 1):
-                if rel is not None:
+                if rel:
                     self.pending += 1
                     yield rel
                 if count % SCAN_CHUNK == 0:
                     self._count_walked()
                     await asyncio.sleep(0)
         finally:
+            stop_counting.set()
             self._count_walked()
 
-    def _selected_images(self, ordered: bool = True) -> Iterator[Tuple[Path, str, str]]:
+    def _start_count(self, stop: threading.Event) -> None:
+        """Count the images this run is asked for, for the progress bar, in a daemon thread
+        that stops with the walk: a slow file server must not hold up the end of the run."""
+        loop = asyncio.get_running_loop()
+
+        def count() -> None:
+            total = 0
+            try:
+                for selected in self._selected_images(ordered=False):
+                    if stop.is_set():
+                        return
+                    total += selected is not None
+            except Exception:  # the walk meets the same problem and reports it
+                return
+            with contextlib.suppress(RuntimeError):  # the run is over and its loop closed
+                loop.call_soon_threadsafe(self._counted, total)
+        threading.Thread(target=count, name="count-images", daemon=True).start()
+
+    def _counted(self, total: int) -> None:
+        self.selected = total
+        self._count_walked()
+
+    def _selected_images(self, ordered: bool = True) -> Iterator[Optional[Tuple[Path, str, str]]]:
         """(folder, name, path inside the images folder) of each image this run is asked for:
-        the whole folder, this machine's shard, or the images that failed last time."""
+        the whole folder, this machine's shard, or the images that failed last time; None for
+        each image left out and each folder without images, so that walking them still counts."""
         failed = self._failed_before() if self.retry_failed else None
         try:
             for folder, names in self.dataset.listing(ordered):
+                yield None
                 inside = folder.relative_to(self.dataset.root).as_posix()
                 prefix = "" if inside == "." else f"{inside}/"
                 for name in names:
                     rel = prefix + name
                     if (failed is None or os.path.join(folder, name) in failed) and self.shard.includes(rel):
                         yield folder, name, rel
+                    else:
+                        yield None
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
 
-    def _count_selected(self) -> int:
-        return sum(1 for _ in self._selected_images(ordered=False))
-
-    def _counted(self, counting: asyncio.Future) -> None:
-        if not counting.cancelled() and counting.exception() is None:
-            self.selected = counting.result()
-            self._count_walked()
-
     def _images_to_caption(self) -> Iterator[Optional[str]]:
         """For each image, its path inside the folder (a short string) when it needs a
-        caption, else None; skips and collisions are counted here."""
+        caption, else None (also for each entry left out); skips and collisions are counted."""
         current, previous = None, [None]
-        for folder, name, rel in self._selected_images():
+        for selected in self._selected_images():
+            if selected is None:
+                yield None
+                continue
+            folder, name, rel = selected
             if folder != current:
                 current, previous = folder, [None]  # images sharing a stem come in a row
             # From one string, not folder / name: Python 3.11's pathlib interns the parts it is
@@ -265,9 +293,12 @@ class Run:
             return pending
         return sorted(random.Random(self.sample_seed).sample(pending, self.sample))
 
+    def _walked(self) -> int:
+        return self.pending + self.result.skipped + self.failed_in_walk
+
     def _total(self) -> int:
         """Images this run is asked for: counted, or as far as the walk has gone."""
-        return max(self.selected or 0, self.pending + self.result.skipped + self.failed_in_walk)
+        return max(self.selected or 0, self._walked())
 
     def _count_walked(self) -> None:
         """The image bar: images the walk skips or fails count as done as they are found."""
@@ -349,8 +380,6 @@ class Run:
         producer = asyncio.create_task(self._produce(first, walk, queue))
         try:
             await asyncio.gather(*self.workers, return_exceptions=True)
-            if producer.done() and not producer.cancelled():
-                producer.result()  # a walk that broke off must not pass for a finished folder
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -360,20 +389,18 @@ class Run:
                     bar.close()
 
     async def _produce(self, first: str, walk: AsyncIterator[str], queue: asyncio.Queue) -> None:
-        broke: Optional[Exception] = None
+        rel: Optional[str] = first
         try:
-            rel: Optional[str] = first
             while rel is not None and not self.stopping.is_set():
                 if self.dry_run and len(self.previews) < self.preview:
                     self.previews[rel] = {}
                 await queue.put(await self._read_ahead(rel))
                 rel = await anext(walk, None)
-        except Exception as exc:  # the workers finish what they have; the run then reports it
-            broke = exc
+        except Exception as exc:  # what was captioned stays; the summary says so, a rerun goes on
+            log.debug("the walk broke off", exc_info=True)
+            self._stop(f"cannot go on reading the images folder: {type(exc).__name__}: {exc}")
         for _ in self.workers:
             await queue.put(None)
-        if broke is not None:
-            raise broke
 
     async def _read_ahead(self, rel: str) -> tuple:
         """The image and its tags (or why they could not be read); its tags' lookups and

@@ -17,6 +17,8 @@ def format_summary(result: RunResult) -> str:
               f"{len(result.failures)} failed"]
     if result.unfinished:
         images.append(f"{result.unfinished} not started (rerun to continue)")
+    if result.unchecked:
+        images.append(f"{result.unchecked} not reached (rerun to continue)")
     lines.append(f"  images:   {', '.join(images)}")
     if result.shrunk:
         lines.append(f"  shrunk:   {result.shrunk} images sent again at half size after a context overflow")

@@ -70,7 +70,7 @@ class DanbooruSource:
         self.http = httpx2.AsyncClient(
             base_url=self.base_url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=settings.danbooru_timeout, trust_env=not is_loopback(self.base_url), follow_redirects=True,
-            auth=auth, verify=tls.context())
+            auth=auth, verify=tls.context_for(self.base_url))
         self.slots = asyncio.Semaphore(settings.danbooru_concurrency)
         self.requests = 0
         self._next_start = 0.0

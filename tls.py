@@ -48,3 +48,17 @@ def context() -> ssl.SSLContext:
         where = next((f"{name}={os.environ[name]}" for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")
                       if os.environ.get(name)), "the system's certificate store")
         raise ConfigError(f"cannot load the TLS certificates from {where}: {exc}") from None
+
+
+def context_for(url: str) -> ssl.SSLContext:
+    """The shared context for a client of `url`. A plain-http server needs none, so there a
+    certificate store that cannot be loaded is no reason to stop: the client gets the
+    system's own store instead (used only if the server redirects to https)."""
+    try:
+        return context()
+    except ConfigError:
+        if url.lower().startswith("https:"):
+            raise
+        import httpx2
+
+        return httpx2.create_ssl_context(trust_env=False)

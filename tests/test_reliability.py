@@ -446,3 +446,29 @@ def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tm
     code, out, _ = run_caption(args, capsys)  # alone now: every temp file is a leftover
     assert code == 0 and "1 captioned, 2 skipped" in out
     assert not young.exists()
+
+
+def test_a_walk_that_breaks_off_stops_the_run_with_its_summary(tmp_path, llm_server, danbooru, capsys, monkeypatch):
+    """Whatever stops the folder walk mid-run (here: a fault injected at the 6th image) costs the
+    rest of the walk, not the captions made or the summary."""
+    import pipeline
+
+    check = pipeline.Run._check
+    seen = []
+
+    def breaking_check(run, path, previous):
+        seen.append(path)
+        if len(seen) == 6:
+            raise RuntimeError("the file server went away")
+        return check(run, path, previous)
+    monkeypatch.setattr(pipeline.Run, "_check", breaking_check)
+    llm_server.responder = caption_for
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n:02}.png": f"tag{n}" for n in range(10)})
+    code, out, err = run_caption([str(images), "--config", str(tags_only_config(tmp_path, llm_server, danbooru))],
+                                 capsys)
+    assert code == 1
+    assert "cannot go on reading the images folder: RuntimeError: the file server went away" in err
+    assert "Summary" in out and "5 captioned" in out and "5 not reached (rerun to continue)" in out
+    assert sorted(p.name for p in images.glob("*.tags.txt")) == [f"{n:02}.tags.txt" for n in range(5)]
+    no_partial_files(tmp_path)

@@ -157,3 +157,13 @@ def test_https_servers_are_verified_with_the_certificates_users_trust(tmp_path):
     finally:
         llm.stop()
         danbooru.stop()
+
+
+def test_a_broken_ssl_cert_file_does_not_matter_to_plain_http_servers(tmp_path, llm_server, danbooru):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True})
+    result = run_caption_process([str(images), "--config", str(config), "--no-progress"],
+                                 SSL_CERT_FILE=str(tmp_path / "gone.pem"))
+    assert result.returncode == 0, result.stderr
+    assert "1 captioned" in result.stdout

@@ -300,6 +300,9 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
     import pipeline
 
     monkeypatch.setattr(pipeline, "SCAN_CHUNK", 1)  # a turn of the event loop after every image
+    counted = []
+    count_result = pipeline.Run._counted
+    monkeypatch.setattr(pipeline.Run, "_counted", lambda run, total: (counted.append(total), count_result(run, total)))
     images = tmp_path / "images"
     make_dataset(images, {f"{folder}/{n:03}.png": f"tag{n}" for folder in ("a", "b") for n in range(70)})
     for n in range(0, 70, 2):
@@ -311,5 +314,6 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
     assert code == 0, err
     assert "105 captioned, 35 skipped (caption exists)" in out
     bar_states = [tuple(map(int, state)) for state in re.findall(r"images:\s+\d+%\S*\s*\|[^|]*\|\s*(\d+)/(\d+)", err)]
+    assert counted == [140]
     assert bar_states[-1] == (140, 140), bar_states[-3:]
     assert all(done <= total for done, total in bar_states)

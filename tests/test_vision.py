@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 
 from PIL import Image, PngImagePlugin
 
@@ -278,3 +280,25 @@ def test_a_failing_hint_source_costs_a_warning_not_the_image(tmp_path, vision_se
     code, out, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0 and "hint source 'folder_metadata' failed" in err
     assert (images / "a.caption").read_text() == "Prompt was: Describe. | | File path: a.png"
+
+
+def test_a_stop_counts_every_image_once_even_those_the_walk_had_not_reached(tmp_path, vision_server, danbooru,
+                                                                           capsys):
+    """The folder is walked as captioning goes: after an early stop, the images not looked at
+    yet are "not reached", apart from those found needing a caption ("not started")."""
+    vision_server.responder = lambda request: Error(400, {"error": {"message": "image input is not supported"}})
+    images = tmp_path / "images"
+    first = make_image(images / "0000.png")
+    for n in range(1, 1500):
+        os.link(first, images / f"{n:04}.png")
+    for n in range(1200, 1500):
+        (images / f"{n:04}.caption").write_text("Written by hand.", encoding="utf-8")
+    config = vision_config(tmp_path, vision_server, danbooru, endpoint="default")
+    code, out, _ = run_caption([str(images), "--config", str(config), "endpoints.default.concurrency=2"], capsys)
+    assert code == 2
+    counts = dict((label, int(number)) for number, label in re.findall(
+        r"(\d+) (captioned|skipped|failed|not started|not reached)", out))
+    assert counts["captioned"] == 0 and counts["failed"] == 0
+    assert sum(counts.values()) == 1500, out
+    assert counts["not reached"] > 0 and counts.get("skipped", 0) + counts["not reached"] >= 300, out
+    assert all((images / f"{n:04}.caption").read_text() == "Written by hand." for n in range(1200, 1500))
