@@ -203,11 +203,12 @@ class Run:
         """Temp files of a killed run, found by the walk. While another shard runs, a young
         one may be its write in progress: then only those LEFTOVER_AGE older than this run's
         lock go (both times from the same file server's clock)."""
-        oldest_kept = self.lock.path.stat().st_mtime - LEFTOVER_AGE if self.lock.others_running() else time.time()
+        alone = not self.lock.others_running()
+        cutoff = self.lock.path.stat().st_mtime - LEFTOVER_AGE
         while self.dataset.leftover_temps:
             leftover = self.dataset.leftover_temps.pop()
             with contextlib.suppress(OSError):
-                if leftover.stat().st_mtime <= oldest_kept:
+                if alone or leftover.stat().st_mtime <= cutoff:
                     leftover.unlink()
 
     async def _walk(self) -> AsyncIterator[str]:
