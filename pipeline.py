@@ -53,6 +53,8 @@ LOOKAHEAD = 1000
 Danbooru gets full batches, while memory stays bounded however large the folder."""
 SCAN_CHUNK = 50
 """Images the folder walk checks between two turns of the event loop."""
+COUNT_WAIT = 3.0
+"""Seconds a run that stopped early waits for the count of names, to say how many it left."""
 
 # Failures that would repeat for every image: the run stops at the first one.
 FATAL_KINDS = {"server_down", "no_vision"}
@@ -143,6 +145,7 @@ class Run:
         self.failed_in_walk = 0
         self.selected: Optional[int] = None
         """How many images this run is asked for, once counted (skipped ones included)."""
+        self._count_done = asyncio.Event()
         self._done_on_bar = 0
 
     async def execute(self) -> RunResult:
@@ -163,7 +166,11 @@ class Run:
                     await self._caption_all(first, walk)
                 failed_in_work = len(self.result.failures) - self.failed_in_walk
                 self.result.unfinished = self.pending - self.result.captioned - failed_in_work
-                self.result.unchecked = max(0, (self.selected or 0) - self._walked())
+                if self.stopping.is_set():  # stopped before the walk's end: how much is left?
+                    if not self.result.interrupted:
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._count_done.wait(), COUNT_WAIT)
+                    self.result.unchecked = max(0, (self.selected or 0) - self._walked())
             if self.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.llm)
             else:
@@ -252,6 +259,7 @@ class Run:
 
     def _counted(self, total: int) -> None:
         self.selected = total
+        self._count_done.set()
         self._count_walked()
 
     def _selected_images(self, ordered: bool = True) -> Iterator[Optional[Tuple[Path, str, str]]]:
