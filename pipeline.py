@@ -52,7 +52,7 @@ LOOKAHEAD = 1000
 """Images read ahead of the workers: their tags' lookups and summaries start early, and
 Danbooru gets full batches, while memory stays bounded however large the folder."""
 SCAN_CHUNK = 50
-"""Images the folder walk checks between two turns of the event loop."""
+"""Entries (images or folders) the folder walk takes between two turns of the event loop."""
 COUNT_WAIT = 3.0
 """Seconds a run that stopped early waits for the count of names, to say how many it left."""
 
