@@ -163,7 +163,7 @@ def cli() -> None:
 def exit_now(code: int) -> None:
     """Exit without the interpreter's teardown of the OpenAI SDK's thousands of classes, which
     takes 0.1–0.2 s after every run. Safe only once nothing is left to finish: the run has
-    written and fsynced every file and released its lock, and no other thread is alive."""
+    written and fsynced every file and released its lock, and only daemon threads remain."""
     logging.shutdown()
     try:
         sys.stdout.flush()
