@@ -84,11 +84,15 @@ class Outcome:
                 re.findall(r"(tag_provider|interrogator|interpreter):\s+(\d+) requests", self.summary)}
 
 
+OVERRIDES: list = []
+"""KEY=VALUE config overrides given with --set, passed to every caption.py run."""
+
+
 def run_caption(images: Path, config: Path) -> Outcome:
     """caption.py in a child process, timed, with its own peak memory and CPU time."""
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, str(ROOT / "caption.py"), str(images), "--config", str(config),
-                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              "--no-progress", *OVERRIDES], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              cwd=ROOT)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
@@ -125,7 +129,7 @@ def three_stages(count: int, latency: float, slots: int, concurrency: int) -> fl
           f"{stats['requests']} requests {outcome.per_stage}, wall {outcome.seconds:.1f} s, ideal {ideal:.1f} s, "
           f"ratio {outcome.seconds / ideal:.2f}; first to last request {stats['busy_seconds']:.1f} s "
           f"(ratio {stats['busy_seconds'] / ideal:.2f}), the first one {stats['first'] - outcome.started:.1f} s after "
-          f"start; in flight {stats['average_in_flight']:.1f} on average "
+          f"start, exit {outcome.started + outcome.seconds - stats['last']:.2f} s after the last reply; in flight {stats['average_in_flight']:.1f} on average "
           f"(max {stats['max_in_flight']}); client CPU {outcome.cpu_seconds:.1f} s ({outcome.system_seconds:.1f} s in the "
           f"kernel), peak RSS {outcome.peak_mb:.0f} MB")
     return outcome.seconds / ideal
@@ -189,6 +193,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="*", help="image counts (scenario defaults otherwise)")
     parser.add_argument("--latency", type=float, default=None, help="seconds per request")
     parser.add_argument("--slots", type=int, default=None, help="parallel slots per server")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. --set endpoints.default.stream=false")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of three-stages per concurrency; the best and the median are printed, since a "
                              "shared host only ever makes a run slower")
@@ -196,6 +202,7 @@ def main() -> None:
                         help="the client's endpoint concurrency for three-stages (default: the slots, then the "
                              "slots + 1/8, as the README recommends)")
     args = parser.parse_args()
+    OVERRIDES[:] = args.set
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
 
     def pick(value, default):
