@@ -214,7 +214,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
     try:
         user = OmegaConf.load(path)
     except Exception as exc:
-        raise ConfigError(f"cannot read config file {path}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot read config file {path}: {_yaml_problem(exc)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (for example interpreter.model=mistral-7b)")
@@ -341,6 +341,15 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError(f"output.extension must start with a dot (got {config.output.extension!r})")
     if config.tags_extension and not config.tags_extension.startswith("."):
         raise ConfigError(f"tags_extension must start with a dot (got {config.tags_extension!r})")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What a YAML error found and where ("found duplicate key interpreter (line 3, column 1)"),
+    not the first line of its message, which only says what the parser was doing."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return _first_line(exc)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _first_line(value: object) -> str:

@@ -9,15 +9,15 @@ gets an empty `<stem>.tags.txt` for the same reason.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
-
-import logging
 
 from config import Config
 from files import is_leftover_temp
@@ -200,11 +200,32 @@ def parse_tags(text: str) -> List[str]:
 
 
 def decode_text(data: bytes) -> str:
-    """UTF-8 (with or without BOM); files from older Windows tools fall back to Latin-1."""
+    """UTF-8 (with or without BOM), UTF-16 with its BOM (Windows Notepad's "Unicode"); files
+    from older Windows tools fall back to Latin-1."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+MAX_TAGS_FILE = 1_000_000
+"""Bytes; a larger `.txt` beside an image is not a tags file."""
+
+
+def read_tags_text(path: Path) -> str:
+    """A tags file's text; ValueError (one line for the user) when it is not a tags file."""
+    size = path.stat().st_size
+    if size > MAX_TAGS_FILE:
+        raise ValueError(f"{path} is {size / 1e6:.1f} MB: too large for a tags file")
+    text = decode_text(path.read_bytes())
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes: not a text file")
+    return text
 
 
 @dataclass
@@ -270,7 +291,7 @@ def read_image_tags(item: ImageItem, sources: List[str], combine: str) -> ImageT
         if source == "txt":
             if item.tags_file is None:
                 continue
-            found = ImageTags(parse_tags(decode_text(item.tags_file.read_bytes())))
+            found = ImageTags(parse_tags(read_tags_text(item.tags_file)))
         else:
             found = _read_sidecar(item.path)
         if not found or not found.tags:

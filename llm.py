@@ -110,6 +110,12 @@ def clean_reply(text: str) -> str:
     return text.strip()
 
 
+def _count(usage: object, key: str) -> int:
+    """A token count from a reply's `usage`; a malformed one counts 0 rather than costing the caption."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) else 0
+
+
 def error_message(exc: BaseException) -> str:
     """One line from any server's error shape (OpenAI, LM Studio, vLLM, llama.cpp, Gemini)."""
     if isinstance(exc, openai.APIStatusError):
@@ -438,8 +444,8 @@ class LLM:
         for attempt in range(1, attempts + 1):
             params.update(messages=conversation, **{endpoint.config.token_limit_param: max_tokens})
             reply, usage = await endpoint.chat(params, stats)
-            stats.prompt_tokens += usage.get("prompt_tokens") or 0
-            stats.completion_tokens += usage.get("completion_tokens") or 0
+            stats.prompt_tokens += _count(usage, "prompt_tokens")
+            stats.completion_tokens += _count(usage, "completion_tokens")
             text = clean_reply(reply.text)
             if clean is not None and reply.finish_reason != "length":
                 text = clean(text)

@@ -51,6 +51,10 @@ LEFTOVER_AGE = 60.0
 LOOKAHEAD = 1000
 """Images read ahead of the workers: their tags' lookups and summaries start early, and
 Danbooru gets full batches, while memory stays bounded however large the folder."""
+MAX_TAG_LENGTH = 200
+"""Characters; Danbooru's longest tag names are well below it."""
+MAX_MESSAGE = 1000
+"""Characters of a failure message kept (a message may quote a whole broken input)."""
 SCAN_CHUNK = 50
 """Entries (images or folders) the folder walk takes between two turns of the event loop."""
 COUNT_WAIT = 3.0
@@ -433,6 +437,8 @@ class Run:
         except OSError as exc:
             where = exc.filename or item.tags_file
             return ImageFailed("tags", "tags_file", f"cannot read tags file {where}: {exc.strerror or exc}")
+        except ValueError as exc:
+            return ImageFailed("tags", "tags_file", f"cannot read tags: {exc}")
         except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
             return ImageFailed("tags", "tags_file", f"cannot read tags: {type(exc).__name__}: {exc}")
 
@@ -454,7 +460,10 @@ class Run:
             self.image_bar.update(1)
 
     def _to_look_up(self, tags: ImageTags) -> List[str]:
-        return [tag for tag in tags.tags if not self.tag_filter.excluded_by_name(tag)]
+        """Tags worth asking Danbooru about: not excluded, and short enough to be a tag at all
+        (one overlong "tag" would break the URL of the whole batch it shares with others)."""
+        return [tag for tag in tags.tags
+                if len(tag) <= MAX_TAG_LENGTH and not self.tag_filter.excluded_by_name(tag)]
 
     async def _caption(self, item: ImageItem, tags: ImageTags) -> None:
         transcript: dict = self.previews.get(item.rel.as_posix(), {})  # conversations and guard trips
@@ -573,7 +582,10 @@ class Run:
         raise ImageFailed("output", "backup", f"no free backup name for {caption_file}")
 
     def _fail(self, item: ImageItem, failure: ImageFailed) -> None:
-        record = Failure(str(item.path), failure.stage, failure.kind, redact(str(failure)), failure.attempts)
+        message = redact(str(failure))
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "…"
+        record = Failure(str(item.path), failure.stage, failure.kind, message, failure.attempts)
         self.result.failures.append(record)
         log.error("failed: %s: %s", item.path, record.message)
 
@@ -622,7 +634,12 @@ class Run:
     def _save_failures(self) -> None:
         """`failures.jsonl` lists this run's failures (an empty file when there were none)."""
         if self.result.failures or self.failures_file.exists():
-            write_failures(self.failures_file, self.result.failures)
+            try:
+                write_failures(self.failures_file, self.result.failures)
+            except OSError as exc:
+                log.error("error: cannot write %s (%s); the failures are listed above", self.failures_file,
+                          exc.strerror or exc)
+                return
             self.result.failures_file = self.failures_file
 
     def _tags_found(self, count: int) -> None:

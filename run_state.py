@@ -110,9 +110,10 @@ def _flock(fd: int, kind: int) -> bool:
 def _owner(fd: int) -> Optional[dict]:
     try:
         data = os.pread(fd, 4096, 0)
-        return json.loads(data) if data.strip() else None
+        owner = json.loads(data) if data.strip() else None
     except (OSError, ValueError):
         return None
+    return owner if isinstance(owner, dict) else None
 
 
 class CaptionRecord:

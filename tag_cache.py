@@ -71,7 +71,10 @@ class TagCache:
         return entries
 
     def get(self, tag: str) -> Optional[dict]:
-        return self.entries.get(tag)
+        """The tag's entry; one damaged by hand (not a mapping, text where a number or a string
+        belongs) counts as absent, so the tag is looked up again and the entry rewritten."""
+        entry = self.entries.get(tag)
+        return entry if _well_formed(entry) else None
 
     def put(self, tag: str, entry: dict) -> None:
         self.entries[tag] = entry
@@ -115,3 +118,12 @@ class TagCache:
         if self._flushing:
             await self._flushing
         await self.flush()
+
+
+def _well_formed(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    if not all(isinstance(entry.get(key), (str, type(None))) for key in ("summary", "wiki", "category", "model")):
+        return False
+    checked, count = entry.get("checked"), entry.get("post_count")
+    return (checked is None or isinstance(checked, (int, float))) and (count is None or isinstance(count, int))

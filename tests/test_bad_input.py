@@ -70,6 +70,13 @@ def corpus(tmp_path):
         os.chmod(images / "locked.png", 0)
         bad["locked.png"] = "Permission denied"
 
+    make_image(images / "nul.png")
+    (images / "nul.txt").write_bytes(b"red\x00square")
+    bad["nul.png"] = "holds NUL bytes: not a text file"
+    make_image(images / "huge.png")
+    (images / "huge.txt").write_bytes(b"x, " * 400_000)
+    bad["huge.png"] = "too large for a tags file"
+
     make_image(images / "tiny.png", size=(1, 1))
     good["tiny.png"] = "data:image/jpeg;base64 JPEG RGB 1x1"
     make_image(images / "wide.png", size=(20000, 100))
@@ -100,6 +107,7 @@ def corpus(tmp_path):
         "notags.png": (b"", ""),
         "odd.png": ('{tags}, a}b{c, back\\slash, "quoted", ratio:16:9'.encode(), '{tags}, a}b{c, back\\slash, "quoted", ratio:16:9'),
         "big.png": ((", ".join(f"tag{n % 40}" for n in range(15000))).encode(), ", ".join(f"tag{n}" for n in range(40))),
+        "utf16.png": ("red square, blue sky".encode("utf-16"), "red square, blue sky"),
     }
     for name, (data, shown) in tag_files.items():
         make_image(images / name)
@@ -170,3 +178,66 @@ def test_old_prose_captions_are_not_read_as_tags(tmp_path, llm_server, danbooru,
     assert code == 0 and "1 captioned, 1 skipped" in out
     assert (images / "a.txt").read_text() == prose
     assert all("wheat" not in user_text(r) for r in llm_server.chat_requests)
+
+
+def test_an_overlong_tag_is_not_looked_up_and_costs_no_other_image(tmp_path, llm_server, danbooru, capsys):
+    danbooru.wiki = {"red_square": "A red square."}
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.txt").write_text("red_square, " + "x" * 70000)
+    make_image(images / "b.png")
+    (images / "b.txt").write_text("red_square")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert "1 summarised" in out
+    assert all(len(name) < 100 for name in danbooru.looked_up())
+    assert (images / "b.txt").read_text() != "red_square"  # captioned
+    assert code in (0, 1) and "Traceback" not in err
+    assert all(len(line) < 1200 for line in err.splitlines())
+
+
+def test_damaged_state_files_cost_a_line_at_most(tmp_path, llm_server, danbooru, capsys):
+    """A hand-damaged cache entry, a lock file holding a list, a reply with a malformed `usage`
+    and a failures.jsonl that cannot be written: the captions are made, the summary printed."""
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.txt").write_text("red_square")
+    make_image(images / "b.png")  # no tags and no vision model: fails
+    danbooru.wiki = {"red_square": "A red square."}
+    (tmp_path / "tags_cache.json").write_text('{"red_square": {"checked": "yesterday", "summary": null}}')
+    (images / ".tagcaption").mkdir()
+    (images / ".tagcaption" / "lock").write_text("[1]")
+    (images / "failures.jsonl").mkdir()
+    llm_server.responder = lambda request: Text("A red square.")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1, err
+    assert "1 captioned" in out and "1 failed" in out and "1 summarised" in out
+    assert f"cannot write {images / 'failures.jsonl'}" in err
+    assert "unexpected" not in err and "Traceback" not in err
+    assert (images / "a.txt").read_text() == "A red square."
+
+
+def test_a_malformed_usage_field_does_not_cost_the_caption(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.txt").write_text("cat")
+    original = llm_server._completion
+
+    def completion(request, reply):
+        body = original(request, reply)
+        body["usage"] = ["not", "a", "mapping"]
+        return body
+    llm_server._completion = completion
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          endpoints={"default": {"stream": False}})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "1 captioned" in out, err
+
+
+def test_a_yaml_mistake_is_named_with_its_line(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("interpreter:\n  model: a\ninterpreter:\n  model: b\n")
+    code, _, err = run_caption([str(tmp_path), "--config", str(config)], capsys)
+    assert code == 2
+    assert "found duplicate key interpreter (line 3, column 1)" in err, err
