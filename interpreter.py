@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-from config import Config
-from llm import LLM
-from postprocess import clean_caption
-from prompt_plans import Plan, build_plans, pick
-from tag_provider import TAG_VARIABLES
-from templates import Template
+from tagcaption.config import Config
+from tagcaption.llm import LLM
+from tagcaption.postprocess import clean_caption
+from tagcaption.prompt_plans import Plan, build_plans, pick
+from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.templates import Template
 
 PLACEHOLDERS = TAG_VARIABLES + ("description", "hints", "filename", "folder", "name")
 STYLE_WRAPPER = "templates/styles/_interpreter.txt"

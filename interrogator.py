@@ -15,14 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from config import Config, ConfigError
-from images import ImageOptions, PreparedImage, parse_color, prepare_image
-from interpreter import with_tags
-from llm import LLM, LLMError
-from postprocess import clean_caption
-from prompt_plans import Plan, build_plans, pick
-from tag_provider import TAG_VARIABLES
-from templates import Template
+from tagcaption.config import Config, ConfigError
+from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
+from tagcaption.interpreter import with_tags
+from tagcaption.llm import LLM, LLMError
+from tagcaption.postprocess import clean_caption
+from tagcaption.prompt_plans import Plan, build_plans, pick
+from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.templates import Template
 
 log = logging.getLogger("caption")
 

@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
-from config import Config, TagsConfig
-from dataset import RATINGS, display_tag
-from llm import LLM, LLMError, ServerDown
-from tag_cache import TagCache
-from tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
-from templates import Template
+from tagcaption.config import Config, TagsConfig
+from tagcaption.dataset import RATINGS, display_tag
+from tagcaption.llm import LLM, LLMError, ServerDown
+from tagcaption.tag_cache import TagCache
+from tagcaption.tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
+from tagcaption.templates import Template
 
 log = logging.getLogger("caption")
 

@@ -167,7 +167,7 @@ def replicas(count: int, latency: float, slots: int) -> None:
 
 
 def preparation(repeats: int = 7) -> None:
-    from images import ImageOptions, prepare_image
+    from tagcaption.images import ImageOptions, prepare_image
 
     with tempfile.TemporaryDirectory() as scratch:
         photo = Image.radial_gradient("L").resize((6000, 4000)).convert("RGB")

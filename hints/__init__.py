@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from hints import exif, folder_metadata, full_path, generation_parameters, sidecar_json, tags
+from tagcaption.hints import exif, folder_metadata, full_path, generation_parameters, sidecar_json, tags
 
 log = logging.getLogger("caption")
 

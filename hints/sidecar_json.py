@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import List, Optional
 
-from dataset import RATINGS, decode_text, sidecar_paths
+from tagcaption.dataset import RATINGS, decode_text, sidecar_paths
 
 MAX_VALUE = 200
 MAX_BLOCK = 1500

@@ -11,11 +11,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from fake_servers import FakeDanbooru, FakeOpenAIServer  # noqa: E402
 
-import caption  # noqa: E402
+from tagcaption import cli as caption  # noqa: E402
 
 
 @pytest.fixture

@@ -422,7 +422,7 @@ def test_a_failed_tag_summary_is_tried_again(tmp_path, llm_server, danbooru, cap
 def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tmp_path, llm_server, danbooru,
                                                                               capsys):
     """While another shard runs, a young temp file may be its caption being written."""
-    from run_state import RunLock
+    from tagcaption.run_state import RunLock
 
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat", "b.png": "dog"})
@@ -451,7 +451,7 @@ def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tm
 def test_a_walk_that_breaks_off_stops_the_run_with_its_summary(tmp_path, llm_server, danbooru, capsys, monkeypatch):
     """Whatever stops the folder walk mid-run (here: a fault injected at the 6th image) costs the
     rest of the walk, not the captions made or the summary."""
-    import pipeline
+    from tagcaption import pipeline
 
     check = pipeline.Run._check
     seen = []

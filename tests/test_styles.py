@@ -9,12 +9,12 @@ import threading
 import pytest
 from PIL import Image
 
-from config import ConfigError, PostprocessConfig, load_config
+from tagcaption.config import ConfigError, PostprocessConfig, load_config
 from conftest import make_dataset, make_image, run_caption, write_config
 from fake_servers import Text, user_text
-from guards import other_script_share, repetition
-from postprocess import add_affixes, clean_caption
-from prompt_plans import build_plans
+from tagcaption.guards import other_script_share, repetition
+from tagcaption.postprocess import add_affixes, clean_caption
+from tagcaption.prompt_plans import build_plans
 
 # The seed's own words (shared/seeds/001: JoyCaption's prompt catalogue), per type and length form.
 SEED = {

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_dataset, make_image, run_caption, write_config
 from fake_servers import Text, user_text
-from tag_provider import wiki_text_for_summary
+from tagcaption.tag_provider import wiki_text_for_summary
 
 SUMMARY = re.compile(r'Tag: "([^"]+)"\n\nIts Danbooru wiki entry')
 
@@ -377,7 +377,7 @@ def test_a_bad_wiki_dump_is_a_setup_error(tmp_path, llm_server, danbooru, templa
 def test_a_full_danbooru_batch_leaves_without_waiting_for_more_tags(tmp_path, llm_server, danbooru, template, capsys,
                                                                    monkeypatch):
     """Only a batch that is not full waits (BATCH_WAIT) for the tags of the next images."""
-    import tag_provider
+    from tagcaption import tag_provider
 
     monkeypatch.setattr(tag_provider, "BATCH_WAIT", 30.0)
     danbooru.wiki = {f"tag{n}": f"Tag number {n}." for n in range(8)}

@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from config import ConfigError, load_config
-from dataset import decode_text, display_tag, normalize_tag, parse_tags
-from llm import clean_reply
-from templates import Template
+from tagcaption.config import ConfigError, load_config
+from tagcaption.dataset import decode_text, display_tag, normalize_tag, parse_tags
+from tagcaption.llm import clean_reply
+from tagcaption.templates import Template
 
 
 def test_tags_are_trimmed_normalised_and_deduplicated():

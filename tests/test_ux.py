@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from config import load_config
+from tagcaption.config import load_config
 from conftest import ROOT, make_dataset, make_image, run_caption, write_config
 from fake_servers import Error, Text, user_text
 
@@ -229,9 +230,9 @@ def test_example_configs_are_valid(example, monkeypatch):
     for name in ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GEMINI_API_KEY"):
         monkeypatch.setenv(name, "sk-example")
     config = load_config(str(example))
-    from interpreter import Interpreter
-    from interrogator import Interrogator
-    from llm import LLM
+    from tagcaption.interpreter import Interpreter
+    from tagcaption.interrogator import Interrogator
+    from tagcaption.llm import LLM
     llm = LLM.from_config(config)
     if not config.interpreter.skip:
         Interpreter(config, llm)
@@ -239,7 +240,10 @@ def test_example_configs_are_valid(example, monkeypatch):
         Interrogator(config, llm)
 
 
-def test_wheel_installs_the_caption_command(tmp_path):
+def test_the_wheel_installs_one_import_name_and_the_caption_command(tmp_path):
+    """`pip install .` adds `tagcaption` and nothing else to site-packages (names like
+    `config` or `llm` would shadow other packages), and the installed command finds its
+    shipped config and templates inside the package."""
     pytest.importorskip("setuptools")
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "build", "*.egg-info",
@@ -252,12 +256,30 @@ def test_wheel_installs_the_caption_command(tmp_path):
     import zipfile
     (wheel,) = tmp_path.glob("tagcaption-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    modules = sorted(path.name for path in ROOT.glob("*.py"))
-    assert [name for name in modules if name not in names] == [], "add them to py-modules in pyproject.toml"
-    assert "hints/tags.py" in names
-    assert any(name.endswith("data/data/share/tagcaption/templates/styles/descriptive.txt") for name in names)
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"tagcaption"}
+    program = [f"tagcaption/{path.name}" for path in (ROOT / "tagcaption").glob("*.py")]
+    user = [f"tagcaption/{path.relative_to(ROOT).as_posix()}" for pattern in
+            ("*.py", "hints/*.py", "templates/**/*.txt", "config.yaml") for path in ROOT.glob(pattern)
+            if path.name not in ("setup.py", "caption.py")]
+    assert [name for name in program + user if name not in names] == []
     entry = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "caption = caption:cli" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "caption = tagcaption.cli:cli" in zipfile.ZipFile(wheel).read(entry).decode()
+
+    target = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target",
+                             str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {path.name for path in target.iterdir() if not path.name.endswith(".dist-info")} <= {"tagcaption", "bin"}
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    env = dict(os.environ, PYTHONPATH=str(target))
+    for command in (["--version"], [str(images), "--dry-run", "tag_provider.source=none", "--no-progress"]):
+        ran = subprocess.run([str(target / "bin" / "caption"), *command], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path, env=env)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.count("Dry run") and str(target / "tagcaption") in subprocess.run(
+        [sys.executable, "-c", "import tagcaption; print(tagcaption.DATA_DIR)"], capture_output=True, text=True,
+        cwd=tmp_path, env=env).stdout
 
 
 def test_sample_must_be_positive(tmp_path, capsys):
@@ -296,8 +318,8 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
                                                                           monkeypatch):
     """The folder is walked as captioning goes (its total comes from a count of names): the
     bar must end at every image of the folder, the captioned ones counted done as found."""
-    import caption
-    import pipeline
+    from tagcaption import cli as caption
+    from tagcaption import pipeline
 
     monkeypatch.setattr(pipeline, "SCAN_CHUNK", 1)  # a turn of the event loop after every image
     counted = []

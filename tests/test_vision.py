@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from conftest import make_image, run_caption, write_config
 from fake_servers import Error, Text, user_text
-from hints import HintInput, collect_hints
+from tagcaption.hints import HintInput, collect_hints
 
 
 def sent_image(request):

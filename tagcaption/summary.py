@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List
 
-from pipeline import RunResult
+from tagcaption.pipeline import RunResult
 
 STAGES = ("tag_provider", "interrogator", "interpreter")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from config import Config
-from files import is_leftover_temp
+from tagcaption.config import Config
+from tagcaption.files import is_leftover_temp
 
 log = logging.getLogger("caption")
 

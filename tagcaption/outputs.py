@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from files import atomic_write_text
-from run_state import STATE_DIR
+from tagcaption.files import atomic_write_text
+from tagcaption.run_state import STATE_DIR
 
 FORMATS = ("txt", "jsonl", "metadata")
 CAPTIONS_FILE = "captions.jsonl"

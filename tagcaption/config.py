@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,10 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PROGRAM_DIR = Path(__file__).resolve().parent
-SHARE_DIR = Path(sys.prefix) / "share" / "tagcaption"
-"""Where `pip install .` puts the shipped config and templates."""
-DATA_DIR = PROGRAM_DIR if (PROGRAM_DIR / "templates").is_dir() else SHARE_DIR
+from tagcaption import DATA_DIR
 DEFAULT_CONFIG = DATA_DIR / "config.yaml"
 
 

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import openai
 from PIL import Image
 
-import tls
-from config import Config, ConfigError, StageConfig
-from llm import LLM, Replica, error_message, is_loopback
-from tag_sources import SourceError, make_source
+from tagcaption import tls
+from tagcaption.config import Config, ConfigError, StageConfig
+from tagcaption.llm import LLM, Replica, error_message, is_loopback
+from tagcaption.tag_sources import SourceError, make_source
 
 COMMON_PORTS = {1234: "LM Studio", 11434: "Ollama", 8000: "vLLM", 8080: "llama.cpp", 5000: "text-generation-webui"}
 
@@ -133,11 +133,11 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
 
 def _check_setup(config: Config, llm: LLM) -> List[str]:
     """Templates, styles and hint sources, as a run would load them."""
-    from hints import unknown_sources
-    from interpreter import Interpreter
-    from interrogator import Interrogator
-    from tag_provider import SUMMARY_PLACEHOLDERS
-    from templates import Template
+    from tagcaption.hints import unknown_sources
+    from tagcaption.interpreter import Interpreter
+    from tagcaption.interrogator import Interrogator
+    from tagcaption.tag_provider import SUMMARY_PLACEHOLDERS
+    from tagcaption.templates import Template
 
     problems = []
     unknown = unknown_sources(config.interrogator.hint_sources)

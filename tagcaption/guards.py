@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-from config import GuardsConfig
+from tagcaption.config import GuardsConfig
 
 SCRIPT_PREFIXES = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",),
                    "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"), "arabic": ("ARABIC",), "hebrew": ("HEBREW",)}

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
-import tls
-from config import Config, EndpointConfig, StageConfig
-from guards import Guards, Trip
+from tagcaption import tls
+from tagcaption.config import Config, EndpointConfig, StageConfig
+from tagcaption.guards import Guards, Trip
 
 log = logging.getLogger("caption")
 

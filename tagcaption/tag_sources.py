@@ -22,10 +22,10 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import httpx2  # installed by openai; its async client keeps Danbooru lookups on the event loop
 
-import tls
-from config import Config, ConfigError, TagProviderConfig
-from llm import is_loopback, register_secret
-from version import USER_AGENT
+from tagcaption import tls
+from tagcaption.config import Config, ConfigError, TagProviderConfig
+from tagcaption.llm import is_loopback, register_secret
+from tagcaption.version import USER_AGENT
 
 CATEGORY_NAMES = {0: "general", 1: "artist", 3: "copyright", 4: "character", 5: "meta"}
 MAX_URL_CHARS = 3000

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
-from config import Config, ConfigError, VariantConfig
-from dataset import stable_fraction
-from styles import check_length, extra_options, instruction, load_style
+from tagcaption.config import Config, ConfigError, VariantConfig
+from tagcaption.dataset import stable_fraction
+from tagcaption.styles import check_length, extra_options, instruction, load_style
 
 
 @dataclass(frozen=True)

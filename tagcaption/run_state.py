@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from files import atomic_write_text
+from tagcaption.files import atomic_write_text
 
 STATE_DIR = ".tagcaption"
 FAILURES_FILE = "failures{suffix}.jsonl"

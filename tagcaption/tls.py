@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 from typing import Optional
 
-from config import ConfigError
+from tagcaption.config import ConfigError
 
 _context: Optional[Future] = None
 _lock = threading.Lock()

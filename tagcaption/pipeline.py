@@ -28,20 +28,20 @@ from typing import AsyncIterator, Dict, Iterator, List, Optional, Tuple
 import openai
 from tqdm import tqdm
 
-from config import Config, ConfigError
-from dry_run import DryRunLLM, DryRunSource, format_preview
-from dataset import Dataset, ImageItem, ImageTags, Shard, read_image_tags
-from files import atomic_write_text, write_new_file
-from hints import HintInput, collect_hints, unknown_sources
-from images import ImageError, check_image
-from interpreter import Interpreter
-from interrogator import Interrogator
-from postprocess import add_affixes
-from llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
-from outputs import DatasetOutputs, check_formats
-from report import build_report
-from run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
-from tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
+from tagcaption.config import Config, ConfigError
+from tagcaption.dry_run import DryRunLLM, DryRunSource, format_preview
+from tagcaption.dataset import Dataset, ImageItem, ImageTags, Shard, read_image_tags
+from tagcaption.files import atomic_write_text, write_new_file
+from tagcaption.hints import HintInput, collect_hints, unknown_sources
+from tagcaption.images import ImageError, check_image
+from tagcaption.interpreter import Interpreter
+from tagcaption.interrogator import Interrogator
+from tagcaption.postprocess import add_affixes
+from tagcaption.llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
+from tagcaption.outputs import DatasetOutputs, check_formats
+from tagcaption.report import build_report
+from tagcaption.run_state import FAILURES_FILE, CaptionRecord, Failure, LockedError, RunLock, read_failed_images, write_failures
+from tagcaption.tag_provider import TagFilter, TagProvider, TagStats, TagSummaryError, tag_variables
 
 log = logging.getLogger("caption")
 

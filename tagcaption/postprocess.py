@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from config import PostprocessConfig
+from tagcaption.config import PostprocessConfig
 
 _PREAMBLE = re.compile(
     r"^\s*(?:(?:sure|certainly|of course|absolutely|okay|ok|alright)\b[!,.]*\s*)?"

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-from config import Config
-from dataset import Dataset, read_image_tags
-from files import atomic_write_text
-from outputs import CAPTIONS_FILE, read_records
+from tagcaption.config import Config
+from tagcaption.dataset import Dataset, read_image_tags
+from tagcaption.files import atomic_write_text
+from tagcaption.outputs import CAPTIONS_FILE, read_records
 
 REPORT_FILE = "captions.html"
 

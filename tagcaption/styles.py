@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from config import DATA_DIR, Config, ConfigError
+from tagcaption.config import DATA_DIR, Config, ConfigError
 
 STYLES_DIR = "templates/styles"
 LENGTHS = ("any", "very short", "short", "medium-length", "long", "very long")

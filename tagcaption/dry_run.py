@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional
 
-from llm import LLM
-from tag_sources import TagInfo
+from tagcaption.llm import LLM
+from tagcaption.tag_sources import TagInfo
 
 
 class DryRunLLM(LLM):

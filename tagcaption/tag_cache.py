@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Set
 
-from config import ConfigError
-from files import atomic_write_text
+from tagcaption.config import ConfigError
+from tagcaption.files import atomic_write_text
 
 log = logging.getLogger("caption")
 

@@ -1,0 +1,4 @@
+"""`python -m tagcaption`: the same as the `caption` command."""
+from tagcaption.cli import cli
+
+cli()
