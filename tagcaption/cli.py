@@ -40,7 +40,7 @@ class TqdmHandler(logging.Handler):
     """Log lines printed above the progress bars instead of through them."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tagcaption.llm import redact
+        from tagcaption.sinks import redact
 
         tqdm.write(redact(self.format(record)), file=sys.stderr)
 
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tls.prepare()  # in a thread, while the OpenAI SDK imports
 
     from tagcaption.dataset import Shard
-    from tagcaption.llm import redact
+    from tagcaption.sinks import redact
 
     try:
         try:

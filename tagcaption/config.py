@@ -15,11 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tagcaption import DATA_DIR
+from tagcaption.errors import ConfigError
 DEFAULT_CONFIG = DATA_DIR / "config.yaml"
-
-
-class ConfigError(Exception):
-    """A problem with the configuration or setup; the run stops before touching any file."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ import openai
 from tagcaption import tls
 from tagcaption.config import Config, EndpointConfig, StageConfig
 from tagcaption.guards import Guards, Trip
+from tagcaption.sinks import redact, register_secret
 
 log = logging.getLogger("caption")
 
@@ -40,21 +41,6 @@ SERVER_HINTS = (
 )
 TLS_HINT = ("the server's TLS certificate is not trusted: set SSL_CERT_FILE to a PEM file holding it "
             "(or the authority that signed it)")
-
-
-_SECRETS: set = set()
-
-
-def register_secret(value: str) -> None:
-    if value and len(value) >= 4:
-        _SECRETS.add(value)
-
-
-def redact(text: str) -> str:
-    """`text` with every configured API key replaced: keys never reach logs or files."""
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
-    return text
 
 
 class LLMError(Exception):

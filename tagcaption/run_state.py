@@ -17,14 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from tagcaption.errors import LockedError
 from tagcaption.files import atomic_write_text
 
 STATE_DIR = ".tagcaption"
 FAILURES_FILE = "failures{suffix}.jsonl"
-
-
-class LockedError(Exception):
-    pass
 
 
 @dataclass

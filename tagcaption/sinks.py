@@ -1,0 +1,52 @@
+"""Where text leaves the program — the terminal and every file written — and the one step
+that removes secrets on the way.
+
+Every configured API key is registered here when the config is read. `redact` replaces
+each, in every form it can take on the way out (as given, JSON-escaped, URL-encoded, and
+Danbooru's `login:api_key` as HTTP basic auth's base64), with `***`. Messages, the
+summary, `failures.jsonl`, debug files and the review page all pass through it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from typing import Iterable, Set
+from urllib.parse import quote, quote_plus
+
+REDACTED = "***"
+MIN_SECRET = 4
+"""Characters; shorter values (an empty key, "no") would redact ordinary words."""
+
+_forms: Set[str] = set()
+_lock = threading.Lock()
+
+
+def register_secret(value: object, login: str = "") -> None:
+    """Remember a key (and, with `login`, its basic-auth form) so that no sink shows it."""
+    if not isinstance(value, str) or len(value) < MIN_SECRET:
+        return
+    forms = {value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value)}
+    if login:
+        forms.add(base64.b64encode(f"{login}:{value}".encode()).decode())
+    with _lock:
+        _forms.update(form for form in forms if len(form) >= MIN_SECRET)
+
+
+def register_secrets(values: Iterable[object]) -> None:
+    for value in values:
+        register_secret(value)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by `***`, longest forms first."""
+    if not _forms or not text:
+        return text
+    for form in sorted(_forms, key=len, reverse=True):
+        if form in text:
+            text = text.replace(form, REDACTED)
+    return text
+
+
+def contains_secret(text: str) -> bool:
+    return any(form in text for form in _forms)
