@@ -17,7 +17,9 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from tagcaption.config import DEFAULT_CONFIG, ConfigError, load_config
+from tagcaption.config import DEFAULT_CONFIG, load_config
+from tagcaption.errors import ConfigError, TagcaptionError
+from tagcaption.sinks import redact
 from tagcaption.version import NAME, VERSION
 
 EXIT_OK, EXIT_FAILURES, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -40,8 +42,6 @@ class TqdmHandler(logging.Handler):
     """Log lines printed above the progress bars instead of through them."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tagcaption.sinks import redact
-
         tqdm.write(redact(self.format(record)), file=sys.stderr)
 
 
@@ -97,47 +97,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    handler = TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("caption")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    logger.propagate = False
-
+    _log_to_terminal(args.debug)
     from tagcaption import tls
     tls.prepare()  # in a thread, while the OpenAI SDK imports
-
-    from tagcaption.dataset import Shard
-    from tagcaption.sinks import redact
-
     try:
-        try:
-            shard = Shard.parse(args.shard) if args.shard else Shard()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        config = load_config(args.config, args.overrides, args.images_dir)
-        if args.style:
-            stage = config.interrogator if config.interpreter.skip else config.interpreter
-            stage.style = args.style
-        if args.command == "check":
-            from tagcaption.check import run_check
-            return asyncio.run(run_check(config))
-        if args.command == "report":
-            from tagcaption.report import build_report
-            try:
-                print(f"Review page written: {build_report(config)}")
-            except (ValueError, OSError) as exc:
-                raise ConfigError(f"cannot write the review page: {exc}") from None
-            return EXIT_OK
-        from tagcaption.pipeline import run
-        result = asyncio.run(run(config, progress=False if args.no_progress else None,
-                                 retry_failed=args.retry_failed, refresh_tags=args.refresh_tags,
-                                 debug_dir=args.debug_dir.resolve() if args.debug_dir else None, shard=shard,
-                                 dry_run=args.dry_run, preview=args.preview, sample=args.sample,
-                                 sample_seed=args.seed))
-    except ConfigError as exc:
+        result = _command(args)
+    except TagcaptionError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_SETUP
+        return EXIT_SETUP if exc.setup else EXIT_FAILURES
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -147,13 +114,54 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURES
+    if isinstance(result, int):
+        return result
     from tagcaption.summary import format_summary
     if result.dry_run_report is not None:
         print(result.dry_run_report)
     print(format_summary(result))
+    return exit_code(result)
+
+
+def _log_to_terminal(debug: bool) -> None:
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("caption")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def _command(args: argparse.Namespace):
+    """Run the command; an exit code, or the caption run's result."""
+    from tagcaption.selection import Shard
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    config = load_config(args.config, args.overrides, args.images_dir)
+    if args.style:
+        stage = config.interrogator if config.interpreter.skip else config.interpreter
+        stage.style = args.style
+    if args.command == "check":
+        from tagcaption.check import run_check
+        return asyncio.run(run_check(config))
+    if args.command == "report":
+        from tagcaption.report import build_report
+        try:
+            print(f"Review page written: {build_report(config)}")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the review page: {exc}") from None
+        return EXIT_OK
+    from tagcaption.run import RunOptions, run
+    options = RunOptions(progress=False if args.no_progress else None, retry_failed=args.retry_failed,
+                         refresh_tags=args.refresh_tags, shard=shard, dry_run=args.dry_run,
+                         debug_dir=args.debug_dir.resolve() if args.debug_dir else None, preview=args.preview,
+                         sample=args.sample, seed=args.seed)
+    return asyncio.run(run(config, options))
+
+
+def exit_code(result) -> int:
     if result.interrupted:
         return EXIT_INTERRUPTED
-    if result.fatal:
+    if result.setup_problem:
         return EXIT_SETUP
     return EXIT_FAILURES if result.failures or result.stopped else EXIT_OK
 

@@ -179,6 +179,12 @@ class NoBackupName(OutputProblem):
     kind = Kind.BACKUP
 
 
+class InternalError(ImageProblem):
+    """A bug met while captioning one image: it costs that image, not the run."""
+
+    kind = Kind.INTERNAL
+
+
 class FolderGone(TagcaptionError):
     """The images folder stopped being readable mid-run: stop, with the summary."""
 
@@ -196,8 +202,7 @@ class SourceUnreachable(SourceError):
     """The tag source does not answer at all: stop asking it for this run."""
 
 
-def os_error_text(exc: OSError, what: str = "") -> str:
-    """`cannot read tags file a.txt: Permission denied`: the one wording for a failed file access."""
-    where = exc.filename or ""
-    subject = " ".join(part for part in (what, str(where)) if part)
-    return f"cannot read {subject}: {exc.strerror or exc}" if subject else f"{exc.strerror or exc}"
+def os_error_text(exc: OSError, path: object = None, what: str = "") -> str:
+    """`cannot read tags file a.txt: Permission denied`: the one wording for a failed read."""
+    where = " ".join(str(part) for part in (what, exc.filename or path) if part)
+    return f"cannot read {where}: {exc.strerror or exc}"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tagcaption.errors import ImageError
+
 BACKGROUND = (255, 255, 255)
 
 try:  # optional: HEIC/HEIF photos from phones
@@ -26,10 +28,6 @@ except ImportError:
 
 # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a picture that big is refused.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
-
-
-class ImageError(Exception):
-    """The file cannot be used as an image; str() is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,13 @@ def check_image(path: Path) -> None:
                 image.draft("RGB", (64, 64))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb ({exc})") from None
+        raise _image_error(f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(_unreadable(exc)) from None
+        raise _image_error(_unreadable(exc)) from None
+
+
+def _image_error(reason: str) -> ImageError:
+    return ImageError(f"image: {reason}", stage="input")
 
 
 def _unreadable(exc: BaseException) -> str:
@@ -99,9 +101,9 @@ def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> Prepare
             too_big = bool(options.max_size) and max(image.size) > options.max_size
             image = _flatten(image, options.background)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb ({exc})") from None
+        raise _image_error(f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(_unreadable(exc)) from None
+        raise _image_error(_unreadable(exc)) from None
     if too_big:
         image.thumbnail((options.max_size, options.max_size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

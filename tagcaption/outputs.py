@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from tagcaption.files import atomic_write_text
-from tagcaption.run_state import STATE_DIR
+from tagcaption.layout import STATE_DIR
 
 FORMATS = ("txt", "jsonl", "metadata")
 CAPTIONS_FILE = "captions.jsonl"

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Dict, List
 
 from tagcaption.config import Config
-from tagcaption.dataset import Dataset, read_image_tags
 from tagcaption.files import atomic_write_text
-from tagcaption.outputs import CAPTIONS_FILE, read_records
-
-REPORT_FILE = "captions.html"
+from tagcaption.folder import Folder
+from tagcaption.layout import Layout
+from tagcaption.outputs import read_records
+from tagcaption.tagfiles import read_image_tags
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Captions: {title}</title>
@@ -95,36 +95,34 @@ def _card(entry: dict, page_dir: Path) -> str:
 
 def build_report(config: Config) -> Path:
     """Write captions.html at the output root from the folder as it is now."""
-    dataset = Dataset(config)
-    root = dataset.output_dir or dataset.root
-    records = {record.get("file"): record for record in read_records(root / CAPTIONS_FILE)}
+    layout = Layout(config)
+    records = {record.get("file"): record for record in read_records(layout.captions_jsonl)}
     failures: Dict[str, str] = {}
-    for path in sorted(root.glob("failures*.jsonl")):
+    for path in sorted(layout.root.glob("failures*.jsonl")):
         for record in read_records(path):
             failures[record.get("image", "")] = record.get("message", "")
-    entries: List[dict] = []
-    for folder in dataset.folders():
-        for path in folder:
-            item = dataset.item(path)
-            rel = item.rel.as_posix()
-            record = records.get(rel, {})
-            try:
-                tags = ", ".join(t.replace("_", " ") for t in read_image_tags(item, config.tags.sources,
-                                                                               config.tags.combine).tags)
-            except OSError:
-                tags = ""
-            captioned = item.has_caption()
-            caption = item.caption_file.read_text(encoding="utf-8", errors="replace") if captioned else ""
-            failure = failures.get(str(path), "") if not captioned else ""
-            entries.append({"file": rel, "path": path, "tags": record.get("tags") or tags,
-                            "description": record.get("description", ""), "caption": caption,
-                            "guards": record.get("guards", []), "failure": failure,
-                            "status": "captioned" if captioned else ("failed" if failure else "missing")})
+    entries = [_entry(config, layout.item(path), records, failures)
+               for path in Folder(layout.images_root, config.recursive, skip=layout.output_dir).images()]
     order = {"failed": 0, "missing": 1, "captioned": 2}
     entries.sort(key=lambda entry: (order[entry["status"]], entry["file"]))
-    page = root / REPORT_FILE
+    page = layout.report_page
     cards = "\n".join(_card(entry, page.parent) for entry in entries)
-    atomic_write_text(page, PAGE.format(title=html.escape(str(dataset.root.name)), cards=cards))
+    atomic_write_text(page, PAGE.format(title=html.escape(str(layout.images_root.name)), cards=cards))
     return page
 
 
+def _entry(config: Config, item, records: Dict[str, dict], failures: Dict[str, str]) -> dict:
+    rel = item.rel.as_posix()
+    record = records.get(rel, {})
+    try:
+        tags = ", ".join(t.replace("_", " ") for t in read_image_tags(item.path, item.tags_file, config.tags.sources,
+                                                                       config.tags.combine).tags)
+    except (OSError, ValueError):
+        tags = ""
+    captioned = item.has_caption()
+    caption = item.caption_file.read_text(encoding="utf-8", errors="replace") if captioned else ""
+    failure = failures.get(str(item.path), "") if not captioned else ""
+    return {"file": rel, "path": item.path, "tags": record.get("tags") or tags,
+            "description": record.get("description", ""), "caption": caption,
+            "guards": record.get("guards", []), "failure": failure,
+            "status": "captioned" if captioned else ("failed" if failure else "missing")}

@@ -3,51 +3,35 @@ from __future__ import annotations
 
 from typing import List
 
-from tagcaption.pipeline import RunResult
+from tagcaption.run import RunResult
+from tagcaption.tally import Tally
+from tagcaption.vocabulary import STAGES
 
-STAGES = ("tag_provider", "interrogator", "interpreter")
+TAG_COUNTS = (("summarised", "{} summarised"), ("cached", "{} cached"), ("no_wiki", "{} without wiki"),
+              ("resummarised", "{} summarised again (model or template changed)"), ("excluded", "{} excluded"),
+              ("refused", "{} without summary (the model's replies tripped a guard)"),
+              ("lookup_failed", "{} not looked up (lookup error)"), ("failed", "{} failed"))
+ALWAYS_SHOWN = ("summarised", "cached", "no_wiki")
 
 
 def format_summary(result: RunResult) -> str:
+    tally = result.tally
     if result.dry_run_report is not None:
-        return (f"\nDry run summary: {result.captioned} images would be captioned, {result.skipped} skipped "
-                f"(caption exists), {len(result.failures)} would fail")
-    lines: List[str] = ["", "Summary"]
-    images = [f"{result.captioned} captioned", f"{result.skipped} skipped (caption exists)",
-              f"{len(result.failures)} failed"]
-    if result.unfinished:
-        images.append(f"{result.unfinished} not started (rerun to continue)")
-    if result.unchecked:
-        images.append(f"{result.unchecked} not reached (rerun to continue)")
-    lines.append(f"  images:   {', '.join(images)}")
-    if result.shrunk:
-        lines.append(f"  shrunk:   {result.shrunk} images sent again at half size after a context overflow")
-    if result.backups:
-        lines.append(f"  backups:  {result.backups} replaced captions kept as <caption>.bak")
-    if result.tags is not None:
-        tags = result.tags
-        parts = [f"{tags.summarised} summarised", f"{tags.cached} cached", f"{tags.no_wiki} without wiki"]
-        if tags.resummarised:
-            parts.append(f"{tags.resummarised} summarised again (model or template changed)")
-        if tags.excluded:
-            parts.append(f"{tags.excluded} excluded")
-        if tags.refused:
-            parts.append(f"{tags.refused} without summary (the model's replies tripped a guard)")
-        if tags.lookup_failed:
-            parts.append(f"{tags.lookup_failed} not looked up (lookup error)")
-        if tags.failed:
-            parts.append(f"{tags.failed} failed")
-        lines.append(f"  tags:     {', '.join(parts)}; {result.danbooru_requests} Danbooru requests")
-    if result.danbooru_down:
-        lines.append(f"  danbooru: {result.danbooru_down}; captions were made with tags only")
-    for stage in STAGES:
-        usage = result.usage.get(stage)
-        if usage and usage.requests:
-            retries = f" ({usage.retries} retries)" if usage.retries else ""
-            lines.append(f"  {stage + ':':<13} {usage.requests} requests{retries}, {usage.prompt_tokens:,} prompt + "
-                         f"{usage.completion_tokens:,} completion tokens")
-    if result.guards:
-        tripped = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(result.guards.items()))
+        return (f"\nDry run summary: {tally['images.captioned']} images would be captioned, "
+                f"{tally['images.skipped']} skipped (caption exists), {len(result.failures)} would fail")
+    lines: List[str] = ["", "Summary", f"  images:   {', '.join(_image_counts(result))}"]
+    if tally["images.shrunk"]:
+        lines.append(f"  shrunk:   {tally['images.shrunk']} images sent again at half size after a context overflow")
+    if tally["images.backups"]:
+        lines.append(f"  backups:  {tally['images.backups']} replaced captions kept as <caption>.bak")
+    if result.plan.runs("tag_provider"):
+        lines.append(f"  tags:     {_tag_counts(tally)}; {tally['danbooru.requests']} Danbooru requests")
+    if tally.notes.get("danbooru.down"):
+        lines.append(f"  danbooru: {tally.notes['danbooru.down']}; captions were made with tags only")
+    lines += _usage(tally)
+    guards = tally.group("guards")
+    if guards:
+        tripped = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(guards.items()))
         lines.append(f"  guards:   replies asked again: {tripped}")
     lines.append(f"  time:     {result.seconds:.1f} s")
     if result.stopped:
@@ -60,3 +44,29 @@ def format_summary(result: RunResult) -> str:
     if result.failures_file and result.failures:
         lines.append(f"Failures are listed in {result.failures_file}; `--retry-failed` reruns just those images.")
     return "\n".join(lines)
+
+
+def _image_counts(result: RunResult) -> List[str]:
+    images = [f"{result.tally['images.captioned']} captioned", f"{result.tally['images.skipped']} skipped "
+              "(caption exists)", f"{len(result.failures)} failed"]
+    if result.unfinished:
+        images.append(f"{result.unfinished} not started (rerun to continue)")
+    if result.unreached:
+        images.append(f"{result.unreached} not reached (rerun to continue)")
+    return images
+
+
+def _tag_counts(tally: Tally) -> str:
+    return ", ".join(text.format(tally[f"tags.{key}"]) for key, text in TAG_COUNTS
+                     if key in ALWAYS_SHOWN or tally[f"tags.{key}"])
+
+
+def _usage(tally: Tally) -> List[str]:
+    lines = []
+    for stage in STAGES:
+        requests = tally[f"requests.{stage}"]
+        if requests:
+            retries = f" ({tally[f'retries.{stage}']} retries)" if tally[f"retries.{stage}"] else ""
+            lines.append(f"  {stage + ':':<13} {requests} requests{retries}, {tally[f'prompt_tokens.{stage}']:,} "
+                         f"prompt + {tally[f'completion_tokens.{stage}']:,} completion tokens")
+    return lines

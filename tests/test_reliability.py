@@ -1,6 +1,8 @@
 """Faults, crashes, locks, hand-edited captions and secrets (issue 3)."""
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import random
@@ -422,7 +424,7 @@ def test_a_failed_tag_summary_is_tried_again(tmp_path, llm_server, danbooru, cap
 def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tmp_path, llm_server, danbooru,
                                                                               capsys):
     """While another shard runs, a young temp file may be its caption being written."""
-    from tagcaption.run_state import RunLock
+    from tagcaption.state import RunLock
 
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat", "b.png": "dog"})
@@ -433,7 +435,7 @@ def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tm
     an_hour_ago = time.time() - 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
     args = [str(images), "--config", str(tags_only_config(tmp_path, llm_server, danbooru)), "output.extension=.caption"]
-    other_shard = RunLock(images, "-2-of-2")
+    other_shard = RunLock(images / ".tagcaption" / "lock-2-of-2")
     other_shard.acquire()
     try:
         code, out, _ = run_caption(args, capsys)
@@ -448,27 +450,36 @@ def test_a_killed_runs_temp_files_are_removed_but_another_shards_write_is_not(tm
     assert not young.exists()
 
 
-def test_a_walk_that_breaks_off_stops_the_run_with_its_summary(tmp_path, llm_server, danbooru, capsys, monkeypatch):
-    """Whatever stops the folder walk mid-run (here: a fault injected at the 6th image) costs the
-    rest of the walk, not the captions made or the summary."""
-    from tagcaption import pipeline
+def test_a_walk_that_breaks_off_stops_the_run_with_its_summary(tmp_path, llm_server, danbooru):
+    """Whatever stops the folder walk mid-run (here: a folder whose listing breaks at the 6th
+    image) costs the rest of the walk, not the captions made or the summary."""
+    from tagcaption.config import load_config
+    from tagcaption.folder import Folder
+    from tagcaption.run import Run
+    from tagcaption.summary import format_summary
 
-    check = pipeline.Run._check
-    seen = []
+    class BreakingFolder(Folder):
+        def listing(self, ordered=True):
+            for folder, names in super().listing(ordered):
+                if not ordered:  # the count of names
+                    yield folder, names
+                    continue
+                yield folder, self._breaking(names)
 
-    def breaking_check(run, path, previous):
-        seen.append(path)
-        if len(seen) == 6:
-            raise RuntimeError("the file server went away")
-        return check(run, path, previous)
-    monkeypatch.setattr(pipeline.Run, "_check", breaking_check)
+        @staticmethod
+        def _breaking(names):
+            for number, name in enumerate(names, 1):
+                if number == 6:
+                    raise RuntimeError("the file server went away")
+                yield name
+
     llm_server.responder = caption_for
     images = tmp_path / "images"
     make_dataset(images, {f"{n:02}.png": f"tag{n}" for n in range(10)})
-    code, out, err = run_caption([str(images), "--config", str(tags_only_config(tmp_path, llm_server, danbooru))],
-                                 capsys)
-    assert code == 1
-    assert "cannot go on reading the images folder: RuntimeError: the file server went away" in err
-    assert "Summary" in out and "5 captioned" in out and "5 not reached (rerun to continue)" in out
+    config = load_config(str(tags_only_config(tmp_path, llm_server, danbooru)), [], str(images))
+    result = asyncio.run(Run(config, folder=BreakingFolder(images, False)).execute())
+    summary = format_summary(result)
+    assert result.stopped == "cannot go on reading the images folder: RuntimeError: the file server went away"
+    assert "5 captioned" in summary and "5 not reached (rerun to continue)" in summary
     assert sorted(p.name for p in images.glob("*.tags.txt")) == [f"{n:02}.tags.txt" for n in range(5)]
     no_partial_files(tmp_path)

@@ -1,6 +1,8 @@
 """check, dry runs, samples, dataset outputs, the review page, examples and packaging (issue 8)."""
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import re
@@ -318,24 +320,22 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
                                                                           monkeypatch):
     """The folder is walked as captioning goes (its total comes from a count of names): the
     bar must end at every image of the folder, the captioned ones counted done as found."""
-    from tagcaption import cli as caption
-    from tagcaption import pipeline
+    from tagcaption import selection
+    from tagcaption.config import load_config
+    from tagcaption.run import Run, RunOptions
+    from tagcaption.summary import format_summary
 
-    monkeypatch.setattr(pipeline, "SCAN_CHUNK", 1)  # a turn of the event loop after every image
-    counted = []
-    count_result = pipeline.Run._counted
-    monkeypatch.setattr(pipeline.Run, "_counted", lambda run, total: (counted.append(total), count_result(run, total)))
+    monkeypatch.setattr(selection, "SCAN_CHUNK", 1)  # a turn of the event loop after every image
     images = tmp_path / "images"
     make_dataset(images, {f"{folder}/{n:03}.png": f"tag{n}" for folder in ("a", "b") for n in range(70)})
     for n in range(0, 70, 2):
         (images / "b" / f"{n:03}.caption").write_text("Written by hand.", encoding="utf-8")
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
                           recursive=True, output={"extension": ".caption"})
-    code = caption.main([str(images), "--config", str(config)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "105 captioned, 35 skipped (caption exists)" in out
+    result = asyncio.run(Run(load_config(str(config), [], str(images)), RunOptions(progress=True)).execute())
+    err = capsys.readouterr().err
+    assert "105 captioned, 35 skipped (caption exists)" in format_summary(result)
     bar_states = [tuple(map(int, state)) for state in re.findall(r"images:\s+\d+%\S*\s*\|[^|]*\|\s*(\d+)/(\d+)", err)]
-    assert counted == [140]
+    assert result.tally["images.selected"] == 140
     assert bar_states[-1] == (140, 140), bar_states[-3:]
     assert all(done <= total for done, total in bar_states)

@@ -1,9 +1,5 @@
 """What a run keeps beside the captions: the lock, the record of captions it wrote, and
-`failures.jsonl`.
-
-They live at the output root (`output.dir`, or the images folder): the lock and the
-record in a hidden `.tagcaption/` folder, `failures.jsonl` in plain sight.
-"""
+`failures.jsonl` (their paths come from layout.py)."""
 from __future__ import annotations
 
 import fcntl
@@ -19,10 +15,6 @@ from typing import Dict, Iterable, List, Optional
 
 from tagcaption.errors import LockedError
 from tagcaption.files import atomic_write_text
-
-STATE_DIR = ".tagcaption"
-FAILURES_FILE = "failures{suffix}.jsonl"
-
 
 @dataclass
 class Failure:
@@ -42,8 +34,8 @@ class RunLock:
     releases it when the process ends however it ends, so a dead run's lock is never in
     the way; the file itself only names the holder for the message."""
 
-    def __init__(self, root: Path, suffix: str = ""):
-        self.path = root / STATE_DIR / f"lock{suffix}"
+    def __init__(self, path: Path):
+        self.path = path
         self._fd: Optional[int] = None
 
     def acquire(self) -> Optional[str]:
@@ -121,9 +113,9 @@ class CaptionRecord:
     ignored when read.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, path: Path):
         self.root = root
-        self.path = root / STATE_DIR / "captions.jsonl"
+        self.path = path
         self.hashes: Optional[Dict[str, str]] = None
         """Read only when a caption is about to be replaced, so a first run holds none of it."""
         self._lock = threading.Lock()  # captions are written from several threads

@@ -1,0 +1,127 @@
+"""One image through the stages: its tags read ahead, their knowledge, the vision model's
+description, the caption. Nothing here writes a file; every way an image can fail leaves
+as an `ImageProblem` naming the stage it failed in.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Union
+
+from tagcaption.config import Config
+from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
+                               os_error_text)
+from tagcaption.hints import HintInput, collect_hints
+from tagcaption.images import check_image
+from tagcaption.layout import ImageItem, Layout
+from tagcaption.placeholders import image_values
+from tagcaption.postprocess import add_affixes
+from tagcaption.stages import Stages
+from tagcaption.tagfiles import ImageTags, read_image_tags
+
+MAX_TAG_LENGTH = 200
+"""Characters; Danbooru's longest tag names are well below it."""
+
+Tags = Union[ImageTags, ImageProblem]
+
+
+@dataclass
+class Captioned:
+    item: ImageItem
+    caption: str
+    record: dict
+    """The line for captions.jsonl / metadata.jsonl."""
+
+
+class Captioner:
+    def __init__(self, config: Config, layout: Layout, stages: Stages):
+        self.config, self.layout, self.stages = config, layout, stages
+
+    async def prepare(self, rel: str) -> tuple:
+        """The image and its tags (or why they could not be read); its tags' lookups and
+        summaries start now, ahead of the image's turn."""
+        path = Path(f"{self.layout.images_root}/{rel}")  # see Selection._to_caption
+        try:
+            item = self.layout.item(path)
+        except OSError as exc:
+            return ImageItem(path, Path(rel), path, None, None), TagsFileError(os_error_text(exc, path), stage="input")
+        tags = await self._read_tags(item)
+        if self.stages.tag_provider and isinstance(tags, ImageTags):
+            self.stages.tag_provider.prefetch(self.to_look_up(tags))
+        return item, tags
+
+    async def _read_tags(self, item: ImageItem) -> Tags:
+        settings = self.config.tags
+        try:
+            return await asyncio.to_thread(read_image_tags, item.path, item.tags_file, settings.sources,
+                                           settings.combine)
+        except OSError as exc:
+            return TagsFileError(os_error_text(exc, item.tags_file, "tags file"), stage="tags")
+        except ValueError as exc:
+            return TagsFileError(f"cannot read tags: {exc}", stage="tags")
+        except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
+            return TagsFileError(f"cannot read tags: {type(exc).__name__}: {exc}", stage="tags")
+
+    def to_look_up(self, tags: ImageTags) -> List[str]:
+        """Tags worth asking Danbooru about: not excluded, and short enough to be a tag at all
+        (one overlong "tag" would break the URL of the whole batch it shares with others)."""
+        return [tag for tag in tags.tags
+                if len(tag) <= MAX_TAG_LENGTH and not self.stages.tag_filter.excluded_by_name(tag)]
+
+    async def caption(self, item: ImageItem, tags: ImageTags, transcript: dict) -> Captioned:
+        """The image's caption; `transcript` collects the conversations and guard trips."""
+        stage = "tag_provider"
+        try:
+            values = await self._values(item, tags)
+            if self.stages.interrogator:
+                stage = "interrogator"
+                values["description"] = await self.stages.interrogator.describe(
+                    item.path, values, item.rel.as_posix(), transcript)
+            stage = "interpreter"
+            caption = await self.stages.interpreter.caption(values, item.rel.as_posix(), transcript) \
+                if self.stages.interpreter else values["description"]
+        except NoVision as exc:
+            raise self._no_vision(exc) from None
+        except ImageProblem as problem:
+            problem.stage = problem.stage or stage
+            raise
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise OutputProblem(f"{exc.strerror or exc}{where}", stage=stage) from None
+        caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
+        return Captioned(item, caption, self._record(item, caption, values, transcript))
+
+    async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
+        """Every template value for the image, its tags' knowledge awaited (the checks that
+        need no model come first, and fail in the "input" stage)."""
+        if not tags.tags and not self.stages.interrogator:
+            raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
+                                   "and the Interrogator is off: nothing to caption from", stage="input")
+        if not self.stages.interrogator:
+            await asyncio.to_thread(check_image, item.path)
+        knowledge = {}
+        if self.stages.tag_provider:
+            knowledge = await self.stages.tag_provider.knowledge(self.to_look_up(tags))
+        hints = await asyncio.to_thread(collect_hints, self.config.interrogator.hint_sources,
+                                        HintInput(item.path, item.rel, tags.tags))
+        values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
+                              filename=item.path.name, folder=item.rel.parent.as_posix(),
+                              name=self.config.style.name, hints=hints)
+        return values
+
+    def _no_vision(self, exc: NoVision) -> NoVision:
+        settings = self.config.interrogator
+        endpoint = self.stages.llm.endpoints[settings.endpoint]
+        error = NoVision(f"the model '{settings.model}' on {endpoint.describe()} cannot see images ({exc}). "
+                         "Load a vision model (for llama.cpp, start it with --mmproj) or set interrogator.model",
+                         exc.attempts)
+        error.stage = "interrogator"
+        return error
+
+    def _record(self, item: ImageItem, caption: str, values: Dict[str, str], transcript: dict) -> dict:
+        models = {name: stage.settings.model for name, stage in self.stages.named() if stage is not None}
+        return {"file": item.rel.as_posix(), "caption": caption, "tags": values.get("tags", ""),
+                "description": values.get("description", ""), "models": models,
+                "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

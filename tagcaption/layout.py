@@ -1,0 +1,148 @@
+"""Every path a run writes, decided in one place before the first write.
+
+Booru and WD14 folders keep tags in `<stem>.txt`, the same path as the default caption.
+When the two collide, the tags are first kept as `<stem>.tags.txt` (the `.tags` part is
+put before the tags extension) and the caption then replaces `<stem>.txt`. From then on
+`<stem>.tags.txt` is the tags file, and its presence is what marks `<stem>.txt` as a
+caption, so a rerun never reads a caption back as tags. An image with no tags still
+gets an empty `<stem>.tags.txt` for the same reason.
+
+The run's own files — lock, caption record, journal, `failures.jsonl`, `captions.jsonl`,
+`metadata.jsonl`, the review page, debug transcripts — are named here too, so no other
+module builds a path of its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tagcaption.config import Config
+from tagcaption.errors import ConfigError
+from tagcaption.tagfiles import decode_text, looks_like_caption
+from tagcaption.folder import IMAGE_EXTENSIONS
+
+KEPT_TAGS_MARK = ".tags"
+STATE_DIR = ".tagcaption"
+FAILURES_FILE = "failures{suffix}.jsonl"
+CAPTIONS_FILE = "captions.jsonl"
+METADATA_FILE = "metadata.jsonl"
+REPORT_FILE = "captions.html"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    rel: Path
+    caption_file: Path
+    tags_file: Optional[Path]
+    """Where this image's tags are read from, or None when it has none."""
+    tags_backup: Optional[Path]
+    """Where tags are kept before a caption replaces them; None when the paths don't collide."""
+    prose_caption: bool = False
+    """The shared `<stem>.txt` holds sentences, not tags: a caption from another tool."""
+
+    def has_caption(self) -> bool:
+        """Whether a caption was already written (a crash between keeping the tags and
+        writing the caption leaves two identical files: that is not a caption yet)."""
+        if not self.caption_file.exists():
+            return False
+        if self.prose_caption:
+            return True
+        if self.tags_backup is None:
+            return True
+        if not self.tags_backup.exists():
+            return False
+        return self.caption_file.read_bytes() != self.tags_backup.read_bytes()
+
+
+class Layout:
+    """Where a run over one images folder reads tags and writes everything."""
+
+    def __init__(self, config: Config, shard_suffix: str = ""):
+        if not config.images_dir:
+            raise ConfigError("no images folder: give IMAGES_DIR on the command line or set images_dir")
+        self.images_root = Path(config.images_dir)
+        self.output_dir = config.path(config.output.dir) if config.output.dir else None
+        self.root = self.output_dir or self.images_root
+        """The output root: where the run's own files go."""
+        self.suffix = shard_suffix
+        self.tags_extension = config.tags_extension or None
+        self.caption_extension = config.output.extension
+
+    # --- the run's own files -----------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / f"lock{self.suffix}"
+
+    @property
+    def caption_record(self) -> Path:
+        return self.state_dir / "captions.jsonl"
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / f"records{self.suffix}.jsonl"
+
+    @property
+    def outputs_lock(self) -> Path:
+        return self.state_dir / "outputs.lock"
+
+    @property
+    def failures(self) -> Path:
+        return self.root / FAILURES_FILE.format(suffix=self.suffix)
+
+    @property
+    def captions_jsonl(self) -> Path:
+        return self.root / CAPTIONS_FILE
+
+    @property
+    def metadata_jsonl(self) -> Path:
+        return self.images_root / METADATA_FILE
+
+    @property
+    def report_page(self) -> Path:
+        return self.root / REPORT_FILE
+
+    @staticmethod
+    def transcript(debug_dir: Path, item: ImageItem) -> Path:
+        """`--debug-dir`: one file per image, its path inside the folder as one name."""
+        return debug_dir / (item.rel.as_posix().replace("%", "%25").replace("/", "%2F") + ".json")
+
+    # --- per image ---------------------------------------------------------------------
+
+    def item(self, image: Path) -> ImageItem:
+        """Where `image`'s tags come from and where its caption goes (reads the shared
+        `<stem>.txt` when tags and caption collide, to tell tags from a caption)."""
+        rel = image.relative_to(self.images_root)
+        out_folder = (self.output_dir / rel.parent) if self.output_dir else image.parent
+        caption_file = out_folder / f"{image.stem}{self.caption_extension}"
+        if not self.tags_extension:
+            return ImageItem(image, rel, caption_file, None, None)
+        tags_file = image.parent / f"{image.stem}{self.tags_extension}"
+        if tags_file != caption_file:  # both built from resolved folders: equal paths are one file
+            return ImageItem(image, rel, caption_file, tags_file if tags_file.exists() else None, None)
+        backup = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
+        if backup.exists():
+            return ImageItem(image, rel, caption_file, backup, backup)
+        if not tags_file.exists():
+            return ImageItem(image, rel, caption_file, None, backup)
+        if looks_like_caption(decode_text(tags_file.read_bytes())):
+            return ImageItem(image, rel, caption_file, None, backup, prose_caption=True)
+        return ImageItem(image, rel, caption_file, tags_file, backup)
+
+    def tags_owner(self, image: Path) -> Optional[Path]:
+        """The image whose kept tags file would be this image's caption file (`a.tags.png`'s
+        caption `a.tags.txt` is where `a.png`'s tags are kept), if there is one."""
+        if not self.tags_extension or not image.stem.endswith(KEPT_TAGS_MARK):
+            return None
+        base = image.stem[: -len(KEPT_TAGS_MARK)]
+        for extension in IMAGE_EXTENSIONS:
+            for candidate in (image.with_name(base + extension), image.with_name(base + extension.upper())):
+                if candidate.exists():
+                    return candidate
+        return None

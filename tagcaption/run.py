@@ -1,0 +1,245 @@
+"""One run: the selection of images → the captioner → the writer, in one direction.
+
+The selection walks the folder as captioning goes; a producer reads each image's tags
+(their lookups and summaries start then) and queues it up to LOOKAHEAD images ahead of a
+bounded pool of workers; a worker takes one image through the captioner and the writer.
+Each image fails alone: its failure is recorded and the batch goes on, unless the error
+would repeat for every image (its type says so), which stops the run. Ctrl-C or SIGTERM
+stops taking new images, gives those in flight `STOP_GRACE_SECONDS`, then saves what there is.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Dict, List, Optional
+
+from tagcaption.captioner import Captioner
+from tagcaption.config import Config
+from tagcaption.dry_run import format_preview
+from tagcaption.errors import ImageProblem, InternalError
+from tagcaption.folder import Folder
+from tagcaption.layout import ImageItem, Layout
+from tagcaption.plan import RunPlan, plan_run
+from tagcaption.progress import Progress
+from tagcaption.selection import Selection, Shard
+from tagcaption.sinks import redact
+from tagcaption.stages import build_stages, check_servers
+from tagcaption.state import Failure
+from tagcaption.tally import Tally
+from tagcaption.writer import Writer
+
+log = logging.getLogger("caption")
+
+STOP_GRACE_SECONDS = 5.0
+LOOKAHEAD = 1000
+"""Images read ahead of the workers: their tags' lookups and summaries start early, and
+Danbooru gets full batches, while memory stays bounded however large the folder."""
+MAX_MESSAGE = 1000
+"""Characters of a failure message kept (a message may quote a whole broken input)."""
+COUNT_WAIT = 3.0
+"""Seconds a run that stopped early waits for the count of names, to say how many it left."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How this run was asked for on the command line (the config says what to do)."""
+    progress: Optional[bool] = None
+    retry_failed: bool = False
+    refresh_tags: bool = False
+    debug_dir: Optional[Path] = None
+    shard: Shard = Shard()
+    dry_run: Optional[str] = None
+    """None, "llm" (no model request, no file written) or "tags" (Danbooru may be asked)."""
+    preview: int = 3
+    sample: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    tally: Tally = field(default_factory=Tally)
+    failures: List[Failure] = field(default_factory=list)
+    unfinished: int = 0
+    """Images the walk found needing a caption that were never captioned (the run stopped)."""
+    unreached: int = 0
+    """Images the walk had not reached when the run stopped."""
+    stopped: Optional[str] = None
+    interrupted: bool = False
+    setup_problem: bool = False
+    """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
+    failures_file: Optional[Path] = None
+    dry_run_report: Optional[str] = None
+    report_page: Optional[Path] = None
+    seconds: float = 0.0
+
+
+class Run:
+    def __init__(self, config: Config, options: RunOptions = RunOptions(), folder: Optional[Folder] = None):
+        """`folder`: the images folder to walk (by default `images_dir` as configured)."""
+        self.config, self.options = config, options
+        self.plan = plan_run(config)
+        self.result = RunResult(self.plan)
+        self.tally = self.result.tally
+        self.layout = Layout(config, options.shard.suffix)
+        self.folder = folder or Folder(self.layout.images_root, config.recursive, skip=self.layout.output_dir)
+        self.stages = build_stages(config, self.plan, self.tally, options.dry_run, options.refresh_tags)
+        self.selection = Selection(self.layout, self.folder, self.tally, self._fail,
+                                   overwrite=config.output.overwrite, shard=options.shard,
+                                   retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)
+        self.captioner = Captioner(config, self.layout, self.stages)
+        self.writer = Writer(config, self.layout, self.folder, self.tally, dry_run=bool(options.dry_run))
+        self.previews: Dict[str, dict] = {}
+        self.stopping = asyncio.Event()
+        self.workers: List[asyncio.Task] = []
+
+    async def execute(self) -> RunResult:
+        started = time.monotonic()
+        walk = self.selection.walk()
+        try:
+            first = await anext(walk, None)
+            if first is not None:
+                await self._start()
+                with self._signals_handled():
+                    await self._caption_all(first, walk)
+                await self._count_what_is_left()
+            if self.options.dry_run:
+                self.result.dry_run_report = format_preview(list(self.previews.items()), self.stages.llm)
+            self.result.failures_file = self.writer.save_failures(self.result.failures)
+        finally:
+            await walk.aclose()
+            await self.stages.close()
+            try:
+                self.result.report_page = self.writer.close()
+            finally:
+                self.result.seconds = time.monotonic() - started
+        return self.result
+
+    async def _start(self) -> None:
+        if not self.options.dry_run:
+            await check_servers(self.stages, self.plan)
+        if self.stages.tag_provider:
+            self.stages.tag_provider.start()
+        self.writer.start()
+
+    async def _count_what_is_left(self) -> None:
+        failed_in_work = self.tally["images.failed"]
+        self.result.unfinished = self.tally["images.pending"] - self.tally["images.captioned"] - failed_in_work
+        if self.stopping.is_set():  # stopped before the walk's end: how much is left?
+            if not self.result.interrupted:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.selection.counted.wait(), COUNT_WAIT)
+            self.result.unreached = self.selection.unreached
+
+    def _workers(self) -> int:
+        """Twice each endpoint's slots: the endpoint always has work waiting while there is work."""
+        endpoints = self.stages.llm.endpoints
+        return 2 * sum(self.config.endpoints[name].concurrency * len(endpoints[name].replicas)
+                       for name in self.plan.endpoints)
+
+    async def _caption_all(self, first: str, walk: AsyncIterator[str]) -> None:
+        progress = Progress(self.tally, self.options.progress, tags=self.stages.tag_provider is not None)
+        count = self._workers()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
+        self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
+        producer = asyncio.create_task(self._produce(first, walk, queue))
+        try:
+            await asyncio.gather(*self.workers, return_exceptions=True)
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            await self.writer.drain()
+            progress.close()
+
+    async def _produce(self, first: str, walk: AsyncIterator[str], queue: asyncio.Queue) -> None:
+        rel: Optional[str] = first
+        try:
+            while rel is not None and not self.stopping.is_set():
+                if self.options.dry_run and len(self.previews) < self.options.preview:
+                    self.previews[rel] = {}
+                await queue.put(await self.captioner.prepare(rel))
+                rel = await anext(walk, None)
+        except Exception as exc:  # what was captioned stays; the summary says so, a rerun goes on
+            log.debug("the walk broke off", exc_info=True)
+            self._stop(f"cannot go on reading the images folder: {type(exc).__name__}: {exc}")
+        for _ in self.workers:
+            await queue.put(None)
+
+    async def _work(self, queue: asyncio.Queue) -> None:
+        while not self.stopping.is_set() and (job := await queue.get()) is not None:
+            item, tags = job
+            transcript = self.previews.get(item.rel.as_posix(), {})  # conversations and guard trips
+            try:
+                if isinstance(tags, ImageProblem):
+                    raise tags
+                await self.writer.write(await self.captioner.caption(item, tags, transcript))
+            except ImageProblem as problem:
+                if problem.stops_run:
+                    self._stop(str(problem), setup_problem=problem.setup)
+                    continue
+                self.tally.update("images.failed")
+                self._fail(item, problem)
+            except Exception as exc:  # a bug must cost one image, not the run
+                log.debug("unexpected error on %s", item.path, exc_info=True)
+                self.tally.update("images.failed")
+                self._fail(item, InternalError(f"unexpected {type(exc).__name__}: {exc}", stage="internal"))
+            finally:
+                if self.options.debug_dir and transcript:
+                    await self.writer.write_transcript(self.options.debug_dir, item, transcript)
+
+    def _fail(self, item: ImageItem, problem: ImageProblem) -> None:
+        message = redact(str(problem))
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "…"
+        record = Failure(str(item.path), problem.stage or "input", problem.record_kind, message, problem.attempts)
+        self.result.failures.append(record)
+        log.error("failed: %s: %s", item.path, record.message)
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def _stop(self, reason: str, interrupted: bool = False, setup_problem: bool = False) -> None:
+        if self.stopping.is_set():
+            return
+        self.result.stopped = reason
+        self.result.interrupted = interrupted
+        self.result.setup_problem = setup_problem
+        self.stopping.set()
+        log.warning("stopping: %s", reason)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping.is_set():
+            self._cancel_workers()
+            return
+        self._stop(f"{name}: no new images; waiting up to {STOP_GRACE_SECONDS:.0f} s for those in flight "
+                   "(press Ctrl-C again to cancel them)", interrupted=True)
+        asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, self._cancel_workers)
+
+    def _cancel_workers(self) -> None:
+        for worker in self.workers:
+            worker.cancel()
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or a platform without it
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+
+async def run(config: Config, options: RunOptions = RunOptions()) -> RunResult:
+    return await Run(config, options).execute()

@@ -1,0 +1,192 @@
+"""Which images this run captions: the folder walked as captioning goes, this machine's
+shard, a sample, or last run's failures; images with a caption skipped; images whose
+caption would land on another's file failed.
+
+The walk yields each image's path inside the folder (a short string: memory stays flat
+however large the folder) and turns the event loop every SCAN_CHUNK entries so requests
+flow meanwhile. A count of names in a thread gives the progress bar its total.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, List, Optional, Tuple
+
+from tagcaption.errors import CaptionCollision, ConfigError, ImageProblem, TagsFileError, os_error_text
+from tagcaption.folder import Folder
+from tagcaption.layout import ImageItem, Layout
+from tagcaption.state import read_failed_images
+from tagcaption.tally import Tally
+
+SCAN_CHUNK = 50
+"""Entries (images or folders) the walk takes between two turns of the event loop."""
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on `key`: for choices that must repeat on a rerun."""
+    import hashlib
+
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`--shard K/N`: this machine's share of the folder, chosen by a hash of each image's
+    path, so N machines sharing the folder caption it without overlap or coordination."""
+    index: int = 1
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            raise ConfigError(f"--shard takes K/N with 1 <= K <= N, like 2/8 (got {text!r})")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def includes(self, rel: str) -> bool:
+        if self.count == 1:
+            return True
+        return int(stable_fraction(rel) * self.count) == self.index - 1
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.count == 1 else f"-{self.index}-of-{self.count}"
+
+
+Fail = Callable[[ImageItem, ImageProblem], None]
+
+
+class Selection:
+    def __init__(self, layout: Layout, folder: Folder, tally: Tally, fail: Fail, *, overwrite: bool,
+                 shard: Shard = Shard(), retry_failed: bool = False, sample: Optional[int] = None,
+                 seed: int = 0):
+        self.layout, self.folder, self.tally, self.fail = layout, folder, tally, fail
+        self.overwrite = overwrite
+        self.shard, self.retry_failed, self.sample, self.seed = shard, retry_failed, sample, seed
+        self.counted = asyncio.Event()
+        """Set once the count of names is known (`images.selected`)."""
+
+    @property
+    def walked(self) -> int:
+        return self.tally["images.pending"] + self.tally["images.skipped"] + self.tally["images.rejected"]
+
+    @property
+    def unreached(self) -> int:
+        """Images the walk had not reached yet (known once counted)."""
+        return max(0, self.tally["images.selected"] - self.walked)
+
+    async def walk(self) -> AsyncIterator[str]:
+        """The images that need a caption, as the walk finds them."""
+        stop_counting = threading.Event()
+        try:
+            images = self._to_caption()
+            if self.sample is not None:
+                images = iter(self._sampled([rel for rel in images if rel]))
+            else:
+                self._start_count(stop_counting)
+            for count, rel in enumerate(images, 1):
+                if rel:
+                    self.tally.update("images.pending")
+                    yield rel
+                if count % SCAN_CHUNK == 0:
+                    await asyncio.sleep(0)
+        finally:
+            stop_counting.set()
+
+    def _start_count(self, stop: threading.Event) -> None:
+        """Count the images this run is asked for, in a daemon thread that stops with the
+        walk: a slow file server must not hold up the end of the run."""
+        loop = asyncio.get_running_loop()
+
+        def count() -> None:
+            total = 0
+            try:
+                for selected in self._selected(ordered=False):
+                    if stop.is_set():
+                        return
+                    total += selected is not None
+            except Exception:  # the walk meets the same problem and reports it
+                return
+            with contextlib.suppress(RuntimeError):  # the run is over and its loop closed
+                loop.call_soon_threadsafe(self._counted, total)
+        threading.Thread(target=count, name="count-images", daemon=True).start()
+
+    def _counted(self, total: int) -> None:
+        self.tally.set("images.selected", total)
+        self.counted.set()
+
+    def _selected(self, ordered: bool = True) -> Iterator[Optional[Tuple[Path, str, str]]]:
+        """(folder, name, path inside the images folder) of each image this run is asked for;
+        None for each image left out and each folder, so that walking them still counts."""
+        failed = self._failed_before() if self.retry_failed else None
+        try:
+            for folder, names in self.folder.listing(ordered):
+                yield None
+                inside = folder.relative_to(self.layout.images_root).as_posix()
+                prefix = "" if inside == "." else f"{inside}/"
+                for name in names:
+                    rel = prefix + name
+                    if (failed is None or os.path.join(folder, name) in failed) and self.shard.includes(rel):
+                        yield folder, name, rel
+                    else:
+                        yield None
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _to_caption(self) -> Iterator[Optional[str]]:
+        """For each image, its path inside the folder when it needs a caption, else None."""
+        current, previous = None, [None]
+        for selected in self._selected():
+            if selected is None:
+                yield None
+                continue
+            folder, name, rel = selected
+            if folder != current:
+                current, previous = folder, [None]  # images sharing a stem come in a row
+            # From one string, not folder / name: Python 3.11's pathlib interns the parts it is
+            # given, and a listed name would stay in the intern table as long as the listing.
+            path = Path(f"{folder}/{name}")
+            yield rel if self._needs_caption(path, previous) else None
+
+    def _sampled(self, pending: List[str]) -> List[str]:
+        if len(pending) <= self.sample:
+            return pending
+        return sorted(random.Random(self.seed).sample(pending, self.sample))
+
+    def _needs_caption(self, path: Path, previous: List[Optional[ImageItem]]) -> bool:
+        """Whether the image needs a caption; one that is done is skipped, one that cannot be
+        done fails. A caption must never land on a file another image relies on."""
+        try:
+            item = self.layout.item(path)
+            done = not self.overwrite and item.has_caption()
+        except OSError as exc:
+            rel = path.relative_to(self.layout.images_root)
+            self._reject(ImageItem(path, rel, path, None, None), TagsFileError(os_error_text(exc, path), stage="input"))
+            return False
+        before = previous[0]
+        other = before.path if before is not None and before.caption_file == item.caption_file else \
+            self.layout.tags_owner(path)
+        previous[0] = item
+        if other is not None:
+            self._reject(item, CaptionCollision(f"its caption file {item.caption_file.name} would replace a file of "
+                                                f"{other.name} (same name stem); rename one of them", stage="output"))
+            return False
+        if done:
+            self.tally.update("images.skipped")
+            return False
+        return True
+
+    def _reject(self, item: ImageItem, problem: ImageProblem) -> None:
+        self.tally.update("images.rejected")
+        self.fail(item, problem)
+
+    def _failed_before(self) -> set:
+        if not self.layout.failures.exists():
+            raise ConfigError(f"--retry-failed: no {self.layout.failures} from an earlier run")
+        return set(read_failed_images(self.layout.failures))

@@ -1,0 +1,77 @@
+"""The stages of one run, built once from the config and the plan.
+
+A dry run is chosen here, when the stages are built: the LLM client that only records,
+Danbooru replaced unless `--dry-run=tags`, the tag cache read but never written. Nothing
+is patched into a stage afterwards.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import openai
+
+from tagcaption.config import Config
+from tagcaption.dry_run import DryRunLLM, DryRunSource
+from tagcaption.errors import ConfigError, ServerUnreachable
+from tagcaption.interpreter import Interpreter
+from tagcaption.interrogator import Interrogator
+from tagcaption.llm import LLM
+from tagcaption.plan import RunPlan
+from tagcaption.tag_cache import TagCache
+from tagcaption.tag_provider import TagFilter, TagProvider
+from tagcaption.tally import Tally
+
+log = logging.getLogger("caption")
+
+
+@dataclass
+class Stages:
+    llm: LLM
+    tag_filter: TagFilter
+    tag_provider: Optional[TagProvider]
+    interrogator: Optional[Interrogator]
+    interpreter: Optional[Interpreter]
+
+    def named(self) -> Iterator[Tuple[str, object]]:
+        yield from (("tag_provider", self.tag_provider), ("interrogator", self.interrogator),
+                    ("interpreter", self.interpreter))
+
+    async def close(self) -> None:
+        if self.tag_provider:
+            await self.tag_provider.close()
+        await self.llm.close()
+
+
+def build_stages(config: Config, plan: RunPlan, tally: Tally, dry_run: Optional[str] = None,
+                 refresh_tags: bool = False) -> Stages:
+    """`dry_run`: None, "llm" (no model request, no file written) or "tags" (Danbooru may be asked)."""
+    llm = LLM.from_config(config, tally=tally)
+    if dry_run:
+        llm = DryRunLLM(llm)
+    tag_provider = None
+    if plan.runs("tag_provider"):
+        cache = TagCache(config.path(config.tag_provider.cache_file), read_only=bool(dry_run))
+        tag_provider = TagProvider(config, llm, tally=tally, cache=cache, refresh=refresh_tags,
+                                   source=DryRunSource() if dry_run == "llm" else None)
+    return Stages(llm, TagFilter(config.tags, config.tag_provider.min_post_count), tag_provider,
+                  Interrogator(config, llm, tally=tally) if plan.runs("interrogator") else None,
+                  Interpreter(config, llm) if plan.runs("interpreter") else None)
+
+
+async def check_servers(stages: Stages, plan: RunPlan) -> None:
+    """Fail fast (exit 2) when a server the run needs does not answer at all."""
+    for name, models in plan.endpoints.items():
+        endpoint = stages.llm.endpoints[name]
+        try:
+            listed = await endpoint.list_models()
+        except ServerUnreachable as exc:
+            raise ConfigError(str(exc)) from None
+        except openai.OpenAIError as exc:
+            log.warning("warning: %s could not list its models (%s); going on", endpoint.describe(), exc)
+            continue
+        for model in models:
+            if listed and model not in listed:
+                log.warning("warning: model '%s' is not listed by %s (it lists: %s)",
+                            model, endpoint.describe(), ", ".join(listed[:8]))

@@ -1,0 +1,166 @@
+"""Everything a run writes, and the rules that keep what the user has.
+
+Before a caption replaces a file, what it would replace is kept: the tags (see layout.py),
+or a caption this program did not write or that was edited since (as `.bak`, `.bak2`…).
+Each caption is written atomically in a thread that, once started, always finishes and
+is counted: a cancelled worker does not stop it, and the run waits for it before it
+releases the lock. The lock, the leftovers of a killed run, the journal of records and
+`failures.jsonl` are handled here too.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional, Set
+
+from tagcaption.captioner import Captioned
+from tagcaption.config import Config
+from tagcaption.errors import CaptionAppeared, ConfigError, LockedError, NoBackupName, OutputProblem
+from tagcaption.files import atomic_write_text, write_new_file
+from tagcaption.folder import Folder
+from tagcaption.layout import ImageItem, Layout
+from tagcaption.outputs import DatasetOutputs
+from tagcaption.report import build_report
+from tagcaption.sinks import redact
+from tagcaption.state import CaptionRecord, Failure, RunLock, write_failures
+from tagcaption.tally import Tally
+
+log = logging.getLogger("caption")
+
+LEFTOVER_AGE = 60.0
+"""Seconds after which a temp file is a killed run's leftover even while other shards write."""
+
+
+class Writer:
+    def __init__(self, config: Config, layout: Layout, folder: Folder, tally: Tally, dry_run: bool = False):
+        self.config, self.layout, self.folder, self.tally = config, layout, folder, tally
+        self.dry_run = dry_run
+        self.lock = RunLock(layout.lock)
+        self.record = CaptionRecord(layout.root, layout.caption_record)
+        formats = list(config.output.formats) + (["jsonl"] if config.output.report else [])  # the page reads it
+        self.outputs = DatasetOutputs(formats, layout.root, layout.images_root, layout.suffix)
+        self._writes: Set[asyncio.Future] = set()
+
+    # --- start and end -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the folder's lock, remove a killed run's leftovers, merge its journal."""
+        if self.dry_run:
+            return
+        try:
+            note = self.lock.acquire()
+        except (LockedError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        if note:
+            log.warning("warning: %s", note)
+        self.remove_leftover_temps()
+        self.outputs.merge()
+
+    async def drain(self) -> None:
+        """Wait for every caption write under way."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def close(self) -> Optional[Path]:
+        """Dataset files and the page, then the lock; returns the page, if written."""
+        page = None
+        try:
+            if self.lock.held:
+                self.remove_leftover_temps()
+                page = self._finish_outputs()
+        finally:
+            self.lock.release()
+        return page
+
+    def remove_leftover_temps(self) -> None:
+        """Temp files of a killed run, found by the walk. While another shard runs, a young
+        one may be its write in progress: then only those LEFTOVER_AGE older than this run's
+        lock go (both times from the same file server's clock)."""
+        alone = not self.lock.others_running()
+        cutoff = self.lock.path.stat().st_mtime - LEFTOVER_AGE
+        while self.folder.leftover_temps:
+            leftover = self.folder.leftover_temps.pop()
+            with contextlib.suppress(OSError):
+                if alone or leftover.stat().st_mtime <= cutoff:
+                    leftover.unlink()
+
+    def _finish_outputs(self) -> Optional[Path]:
+        try:
+            self.outputs.merge()
+            if self.config.output.report:
+                return build_report(self.config)
+        except OSError as exc:
+            log.error("error: cannot write the dataset files (%s); the captions are written, and the next run "
+                      "merges this run's records", exc.strerror or exc)
+        return None
+
+    def save_failures(self, failures: List[Failure]) -> Optional[Path]:
+        """`failures.jsonl` lists this run's failures (an empty file when there were none);
+        returns it when written."""
+        path = self.layout.failures
+        if self.dry_run or (not failures and not path.exists()):
+            return None
+        try:
+            write_failures(path, failures)
+        except OSError as exc:
+            log.error("error: cannot write %s (%s); the failures are listed above", path, exc.strerror or exc)
+            return None
+        return path
+
+    # --- per image -----------------------------------------------------------------------
+
+    async def write(self, captioned: Captioned) -> None:
+        if self.dry_run:
+            self.tally.update("images.captioned")
+            return
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, captioned))
+        self._writes.add(write)
+
+        def done(future: asyncio.Future) -> None:
+            self._writes.discard(future)
+            if not future.cancelled() and future.exception() is None:
+                self.tally.update("images.captioned")
+        write.add_done_callback(done)
+        try:
+            await asyncio.shield(write)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise OutputProblem(f"{exc.strerror or exc}{where}", stage="output") from None
+
+    async def write_transcript(self, debug_dir: Path, item: ImageItem, transcript: dict) -> None:
+        """`--debug-dir`: the image's whole conversation, no API keys."""
+        record = {"image": str(item.path), **transcript}
+        text = redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n"
+        await asyncio.to_thread(atomic_write_text, self.layout.transcript(debug_dir, item), text)
+
+    def _write_caption(self, captioned: Captioned) -> None:
+        item = captioned.item
+        if item.tags_backup is not None and not item.tags_backup.exists():
+            if item.prose_caption:
+                self._keep_backup(item.caption_file)
+            original = item.caption_file.read_bytes() if item.caption_file.exists() and not item.prose_caption else b""
+            write_new_file(item.tags_backup, original, like=item.caption_file)
+        elif item.caption_file.exists() and not self._replaceable(item):
+            if not self.config.output.overwrite:
+                raise CaptionAppeared(f"{item.caption_file} appeared during the run; not replaced", stage="output")
+            self._keep_backup(item.caption_file)
+        self.record.record(item.caption_file, captioned.caption)  # first: a kill in between only costs a spare .bak
+        atomic_write_text(item.caption_file, captioned.caption)
+        self.outputs.record(captioned.record)
+
+    def _replaceable(self, item: ImageItem) -> bool:
+        current = item.caption_file.read_bytes()
+        if item.tags_backup is not None and current == item.tags_backup.read_bytes():
+            return True  # a tags file whose copy is already kept
+        return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
+
+    def _keep_backup(self, caption_file: Path) -> None:
+        data = caption_file.read_bytes()
+        for number in range(1, 1000):
+            suffix = ".bak" if number == 1 else f".bak{number}"
+            if write_new_file(caption_file.with_name(caption_file.name + suffix), data, like=caption_file):
+                self.tally.update("images.backups")
+                return
+        raise NoBackupName(f"no free backup name for {caption_file}", stage="output")
