@@ -37,6 +37,7 @@ from tagcaption.images import ImageError, check_image
 from tagcaption.interpreter import Interpreter
 from tagcaption.interrogator import Interrogator
 from tagcaption.postprocess import add_affixes
+from tagcaption.errors import Kind
 from tagcaption.llm import LLM, LLMError, ServerDown, ServerUnreachable, StageUsage, redact
 from tagcaption.outputs import DatasetOutputs, check_formats
 from tagcaption.report import build_report
@@ -508,8 +509,8 @@ class Run:
                 settings = self.config.interrogator
                 exc = LLMError(f"the model '{settings.model}' on {self.llm.endpoints[settings.endpoint].describe()} "
                                f"cannot see images ({exc}). Load a vision model (for llama.cpp, start it with "
-                               "--mmproj) or set interrogator.model", "no_vision")
-            raise ImageFailed(stage, exc.kind, str(exc), exc.attempts) from None
+                               "--mmproj) or set interrogator.model", Kind.NO_VISION)
+            raise ImageFailed(stage, exc.record_kind, str(exc), exc.attempts) from None
         except TagSummaryError as exc:
             raise ImageFailed(stage, "tag_summary", str(exc)) from None
         except ImageError as exc:
