@@ -321,7 +321,7 @@ class TagProvider:
         try:
             summary = " ".join((await self.llm.complete("tag_provider", self.settings, messages)).split())
         except LLMError as exc:
-            if not exc.kind.startswith("guard_"):
+            if not exc.record_kind.startswith("guard_"):
                 self.stats.failed += 1
                 raise
             # A summary the model refused (or that tripped another guard) is no summary; remembered

@@ -4,7 +4,8 @@ A source answers `lookup(names)` with, for each tag, its category, post count, t
 it is an alias of, and its wiki page's DText body (None when it has none). Danbooru is
 asked many tags at a time (`/tags.json` with `search[name_comma]` and the wiki page
 nested through `only=`), politely: a User-Agent naming this program, a request rate
-limit, and retries with backoff on 429, 5xx, timeouts and connection errors.
+limit, and retries as `retry.RetryPolicy` says (408, 409, 429, 5xx, timeouts and connection
+errors, honouring Retry-After).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import csv
 import gzip
 import io
 import json
-import random
 import time
 import zlib
 from dataclasses import dataclass
@@ -24,8 +24,15 @@ import httpx2  # installed by openai; its async client keeps Danbooru lookups on
 
 from tagcaption import tls
 from tagcaption.config import Config, ConfigError, TagProviderConfig
-from tagcaption.llm import is_loopback, register_secret
+from tagcaption.endpoint import is_loopback
+from tagcaption.errors import Kind, SourceError, SourceUnreachable
+from tagcaption.retry import RetryPolicy, is_retryable, parse_retry_after
+from tagcaption.sinks import register_secret
+from tagcaption.tally import Tally
 from tagcaption.version import USER_AGENT
+
+__all__ = ["TagInfo", "SourceError", "SourceUnreachable", "DanbooruSource", "FileSource", "NoSource",
+           "make_source", "normalize_title", "CATEGORY_NAMES"]
 
 CATEGORY_NAMES = {0: "general", 1: "artist", 3: "copyright", 4: "character", 5: "meta"}
 MAX_URL_CHARS = 3000
@@ -43,14 +50,6 @@ class TagInfo:
     """False when the source has never heard of the tag (a custom trigger word, a typo)."""
 
 
-class SourceError(Exception):
-    """A lookup failed; str() is one line for the user."""
-
-
-class SourceUnreachable(SourceError):
-    pass
-
-
 def normalize_title(title: str) -> str:
     """Danbooru's normalize_title: lowercase, no leading `~`, whitespace runs as one `_`."""
     title = "_".join(title.strip().lower().lstrip("~").split())
@@ -60,12 +59,14 @@ def normalize_title(title: str) -> str:
 
 
 class DanbooruSource:
-    def __init__(self, settings: TagProviderConfig):
+    def __init__(self, settings: TagProviderConfig, tally: Optional[Tally] = None):
         self.settings = settings
         self.base_url = settings.danbooru_url.rstrip("/")
+        self.policy = RetryPolicy(settings.danbooru_retries, 0.5, 30.0)
+        self.tally = tally
         auth = None
         if settings.login and settings.api_key:
-            register_secret(settings.api_key)
+            register_secret(settings.api_key, login=settings.login)
             auth = (settings.login, settings.api_key)
         self.http = httpx2.AsyncClient(
             base_url=self.base_url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
@@ -145,12 +146,10 @@ class DanbooruSource:
             attempt += 1
             try:
                 return await self._get_once(path, params)
-            except _Retryable as fault:
-                if attempt > self.settings.danbooru_retries:
+            except _Fault as fault:
+                if not self.policy.should_retry(attempt, is_retryable(fault.kind, fault.status)):
                     raise fault.final from None
-                delay = fault.retry_after if fault.retry_after is not None else \
-                    min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self.policy.delay(attempt, fault.retry_after))
 
     async def _paced(self) -> None:
         """Start requests at most `danbooru_rate` per second."""
@@ -165,19 +164,22 @@ class DanbooruSource:
         async with self.slots:
             await self._paced()
             self.requests += 1
+            if self.tally is not None:
+                self.tally.update("danbooru.requests")
             try:
                 response = await self.http.get(path, params=params)
             except httpx2.TimeoutException as exc:
-                raise _Retryable(SourceError(f"{self.describe()} timed out ({type(exc).__name__})")) from None
+                raise _Fault(SourceError(f"{self.describe()} timed out ({type(exc).__name__})"),
+                             Kind.TIMEOUT) from None
             except httpx2.TransportError as exc:
-                raise _Retryable(SourceUnreachable(f"cannot reach {self.describe()} ({type(exc).__name__}: "
-                                                   f"{exc or 'no detail'})")) from None
+                raise _Fault(SourceUnreachable(f"cannot reach {self.describe()} ({type(exc).__name__}: "
+                                               f"{exc or 'no detail'})"), Kind.CONNECTION) from None
         status = response.status_code
         content_type = response.headers.get("content-type", "")
-        if status == 429 or status >= 500:
-            raise _Retryable(SourceError(f"{self.describe()} answered HTTP {status} {_kind(content_type)} "
-                                         "(rate limited or down; try again later)"),
-                             _retry_after(response.headers.get("retry-after")))
+        if is_retryable(Kind.HTTP, status):
+            raise _Fault(SourceError(f"{self.describe()} answered HTTP {status} {_kind(content_type)} "
+                                     "(rate limited or down; try again later)"),
+                         Kind.HTTP, status, parse_retry_after(response.headers))
         if status == 403:
             raise SourceError(f"{self.describe()} refused access (HTTP 403 {_kind(content_type)}; likely "
                               "Cloudflare blocking this client): try later, set tag_provider.login and "
@@ -197,18 +199,16 @@ class DanbooruSource:
         await self.http.aclose()
 
 
-class _Retryable(Exception):
-    def __init__(self, final: SourceError, retry_after: Optional[float] = None):
+class _Fault(Exception):
+    """One failed request: the error to raise if it is the last, and what the retry policy needs."""
+
+    def __init__(self, final: SourceError, kind: Kind, status: Optional[int] = None,
+                 retry_after: Optional[float] = None):
         super().__init__(str(final))
         self.final = final
+        self.kind = kind
+        self.status = status
         self.retry_after = retry_after
-
-
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    try:
-        return min(max(float(value), 0.0), 120.0) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _kind(content_type: str) -> str:
@@ -298,10 +298,10 @@ class NoSource:
         pass
 
 
-def make_source(config: Config):
+def make_source(config: Config, tally: Optional[Tally] = None):
     source = config.tag_provider.source
     if source == "danbooru":
-        return DanbooruSource(config.tag_provider)
+        return DanbooruSource(config.tag_provider, tally)
     if source == "file":
         return FileSource(config)
     if source == "none":

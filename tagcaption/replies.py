@@ -1,0 +1,127 @@
+"""Reading what a server sent back: the answer's text, or what went wrong in one line.
+
+Servers disagree on the shape of an error (OpenAI, LM Studio, vLLM, llama.cpp and Gemini
+each nest the message differently) and on the words for "this model cannot see" or "the
+prompt is too long"; those are recognised here so that the retry loop can tell a fault
+another request may cure from one it would only repeat.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional
+
+import httpx2
+import openai
+
+from tagcaption.errors import Kind
+from tagcaption.retry import is_retryable, parse_retry_after
+
+THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+THINK_UNOPENED = re.compile(r"^.*?</think>", re.DOTALL | re.IGNORECASE)
+
+NO_VISION = re.compile(r"not a multimodal model|image input is not supported|does not support images?|"
+                       r"support image input|model does not support (?:image|vision)|vision is not supported|"
+                       r"mmproj", re.IGNORECASE)
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|exceed_context_size|exceeds? the (?:available )?context|"
+                              r"context_length_exceeded|context length|context window|prompt is too long|"
+                              r"too many tokens|n_ctx", re.IGNORECASE)
+FINAL_STATUSES = (400, 404, 413, 422, 500)
+"""Statuses under which servers report no vision or a context overflow (llama.cpp says 500)."""
+
+
+class Fault(Exception):
+    """One failed attempt, classified: its kind (and status) for the records, whether a
+    retry may help, and how long the server asked to wait."""
+
+    def __init__(self, kind: Kind, message: str, status: Optional[int] = None,
+                 retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retryable = is_retryable(kind, status)
+        self.retry_after = retry_after
+
+
+def clean_reply(text: str) -> str:
+    """The answer without reasoning: `<think>` blocks (also with the opening tag missing)."""
+    text = THINK_BLOCK.sub("", text)
+    if "</think>" in text.lower():
+        text = THINK_UNOPENED.sub("", text)
+    return text.strip()
+
+
+def error_message(exc: BaseException) -> str:
+    """One line from any server's error shape (OpenAI, LM Studio, vLLM, llama.cpp, Gemini)."""
+    if isinstance(exc, openai.APIStatusError):
+        detail = message_from_body(exc.body) or exc.message
+        return f"HTTP {exc.status_code}: {one_line(detail)}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return f"connection failed ({one_line(str(cause)) or type(cause).__name__})"
+    if isinstance(exc, openai.APIError):
+        return one_line(message_from_body(exc.body) or exc.message)
+    return one_line(str(exc)) or type(exc).__name__
+
+
+def classify(exc: BaseException) -> Fault:
+    """The fault behind anything a request can raise."""
+    message = error_message(exc)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status in FINAL_STATUSES:
+            # Answers that will be the same for every retry, whatever the status says.
+            if NO_VISION.search(message):
+                return Fault(Kind.NO_VISION, message)
+            if CONTEXT_OVERFLOW.search(message) or status == 413:
+                return Fault(Kind.CONTEXT_OVERFLOW, message)
+        return Fault(Kind.HTTP, message, status, parse_retry_after(exc.response.headers))
+    if isinstance(exc, openai.APITimeoutError):
+        return Fault(Kind.TIMEOUT, message)
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
+        return Fault(Kind.CONNECTION, message)
+    if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
+        return Fault(Kind.MALFORMED_REPLY, f"malformed reply ({message})")
+    if isinstance(exc, openai.APIError):  # an error object inside a 200 stream
+        return Fault(Kind.STREAM_ERROR, f"error in the reply stream: {message}")
+    return Fault(Kind.ERROR, message)
+
+
+def message_from_body(body: Any) -> Optional[str]:
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, str):
+        try:
+            return message_from_body(json.loads(body))
+        except ValueError:
+            return body
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error", body)
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(body.get("message"), str):
+        return body["message"]
+    return None
+
+
+def content_text(content: Any) -> str:
+    """Reply content as text: a string, or a list of parts as some servers send it."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def token_count(usage: object, key: str) -> int:
+    """A token count from a reply's `usage`; a malformed one counts 0 rather than costing the caption."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) else 0
