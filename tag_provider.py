@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 from tagcaption.config import Config, TagsConfig
-from tagcaption.dataset import RATINGS, display_tag
 from tagcaption.dtext import wiki_text_for_summary
 from tagcaption.llm import LLM, LLMError, ServerDown
+from tagcaption.placeholders import SUMMARY_PLACEHOLDERS, TAG_VARIABLES, tag_variables  # noqa: F401 (re-exported)
 from tagcaption.tag_cache import TagCache
 from tagcaption.tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
 from tagcaption.templates import Template
 
 log = logging.getLogger("caption")
 
-SUMMARY_PLACEHOLDERS = ("tag", "wiki")
-CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 BATCH_WAIT = 0.05
 """Seconds a Danbooru batch waits for more tags before it is sent less than full."""
 
@@ -297,28 +295,3 @@ class TagProvider:
 def _knowledge(entry: dict) -> TagKnowledge:
     return TagKnowledge(entry.get("summary"), entry.get("category"), entry.get("post_count"),
                         bool(entry.get("known", True)))
-
-
-def tag_variables(tags: List[str], knowledge: Dict[str, TagKnowledge], categories: Dict[str, str],
-                  rating: Optional[str], tag_filter: TagFilter) -> Dict[str, str]:
-    """The template variables made from an image's tags, after exclusions.
-
-    `categories` are those the image's sidecar gives (they win over the source's)."""
-    kept: List[tuple] = []
-    for tag in tags:
-        info = knowledge.get(tag)
-        category = categories.get(tag) or (info.category if info else None) or "general"
-        if not tag_filter.excluded(tag, category, info):
-            kept.append((tag, category, info.summary if info else None))
-    values = {
-        "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
-        "booru_tags": ", ".join(tag for tag, _, _ in kept),
-        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
-        "rating": RATINGS.get((rating or "").lower()[:1], rating or "") if rating else "",
-    }
-    for name in CATEGORIES:
-        values[f"{name}_tags"] = ", ".join(display_tag(tag) for tag, category, _ in kept if category == name)
-    return values
-
-
-TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)
