@@ -9,19 +9,12 @@ from typing import Dict, List, Optional
 from tagcaption.config import Config
 from tagcaption.llm import LLM
 from tagcaption.postprocess import clean_caption
-from tagcaption.prompt_plans import Plan, build_plans, pick
-from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS
+from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
 from tagcaption.templates import Template
 
-PLACEHOLDERS = TAG_VARIABLES + ("description", "hints", "filename", "folder", "name")
+PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
 STYLE_WRAPPER = "templates/styles/_interpreter.txt"
-
-
-def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
-    """The tags + description format: the image's own (filtered) tags, then the model's text."""
-    if plan.output == "tags_then_caption" and values.get("booru_tags"):
-        return f"{values['booru_tags']}, {text}"
-    return text
 
 
 class Interpreter:
@@ -33,7 +26,7 @@ class Interpreter:
         self.templates: Dict[Plan, Template] = {}
         for plan in self.plans:
             if plan.style:
-                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), PLACEHOLDERS + ("instruction",))
+                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), STYLE_WRAPPER_PLACEHOLDERS)
             else:
                 self.templates[plan] = Template.load(config.resource(plan.prompt_template), PLACEHOLDERS)
 

@@ -17,16 +17,15 @@ from typing import Dict, List, Optional
 
 from tagcaption.config import Config, ConfigError
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
-from tagcaption.interpreter import with_tags
 from tagcaption.llm import LLM, LLMError
 from tagcaption.postprocess import clean_caption
-from tagcaption.prompt_plans import Plan, build_plans, pick
-from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
+from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
 from tagcaption.templates import Template
 
 log = logging.getLogger("caption")
 
-PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints", "name")
+PLACEHOLDERS = INTERROGATOR_PLACEHOLDERS
 
 
 class Interrogator:

@@ -6,7 +6,7 @@ The pick depends only on the image's path, so a rerun asks the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tagcaption.config import Config, ConfigError, VariantConfig
 from tagcaption.dataset import stable_fraction
@@ -74,3 +74,10 @@ def pick(plans: Sequence[Plan], key: str) -> Plan:
         if point < running:
             return plan
     return plans[-1]
+
+
+def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
+    """The tags + description format: the image's own (filtered) tags, then the model's text."""
+    if plan.output == "tags_then_caption" and values.get("booru_tags"):
+        return f"{values['booru_tags']}, {text}"
+    return text
