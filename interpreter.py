@@ -12,6 +12,7 @@ from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS
 from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
 from tagcaption.templates import Template
+from tagcaption.vocabulary import INTERPRETER
 
 PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
 STYLE_WRAPPER = "templates/styles/_interpreter.txt"
@@ -22,7 +23,7 @@ class Interpreter:
         self.settings = config.interpreter
         self.postprocess = config.postprocess
         self.llm = llm
-        self.plans: List[Plan] = build_plans(config, "interpreter")
+        self.plans: List[Plan] = build_plans(config, INTERPRETER)
         self.templates: Dict[Plan, Template] = {}
         for plan in self.plans:
             if plan.style:
@@ -38,10 +39,10 @@ class Interpreter:
         rendered = self.templates[plan].render(**values, instruction=plan.instruction)
         messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
         if transcript is not None:
-            transcript["interpreter"] = messages
-        reply = await self.llm.complete("interpreter", self.settings, messages,
+            transcript[INTERPRETER] = messages
+        reply = await self.llm.complete(INTERPRETER, self.settings, messages,
                                         clean=lambda text: clean_caption(text, self.postprocess), final=True,
                                         trips=transcript.setdefault("guards", []) if transcript is not None else None)
         if transcript is not None:
-            transcript["interpreter"] = messages + [{"role": "assistant", "content": reply}]
+            transcript[INTERPRETER] = messages + [{"role": "assistant", "content": reply}]
         return with_tags(plan, reply, values)

@@ -22,6 +22,7 @@ from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
 from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
 from tagcaption.templates import Template
+from tagcaption.vocabulary import INTERROGATOR
 
 log = logging.getLogger("caption")
 
@@ -50,7 +51,7 @@ class Interrogator:
         self.postprocess = config.postprocess
         self.final = config.interpreter.skip
         """With no Interpreter the description is the caption: cleaned and guarded as one."""
-        self.plans: List[Plan] = build_plans(config, "interrogator")
+        self.plans: List[Plan] = build_plans(config, INTERROGATOR)
         self.prompts: Dict[Plan, List[Template]] = {}
         for plan in self.plans:
             texts = [plan.instruction] if plan.style else list(plan.prompts)
@@ -95,16 +96,16 @@ class Interrogator:
             messages.append({"role": "user", "content": content})
             try:
                 clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
-                reply = await self.llm.complete("interrogator", self.settings, messages, clean=clean,
+                reply = await self.llm.complete(INTERROGATOR, self.settings, messages, clean=clean,
                                                 final=last and self.final,
                                                 trips=transcript.setdefault("guards", []) if transcript is not None
                                                 else None)
             finally:
                 if transcript is not None:
-                    transcript["interrogator"] = _loggable(messages, image)
+                    transcript[INTERROGATOR] = _loggable(messages, image)
             messages.append({"role": "assistant", "content": reply})
         if transcript is not None:
-            transcript["interrogator"] = _loggable(messages, image)
+            transcript[INTERROGATOR] = _loggable(messages, image)
         return reply
 
 

@@ -23,6 +23,7 @@ from tagcaption.placeholders import SUMMARY_PLACEHOLDERS, TAG_VARIABLES, tag_var
 from tagcaption.tag_cache import TagCache
 from tagcaption.tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
 from tagcaption.templates import Template
+from tagcaption.vocabulary import TAG_PROVIDER
 
 log = logging.getLogger("caption")
 
@@ -210,7 +211,7 @@ class TagProvider:
         messages.append({"role": "user", "content": self.template.render(tag=tag.replace("_", " "),
                                                                          wiki=entry["wiki"])})
         try:
-            summary = " ".join((await self.llm.complete("tag_provider", self.settings, messages)).split())
+            summary = " ".join((await self.llm.complete(TAG_PROVIDER, self.settings, messages)).split())
         except LLMError as exc:
             if not exc.kind.startswith("guard_"):
                 self.stats.failed += 1
