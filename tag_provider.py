@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
+from tagcaption import errors
 from tagcaption.config import Config, TagsConfig
 from tagcaption.dtext import wiki_text_for_summary
+from tagcaption.errors import TagSummaryError  # noqa: F401 (re-exported: pipeline.py catches it from here)
 from tagcaption.llm import LLM, LLMError, ServerDown
 from tagcaption.placeholders import SUMMARY_PLACEHOLDERS, TAG_VARIABLES, tag_variables  # noqa: F401 (re-exported)
 from tagcaption.tag_cache import TagCache
 from tagcaption.tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
+from tagcaption.tally import Tally
 from tagcaption.templates import Template
 from tagcaption.vocabulary import TAG_PROVIDER
 
@@ -29,10 +32,18 @@ log = logging.getLogger("caption")
 
 BATCH_WAIT = 0.05
 """Seconds a Danbooru batch waits for more tags before it is sent less than full."""
+_SERVER_DOWN = (ServerDown, errors.ServerDown)
+_REPLY_ERRORS = (LLMError, errors.LLMError)
+_SOURCE_UNREACHABLE = (SourceUnreachable, errors.SourceUnreachable)
+_SOURCE_ERRORS = (SourceError, errors.SourceError)
+"""llm.py's and tag_sources.py's own classes and errors.py's: either may be raised until those
+modules raise errors.py's."""
 
 
-class TagSummaryError(Exception):
-    pass
+def _tripped_guard(exc: BaseException) -> bool:
+    """Whether a failed request's every reply tripped a quality guard: errors.GuardTripped, or
+    llm.py's LLMError with a `guard_…` kind (llm.py raises the latter until it moves to errors.py)."""
+    return isinstance(exc, errors.GuardTripped) or str(getattr(exc, "kind", "")).startswith("guard_")
 
 
 @dataclass
@@ -46,6 +57,7 @@ class TagKnowledge:
 
 @dataclass
 class TagStats:
+    """The outcomes of the run's tags; each also counts into the tally as `tags.<outcome>`."""
     summarised: int = 0
     resummarised: int = 0
     cached: int = 0
@@ -78,7 +90,10 @@ class TagFilter:
 
 class TagProvider:
     def __init__(self, config: Config, llm: LLM, on_tag_done: Callable[[], None] = lambda: None,
-                 on_tags_found: Callable[[int], None] = lambda n: None, refresh: bool = False):
+                 on_tags_found: Callable[[int], None] = lambda n: None, refresh: bool = False, *,
+                 source=None, cache: Optional[TagCache] = None, tally: Optional[Tally] = None):
+        """`source` and `cache` replace the configured tag source and cache file (a dry run
+        passes a stand-in source and a read-only cache); counts go to `tally` (`tags.…`)."""
         self.settings = config.tag_provider
         self.llm = llm
         self.refresh = refresh
@@ -86,9 +101,10 @@ class TagProvider:
         self.template_hash = hashlib.sha1(
             f"{self.settings.system_prompt}\x00{self.template.render(tag=chr(1), wiki=chr(2))}".encode()).hexdigest()[:12]
         self.filter = TagFilter(config.tags, self.settings.min_post_count)
-        self.cache = TagCache(config.path(self.settings.cache_file))
-        self.source = make_source(config)
+        self.cache = cache if cache is not None else TagCache(config.path(self.settings.cache_file))
+        self.source = source if source is not None else make_source(config)
         self.stats = TagStats()
+        self.tally = tally if tally is not None else Tally()
         self.source_down: Optional[str] = None
         self._warned: set = set()
         self._tasks: Dict[str, asyncio.Task] = {}
@@ -114,6 +130,7 @@ class TagProvider:
         for tag in new:
             self._tasks[tag] = asyncio.create_task(self._resolve(tag))
         if new:
+            self.tally.update("tags.found", len(new))
             self._on_tags_found(len(new))
 
     async def knowledge(self, tags: List[str]) -> Dict[str, TagKnowledge]:
@@ -122,14 +139,14 @@ class TagProvider:
         results = await self._gather(tags)
         failed = [tag for tag in tags if isinstance(results[tag], BaseException)]
         for tag in failed:
-            if isinstance(results[tag], ServerDown):
+            if isinstance(results[tag], _SERVER_DOWN):
                 raise results[tag]
             if self._tasks.get(tag) is not None and self._tasks[tag].done():
                 del self._tasks[tag]
         if failed:
             results.update(await self._gather(failed))
         for tag in failed:
-            if isinstance(results[tag], ServerDown):
+            if isinstance(results[tag], _SERVER_DOWN):
                 raise results[tag]
             if isinstance(results[tag], BaseException):
                 raise TagSummaryError(f"summary of tag '{tag}' failed: {results[tag]}")
@@ -145,16 +162,21 @@ class TagProvider:
         try:
             entry = None if self.refresh else self.cache.get(tag)
             if entry is not None and self._summary_is_current(entry):
-                self.stats.cached += 1
+                self._count("cached")
                 return _knowledge(entry)
             if entry is not None and entry.get("wiki"):
                 return await self._summarise(tag, entry, resummarise=True)
             if entry is not None and self._negative_is_fresh(entry):
-                self.stats.cached += 1
+                self._count("cached")
                 return _knowledge(entry)
             return await self._look_up_and_summarise(tag)
         finally:
+            self.tally.update("tags.resolved")
             self._on_tag_done()
+
+    def _count(self, outcome: str) -> None:
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self.tally.update(f"tags.{outcome}")
 
     def _summary_is_current(self, entry: dict) -> bool:
         if entry.get("refused"):
@@ -174,18 +196,18 @@ class TagProvider:
 
     async def _look_up_and_summarise(self, tag: str) -> TagKnowledge:
         if self.source_down:
-            self.stats.lookup_failed += 1
+            self._count("lookup_failed")
             return TagKnowledge()
         try:
             info = await self._lookup(tag)
-        except SourceUnreachable as exc:
-            self.stats.lookup_failed += 1
+        except _SOURCE_UNREACHABLE as exc:
+            self._count("lookup_failed")
             if not self.source_down:
                 self.source_down = str(exc)
                 log.warning("warning: %s; captioning goes on without tag summaries", exc)
             return TagKnowledge()
-        except SourceError as exc:
-            self.stats.lookup_failed += 1
+        except _SOURCE_ERRORS as exc:
+            self._count("lookup_failed")
             if str(exc) not in self._warned:
                 self._warned.add(str(exc))
                 log.warning("warning: tag lookup failed: %s", exc)
@@ -194,7 +216,7 @@ class TagProvider:
         entry = {"category": info.category, "post_count": info.post_count, "known": info.known,
                  "alias_of": info.alias_of, "wiki": wiki or None, "summary": None, "checked": time.time()}
         if not wiki:
-            self.stats.no_wiki += 1
+            self._count("no_wiki")
             self.cache.put(tag, entry)
             return _knowledge(entry)
         return await self._summarise(tag, entry)
@@ -202,7 +224,7 @@ class TagProvider:
     async def _summarise(self, tag: str, entry: dict, resummarise: bool = False) -> TagKnowledge:
         knowledge = _knowledge(entry)
         if self.filter.excluded(tag, knowledge.category, knowledge):
-            self.stats.excluded += 1
+            self._count("excluded")
             self.cache.put(tag, entry)
             return knowledge
         messages = []
@@ -212,21 +234,18 @@ class TagProvider:
                                                                          wiki=entry["wiki"])})
         try:
             summary = " ".join((await self.llm.complete(TAG_PROVIDER, self.settings, messages)).split())
-        except LLMError as exc:
-            if not exc.kind.startswith("guard_"):
-                self.stats.failed += 1
+        except _REPLY_ERRORS as exc:
+            if not _tripped_guard(exc):
+                self._count("failed")
                 raise
             # A summary the model refused (or that tripped another guard) is no summary; remembered
             # for this model and template so that reruns do not ask again.
-            self.stats.refused += 1
+            self._count("refused")
             log.warning("warning: tag '%s' has no summary: %s", tag, exc)
             self.cache.put(tag, dict(entry, summary=None, refused=str(exc), model=self.settings.model,
                                      template=self.template_hash))
             return knowledge
-        if resummarise:
-            self.stats.resummarised += 1
-        else:
-            self.stats.summarised += 1
+        self._count("resummarised" if resummarise else "summarised")
         entry = dict(entry, summary=summary, model=self.settings.model, template=self.template_hash,
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.cache.put(tag, entry)
