@@ -21,6 +21,7 @@ from tagcaption.llm import LLM, LLMError
 from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
 from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
+from tagcaption.tally import Tally
 from tagcaption.templates import Template
 from tagcaption.vocabulary import INTERROGATOR
 
@@ -30,9 +31,10 @@ PLACEHOLDERS = INTERROGATOR_PLACEHOLDERS
 
 
 class Interrogator:
-    def __init__(self, config: Config, llm: LLM):
+    def __init__(self, config: Config, llm: LLM, tally: Optional[Tally] = None):
         self.settings = config.interrogator
         self.llm = llm
+        self.tally = tally if tally is not None else Tally()
         self.metadata = ""
         if self.settings.global_metadata_file:
             path = config.resource(self.settings.global_metadata_file)
@@ -72,6 +74,7 @@ class Interrogator:
             half = max(image.width, image.height) // 2
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
             self.shrunk += 1
+            self.tally.update("images.shrunk")
             image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
             text = await self._converse(image, self.prompts[plan], values, transcript)
         return with_tags(plan, text, values) if self.final else text
