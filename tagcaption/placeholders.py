@@ -52,7 +52,8 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
       for category in CATEGORIES),
     Placeholder("filename", "the image's file name", _IMAGE_PROMPTS),
     Placeholder("folder", "the image's folder inside the images folder (`.` at its top)", _IMAGE_PROMPTS),
-    Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source", _IMAGE_PROMPTS),
+    Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source (also added after the "
+                "first vision prompt when that prompt does not name it)", _IMAGE_PROMPTS),
     Placeholder("name", "`style.name`: the name a caption may use", _IMAGE_PROMPTS),
     Placeholder("description", "the Interrogator's description (empty when it is off)", _AFTER_DESCRIPTION),
     Placeholder("instruction", "the style preset's instruction, `{name}` filled", (STYLE_WRAPPER,)),
