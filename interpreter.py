@@ -9,19 +9,13 @@ from typing import Dict, List, Optional
 from tagcaption.config import Config
 from tagcaption.llm import LLM
 from tagcaption.postprocess import clean_caption
-from tagcaption.prompt_plans import Plan, build_plans, pick
-from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS
+from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
 from tagcaption.templates import Template
+from tagcaption.vocabulary import INTERPRETER
 
-PLACEHOLDERS = TAG_VARIABLES + ("description", "hints", "filename", "folder", "name")
+PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
 STYLE_WRAPPER = "templates/styles/_interpreter.txt"
-
-
-def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
-    """The tags + description format: the image's own (filtered) tags, then the model's text."""
-    if plan.output == "tags_then_caption" and values.get("booru_tags"):
-        return f"{values['booru_tags']}, {text}"
-    return text
 
 
 class Interpreter:
@@ -29,11 +23,11 @@ class Interpreter:
         self.settings = config.interpreter
         self.postprocess = config.postprocess
         self.llm = llm
-        self.plans: List[Plan] = build_plans(config, "interpreter")
+        self.plans: List[Plan] = build_plans(config, INTERPRETER)
         self.templates: Dict[Plan, Template] = {}
         for plan in self.plans:
             if plan.style:
-                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), PLACEHOLDERS + ("instruction",))
+                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), STYLE_WRAPPER_PLACEHOLDERS)
             else:
                 self.templates[plan] = Template.load(config.resource(plan.prompt_template), PLACEHOLDERS)
 
@@ -45,10 +39,10 @@ class Interpreter:
         rendered = self.templates[plan].render(**values, instruction=plan.instruction)
         messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
         if transcript is not None:
-            transcript["interpreter"] = messages
-        reply = await self.llm.complete("interpreter", self.settings, messages,
+            transcript[INTERPRETER] = messages
+        reply = await self.llm.complete(INTERPRETER, self.settings, messages,
                                         clean=lambda text: clean_caption(text, self.postprocess), final=True,
                                         trips=transcript.setdefault("guards", []) if transcript is not None else None)
         if transcript is not None:
-            transcript["interpreter"] = messages + [{"role": "assistant", "content": reply}]
+            transcript[INTERPRETER] = messages + [{"role": "assistant", "content": reply}]
         return with_tags(plan, reply, values)

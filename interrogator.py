@@ -17,22 +17,24 @@ from typing import Dict, List, Optional
 
 from tagcaption.config import Config, ConfigError
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
-from tagcaption.interpreter import with_tags
 from tagcaption.llm import LLM, LLMError
 from tagcaption.postprocess import clean_caption
-from tagcaption.prompt_plans import Plan, build_plans, pick
-from tagcaption.tag_provider import TAG_VARIABLES
+from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
+from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
+from tagcaption.tally import Tally
 from tagcaption.templates import Template
+from tagcaption.vocabulary import INTERROGATOR
 
 log = logging.getLogger("caption")
 
-PLACEHOLDERS = TAG_VARIABLES + ("filename", "folder", "hints", "name")
+PLACEHOLDERS = INTERROGATOR_PLACEHOLDERS
 
 
 class Interrogator:
-    def __init__(self, config: Config, llm: LLM):
+    def __init__(self, config: Config, llm: LLM, tally: Optional[Tally] = None):
         self.settings = config.interrogator
         self.llm = llm
+        self.tally = tally if tally is not None else Tally()
         self.metadata = ""
         if self.settings.global_metadata_file:
             path = config.resource(self.settings.global_metadata_file)
@@ -51,7 +53,7 @@ class Interrogator:
         self.postprocess = config.postprocess
         self.final = config.interpreter.skip
         """With no Interpreter the description is the caption: cleaned and guarded as one."""
-        self.plans: List[Plan] = build_plans(config, "interrogator")
+        self.plans: List[Plan] = build_plans(config, INTERROGATOR)
         self.prompts: Dict[Plan, List[Template]] = {}
         for plan in self.plans:
             texts = [plan.instruction] if plan.style else list(plan.prompts)
@@ -72,6 +74,7 @@ class Interrogator:
             half = max(image.width, image.height) // 2
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
             self.shrunk += 1
+            self.tally.update("images.shrunk")
             image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
             text = await self._converse(image, self.prompts[plan], values, transcript)
         return with_tags(plan, text, values) if self.final else text
@@ -96,16 +99,16 @@ class Interrogator:
             messages.append({"role": "user", "content": content})
             try:
                 clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
-                reply = await self.llm.complete("interrogator", self.settings, messages, clean=clean,
+                reply = await self.llm.complete(INTERROGATOR, self.settings, messages, clean=clean,
                                                 final=last and self.final,
                                                 trips=transcript.setdefault("guards", []) if transcript is not None
                                                 else None)
             finally:
                 if transcript is not None:
-                    transcript["interrogator"] = _loggable(messages, image)
+                    transcript[INTERROGATOR] = _loggable(messages, image)
             messages.append({"role": "assistant", "content": reply})
         if transcript is not None:
-            transcript["interrogator"] = _loggable(messages, image)
+            transcript[INTERROGATOR] = _loggable(messages, image)
         return reply
 
 

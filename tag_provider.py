@@ -11,136 +11,26 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hashlib
-import html
 import logging
-import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from tagcaption.config import Config, TagsConfig
-from tagcaption.dataset import RATINGS, display_tag
-from tagcaption.llm import LLM, LLMError, ServerDown
+from tagcaption.dtext import wiki_text_for_summary
+from tagcaption.errors import GuardTripped, LLMError, ServerDown, SourceError, SourceUnreachable, TagSummaryError
+from tagcaption.llm import LLM
+from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
 from tagcaption.tag_cache import TagCache
-from tagcaption.tag_sources import SourceError, SourceUnreachable, TagInfo, make_source
+from tagcaption.tag_sources import TagInfo, make_source
+from tagcaption.tally import Tally
 from tagcaption.templates import Template
+from tagcaption.vocabulary import TAG_PROVIDER
 
 log = logging.getLogger("caption")
 
-SUMMARY_PLACEHOLDERS = ("tag", "wiki")
-CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 BATCH_WAIT = 0.05
 """Seconds a Danbooru batch waits for more tags before it is sent less than full."""
-
-
-# --- DText -------------------------------------------------------------------------------
-
-_LITERAL_BLOCKS = re.compile(
-    r"\[nodtext\](.*?)\[/nodtext\]|<nodtext>(.*?)</nodtext>|\[code\](.*?)\[/code\]|<code>(.*?)</code>"
-    r"|^```[^\n]*\n(.*?)\n```[ \t]*$",
-    re.DOTALL | re.IGNORECASE | re.MULTILINE)
-_WIKI_LINK = re.compile(r"\[\[([^\]|]+?)(?:\|([^\]]*))?\]\]")
-_POST_SEARCH = re.compile(r"\{\{([^}|]+?)(?:\|([^}]*))?\}\}")
-_QUOTED_LINK = re.compile(r'"([^"\n]+)":(?:\[[^\]\s]+\]|[a-z]+://[^\s<>"]*[^\s<>".,;:!?)\]])', re.IGNORECASE)
-_MARKDOWN_LINK = re.compile(r"\[([^\]\n]+)\]\((?:[a-z]+://|/)[^)\s]*\)", re.IGNORECASE)
-_URL_TAG = re.compile(r"\[url=[^\]]*\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
-_BARE_URL_TAG = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
-_ANGLE_URL = re.compile(r"<([a-z]+://[^>\s]+)>", re.IGNORECASE)
-_EMBED_LINE = re.compile(r"^[ \t]*!(?:post|asset) #\d+[^\n]*$", re.IGNORECASE | re.MULTILINE)
-_HEADER = re.compile(r"^[ \t]*h([1-6])(?:#[\w-]+)?\.[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
-_LIST_ITEM = re.compile(r"^[ \t]*(\*+)[ \t]+", re.MULTILINE)
-_EXPAND_TITLE = re.compile(r"\[expand=([^\]]*)\]|<expand=([^>]*)>", re.IGNORECASE)
-_TABLE_CELL_END = re.compile(r"\[/t[dh]\]|</t[dh]>", re.IGNORECASE)
-_TABLE_ROW_END = re.compile(r"\[/tr\]|</tr>", re.IGNORECASE)
-_BREAK = re.compile(r"\[br\]|<br\s*/?>|\[hr\]|<hr\s*/?>", re.IGNORECASE)
-_BLOCK_TAGS = re.compile(r"\[/?(?:quote|expand|table)\]|</?(?:quote|expand|table)>",
-                         re.IGNORECASE)
-_TABLE_TAGS = re.compile(r"\[/?(?:thead|tbody|tr|td|th|col|colgroup)\]|</?(?:thead|tbody|tr|td|th|col|colgroup)>",
-                         re.IGNORECASE)
-_INLINE_TAGS = re.compile(r"\[/?(?:b|i|u|s|tn|sup|sub|center|spoilers?)\]"
-                          r"|</?(?:b|strong|i|em|u|s|tn|sup|sub|spoilers?)>",
-                          re.IGNORECASE)
-
-
-def _link_text(target: str, shown: Optional[str]) -> str:
-    target = target.strip()
-    if shown is None:
-        return target.split("#", 1)[0].replace("_", " ").strip()
-    if shown.strip():
-        return shown.strip()
-    # The pipe trick: "[[Kaga (Kantai Collection)|]]" shows "Kaga".
-    return re.sub(r"\s*\([^)]*\)\s*$", "", target.split("#", 1)[0]).replace("_", " ").strip()
-
-
-def _clean_line(line: str) -> str:
-    indent = re.match(r"[ \t]*", line).group() if re.match(r"[ \t]*- ", line) else ""
-    return indent + re.sub(r"[ \t]+", " ", line).strip().rstrip("|").strip()
-
-
-def dtext_to_text(body: str) -> str:
-    """Danbooru DText as the plain text a reader of the rendered page sees, without markup."""
-    literals: List[str] = []
-
-    def keep_literal(match: re.Match) -> str:
-        literals.append(next(group for group in match.groups() if group is not None))
-        return f"\x00{len(literals) - 1}\x00"
-
-    text = body.replace("\r\n", "\n")
-    text = _LITERAL_BLOCKS.sub(keep_literal, text)
-    text = _EMBED_LINE.sub("", text)
-    text = _WIKI_LINK.sub(lambda m: _link_text(m.group(1), m.group(2)), text)
-    text = _POST_SEARCH.sub(lambda m: (m.group(2) or m.group(1).replace("_", " ")).strip(), text)
-    text = _URL_TAG.sub(r"\1", text)
-    text = _BARE_URL_TAG.sub(r"\1", text)
-    text = _QUOTED_LINK.sub(r"\1", text)
-    text = _MARKDOWN_LINK.sub(r"\1", text)
-    text = _ANGLE_URL.sub(r"\1", text)
-    text = _HEADER.sub(lambda m: m.group(2).strip(), text)
-    text = _LIST_ITEM.sub(lambda m: "  " * (len(m.group(1)) - 1) + "- ", text)
-    text = _EXPAND_TITLE.sub(lambda m: (m.group(1) or m.group(2) or "").strip() + "\n", text)
-    text = _TABLE_CELL_END.sub(" | ", text)
-    text = _TABLE_ROW_END.sub("\n", text)
-    text = _BREAK.sub("\n", text)
-    text = _BLOCK_TAGS.sub("\n", text)
-    text = _TABLE_TAGS.sub("", text)
-    text = _INLINE_TAGS.sub("", text)
-    text = html.unescape(text)
-    text = re.sub(r"\x00(\d+)\x00", lambda m: literals[int(m.group(1))], text)
-    lines = [_clean_line(line) for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-_SECTION_HEADER = re.compile(r"^[ \t]*h[1-6](?:#[\w-]+)?\.[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
-_NOISE_SECTIONS = re.compile(r"^(see also|external links?|links|related tags?|related|tag groups?|"
-                             r"references?|sources?|notes? for taggers|tagging notes?)\b", re.IGNORECASE)
-_LINK_ONLY_ITEM = re.compile(r"^[ \t]*\*+[ \t]*(?:\[\[[^\]]*\]\][ \t,;/]*|\{\{[^}]*\}\}[ \t,;/]*)+(?:\n|\Z)", re.MULTILINE)
-
-
-def wiki_text_for_summary(body: str, max_chars: int = 1500) -> str:
-    """The part of a wiki page that says what the tag means, as plain text, at most
-    `max_chars` long: "See also", "External links" and tag-group sections, and list items
-    that are nothing but links to other tags, are left out."""
-    kept, skipping, position = [], False, 0
-    for header in _SECTION_HEADER.finditer(body):
-        if not skipping:
-            kept.append(body[position:header.start()])
-        skipping = bool(_NOISE_SECTIONS.match(header.group(1).strip()))
-        position = header.start()
-    if not skipping:
-        kept.append(body[position:])
-    text = dtext_to_text(_LINK_ONLY_ITEM.sub("", "".join(kept)))
-    if max_chars and len(text) > max_chars:
-        cut = text[:max_chars]
-        boundary = max(cut.rfind(". "), cut.rfind("\n"))
-        text = (cut[:boundary + 1] if boundary > max_chars // 2 else cut).rstrip()
-    return text
-
-
-# --- The stage -----------------------------------------------------------------------------
-
-
-class TagSummaryError(Exception):
-    pass
 
 
 @dataclass
@@ -150,18 +40,6 @@ class TagKnowledge:
     category: Optional[str] = None
     post_count: Optional[int] = None
     known: bool = False
-
-
-@dataclass
-class TagStats:
-    summarised: int = 0
-    resummarised: int = 0
-    cached: int = 0
-    no_wiki: int = 0
-    excluded: int = 0
-    refused: int = 0
-    lookup_failed: int = 0
-    failed: int = 0
 
 
 class TagFilter:
@@ -185,8 +63,11 @@ class TagFilter:
 
 
 class TagProvider:
-    def __init__(self, config: Config, llm: LLM, on_tag_done: Callable[[], None] = lambda: None,
-                 on_tags_found: Callable[[int], None] = lambda n: None, refresh: bool = False):
+    def __init__(self, config: Config, llm: LLM, tally: Tally, *, refresh: bool = False, source=None,
+                 cache: Optional[TagCache] = None):
+        """Counts go to `tally` (`tags.…`, `danbooru.requests`, the note `danbooru.down`);
+        `source` and `cache` replace the configured tag source and cache file (a dry run passes
+        a stand-in source and a read-only cache)."""
         self.settings = config.tag_provider
         self.llm = llm
         self.refresh = refresh
@@ -194,9 +75,9 @@ class TagProvider:
         self.template_hash = hashlib.sha1(
             f"{self.settings.system_prompt}\x00{self.template.render(tag=chr(1), wiki=chr(2))}".encode()).hexdigest()[:12]
         self.filter = TagFilter(config.tags, self.settings.min_post_count)
-        self.cache = TagCache(config.path(self.settings.cache_file))
-        self.source = make_source(config)
-        self.stats = TagStats()
+        self.cache = cache if cache is not None else TagCache(config.path(self.settings.cache_file))
+        self.source = source if source is not None else make_source(config, tally)
+        self.tally = tally
         self.source_down: Optional[str] = None
         self._warned: set = set()
         self._tasks: Dict[str, asyncio.Task] = {}
@@ -206,12 +87,6 @@ class TagProvider:
         self._lookup_slots = asyncio.Semaphore(max(1, self.settings.danbooru_concurrency))
         self._dispatcher: Optional[asyncio.Task] = None
         self._lookups: set = set()
-        self._on_tag_done = on_tag_done
-        self._on_tags_found = on_tags_found
-
-    @property
-    def source_requests(self) -> int:
-        return self.source.requests
 
     def start(self) -> None:
         self.cache.load()
@@ -222,7 +97,7 @@ class TagProvider:
         for tag in new:
             self._tasks[tag] = asyncio.create_task(self._resolve(tag))
         if new:
-            self._on_tags_found(len(new))
+            self.tally.update("tags.found", len(new))
 
     async def knowledge(self, tags: List[str]) -> Dict[str, TagKnowledge]:
         """Each tag's knowledge; raises TagSummaryError if a summary the caption needs failed
@@ -253,16 +128,19 @@ class TagProvider:
         try:
             entry = None if self.refresh else self.cache.get(tag)
             if entry is not None and self._summary_is_current(entry):
-                self.stats.cached += 1
+                self._count("cached")
                 return _knowledge(entry)
             if entry is not None and entry.get("wiki"):
                 return await self._summarise(tag, entry, resummarise=True)
             if entry is not None and self._negative_is_fresh(entry):
-                self.stats.cached += 1
+                self._count("cached")
                 return _knowledge(entry)
             return await self._look_up_and_summarise(tag)
         finally:
-            self._on_tag_done()
+            self.tally.update("tags.resolved")
+
+    def _count(self, outcome: str) -> None:
+        self.tally.update(f"tags.{outcome}")
 
     def _summary_is_current(self, entry: dict) -> bool:
         if entry.get("refused"):
@@ -282,18 +160,19 @@ class TagProvider:
 
     async def _look_up_and_summarise(self, tag: str) -> TagKnowledge:
         if self.source_down:
-            self.stats.lookup_failed += 1
+            self._count("lookup_failed")
             return TagKnowledge()
         try:
             info = await self._lookup(tag)
         except SourceUnreachable as exc:
-            self.stats.lookup_failed += 1
+            self._count("lookup_failed")
             if not self.source_down:
                 self.source_down = str(exc)
+                self.tally.note("danbooru.down", str(exc))
                 log.warning("warning: %s; captioning goes on without tag summaries", exc)
             return TagKnowledge()
         except SourceError as exc:
-            self.stats.lookup_failed += 1
+            self._count("lookup_failed")
             if str(exc) not in self._warned:
                 self._warned.add(str(exc))
                 log.warning("warning: tag lookup failed: %s", exc)
@@ -302,7 +181,7 @@ class TagProvider:
         entry = {"category": info.category, "post_count": info.post_count, "known": info.known,
                  "alias_of": info.alias_of, "wiki": wiki or None, "summary": None, "checked": time.time()}
         if not wiki:
-            self.stats.no_wiki += 1
+            self._count("no_wiki")
             self.cache.put(tag, entry)
             return _knowledge(entry)
         return await self._summarise(tag, entry)
@@ -310,7 +189,7 @@ class TagProvider:
     async def _summarise(self, tag: str, entry: dict, resummarise: bool = False) -> TagKnowledge:
         knowledge = _knowledge(entry)
         if self.filter.excluded(tag, knowledge.category, knowledge):
-            self.stats.excluded += 1
+            self._count("excluded")
             self.cache.put(tag, entry)
             return knowledge
         messages = []
@@ -319,22 +198,19 @@ class TagProvider:
         messages.append({"role": "user", "content": self.template.render(tag=tag.replace("_", " "),
                                                                          wiki=entry["wiki"])})
         try:
-            summary = " ".join((await self.llm.complete("tag_provider", self.settings, messages)).split())
+            summary = " ".join((await self.llm.complete(TAG_PROVIDER, self.settings, messages)).split())
         except LLMError as exc:
-            if not exc.record_kind.startswith("guard_"):
-                self.stats.failed += 1
+            if not isinstance(exc, GuardTripped):
+                self._count("failed")
                 raise
             # A summary the model refused (or that tripped another guard) is no summary; remembered
             # for this model and template so that reruns do not ask again.
-            self.stats.refused += 1
+            self._count("refused")
             log.warning("warning: tag '%s' has no summary: %s", tag, exc)
             self.cache.put(tag, dict(entry, summary=None, refused=str(exc), model=self.settings.model,
                                      template=self.template_hash))
             return knowledge
-        if resummarise:
-            self.stats.resummarised += 1
-        else:
-            self.stats.summarised += 1
+        self._count("resummarised" if resummarise else "summarised")
         entry = dict(entry, summary=summary, model=self.settings.model, template=self.template_hash,
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.cache.put(tag, entry)
@@ -404,28 +280,3 @@ class TagProvider:
 def _knowledge(entry: dict) -> TagKnowledge:
     return TagKnowledge(entry.get("summary"), entry.get("category"), entry.get("post_count"),
                         bool(entry.get("known", True)))
-
-
-def tag_variables(tags: List[str], knowledge: Dict[str, TagKnowledge], categories: Dict[str, str],
-                  rating: Optional[str], tag_filter: TagFilter) -> Dict[str, str]:
-    """The template variables made from an image's tags, after exclusions.
-
-    `categories` are those the image's sidecar gives (they win over the source's)."""
-    kept: List[tuple] = []
-    for tag in tags:
-        info = knowledge.get(tag)
-        category = categories.get(tag) or (info.category if info else None) or "general"
-        if not tag_filter.excluded(tag, category, info):
-            kept.append((tag, category, info.summary if info else None))
-    values = {
-        "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
-        "booru_tags": ", ".join(tag for tag, _, _ in kept),
-        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
-        "rating": RATINGS.get((rating or "").lower()[:1], rating or "") if rating else "",
-    }
-    for name in CATEGORIES:
-        values[f"{name}_tags"] = ", ".join(display_tag(tag) for tag, category, _ in kept if category == name)
-    return values
-
-
-TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)

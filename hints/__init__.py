@@ -40,6 +40,12 @@ def unknown_sources(names: List[str]) -> List[str]:
     return [name for name in names if name not in HINT_SOURCES]
 
 
+def sources_problem(names: List[str]) -> Optional[str]:
+    """The message for hint sources not registered above, if any (the one wording for it)."""
+    unknown = unknown_sources(names)
+    return f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}" if unknown else None
+
+
 def collect_hints(names: List[str], image: HintInput) -> str:
     """The hints of the named sources, one block each, in the order given."""
     blocks = []

@@ -18,7 +18,7 @@ from tagcaption.tag_sources import TagInfo
 
 class DryRunLLM(LLM):
     def __init__(self, llm: LLM):
-        super().__init__(llm.endpoints, llm.guards)
+        super().__init__(llm.endpoints, llm.guards, tally=llm.tally)
         self.requests: Counter = Counter()
         self.characters: Counter = Counter()
         self.images: Counter = Counter()

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tagcaption.config import GuardsConfig
-
-SCRIPT_PREFIXES = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",),
-                   "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"), "arabic": ("ARABIC",), "hebrew": ("HEBREW",)}
+from tagcaption.vocabulary import SCRIPT_PREFIXES
 
 
 # Refusals are recognised at the start of a reply only, so a caption quoting a sign that

@@ -17,8 +17,9 @@ from typing import Dict, Iterable, List, Optional
 
 from tagcaption.files import atomic_write_text
 from tagcaption.layout import STATE_DIR
+from tagcaption.vocabulary import OUTPUT_FORMATS, TXT
 
-FORMATS = ("txt", "jsonl", "metadata")
+FORMATS = OUTPUT_FORMATS
 CAPTIONS_FILE = "captions.jsonl"
 METADATA_FILE = "metadata.jsonl"
 
@@ -96,10 +97,11 @@ def read_records(path: Path) -> List[dict]:
 
 
 def check_formats(formats: Iterable[str]) -> Optional[str]:
+    """What is wrong with an `output.formats` list, if anything (load_config rejects it)."""
     formats = list(formats)
     unknown = [name for name in formats if name not in FORMATS]
     if unknown:
         return f"output.formats: unknown format(s) {', '.join(unknown)} (use {', '.join(FORMATS)})"
-    if "txt" not in formats:
+    if TXT not in formats:
         return "output.formats must include txt: the per-image caption files are how a rerun knows what is done"
     return None

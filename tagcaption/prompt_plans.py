@@ -6,11 +6,12 @@ The pick depends only on the image's path, so a rerun asks the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tagcaption.config import Config, ConfigError, VariantConfig
 from tagcaption.dataset import stable_fraction
 from tagcaption.styles import check_length, extra_options, instruction, load_style
+from tagcaption.vocabulary import CAPTION, TAGS_THEN_CAPTION
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def _merge(base: VariantConfig, variant: VariantConfig) -> VariantConfig:
 def _plan(config: Config, variant: VariantConfig, where: str) -> Plan:
     prompts = tuple(variant.prompts or ())
     if not variant.style:
-        return Plan(None, "", "caption", variant.weight, prompts, variant.prompt_template)
+        return Plan(None, "", CAPTION, variant.weight, prompts, variant.prompt_template)
     style = load_style(config, variant.style)
     length = variant.length if variant.length is not None else config.style.length
     check_length(str(length))
@@ -74,3 +75,10 @@ def pick(plans: Sequence[Plan], key: str) -> Plan:
         if point < running:
             return plan
     return plans[-1]
+
+
+def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
+    """The tags + description format: the image's own (filtered) tags, then the model's text."""
+    if plan.output == TAGS_THEN_CAPTION and values.get("booru_tags"):
+        return f"{values['booru_tags']}, {text}"
+    return text

@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from tagcaption.config import DATA_DIR, Config, ConfigError
+from tagcaption.vocabulary import CAPTION, STYLE_OUTPUTS
 
 STYLES_DIR = "templates/styles"
 LENGTHS = ("any", "very short", "short", "medium-length", "long", "very long")
-OUTPUT_FORMATS = ("caption", "tags_then_caption")
+OUTPUT_FORMATS = STYLE_OUTPUTS
 
 
 @dataclass(frozen=True)
 class Style:
     name: str
     lines: Dict[str, str]
-    output: str = "caption"
+    output: str = CAPTION
 
 
 def _read_keyed_lines(path: Path) -> Dict[str, str]:
@@ -60,7 +61,7 @@ def load_style(config: Config, name: str) -> Style:
     if not path.is_file():
         raise ConfigError(f"unknown style '{name}'; available: {', '.join(available_styles(config))}")
     lines = _read_keyed_lines(path)
-    output = lines.pop("output", "caption")
+    output = lines.pop("output", CAPTION)
     if output not in OUTPUT_FORMATS:
         raise ConfigError(f"{path}: output must be one of {', '.join(OUTPUT_FORMATS)}")
     if "any" not in lines:

@@ -28,7 +28,7 @@ VERSION = 2
 class TagCache:
     FLUSH_INTERVAL = 1.0
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
         self.path = path
         self.entries: Dict[str, dict] = {}
         self._touched: Set[str] = set()
@@ -36,7 +36,7 @@ class TagCache:
         self._dirty = False
         self._last_flush = 0.0
         self._flushing: Optional[asyncio.Task] = None
-        self.read_only = False
+        self.read_only = read_only
         """A dry run reads the cache but never writes it."""
 
     def load(self) -> None:

@@ -1,7 +1,7 @@
 """dtext_to_text: DText markup becomes the plain text a reader of the page sees."""
 import pytest
 
-from tagcaption.tag_provider import dtext_to_text
+from tagcaption.dtext import dtext_to_text
 
 CASES = [
     ("plain link", "Has [[long_hair]].", "Has long hair."),

@@ -1,0 +1,114 @@
+"""The template-variable contract: every `{placeholder}` a prompt may hold, what fills it,
+and which prompts may use it.
+
+Four kinds of prompt are filled:
+
+- the tag summary template (`tag_provider.prompt_template`): one tag and its wiki page;
+- the Interrogator's system prompt and prompts: the image's tag values and its place;
+- the Interpreter's template: those, and the Interrogator's description;
+- the style wrapper (`templates/styles/_interpreter.txt`): those, and the style's instruction.
+
+A template naming anything else is refused when it is loaded (see templates.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple
+
+from tagcaption.dataset import display_tag
+from tagcaption.vocabulary import CATEGORIES, GENERAL, RATINGS
+
+if TYPE_CHECKING:
+    from tagcaption.tag_provider import TagFilter, TagKnowledge
+    from tagcaption.templates import Template
+
+TAG_SUMMARY = "tag summary template"
+INTERROGATOR_PROMPTS = "interrogator prompts"
+INTERPRETER_TEMPLATE = "interpreter template"
+STYLE_WRAPPER = "style wrapper"
+PROMPTS = (TAG_SUMMARY, INTERROGATOR_PROMPTS, INTERPRETER_TEMPLATE, STYLE_WRAPPER)
+
+_IMAGE_PROMPTS = (INTERROGATOR_PROMPTS, INTERPRETER_TEMPLATE, STYLE_WRAPPER)
+_AFTER_DESCRIPTION = (INTERPRETER_TEMPLATE, STYLE_WRAPPER)
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    name: str
+    filled_with: str
+    prompts: Tuple[str, ...]
+
+
+PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
+    Placeholder("tag", "the tag being summarised, with spaces for underscores", (TAG_SUMMARY,)),
+    Placeholder("wiki", "the tag's wiki page as plain text, without link lists and see-also sections",
+                (TAG_SUMMARY,)),
+    Placeholder("tags", "the image's tags after exclusions, with spaces for underscores", _IMAGE_PROMPTS),
+    Placeholder("booru_tags", "the same tags as written on Danbooru (`long_hair`)", _IMAGE_PROMPTS),
+    Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary", _IMAGE_PROMPTS),
+    Placeholder("rating", "the image's rating as a word (general, sensitive, questionable, explicit)",
+                _IMAGE_PROMPTS),
+    *(Placeholder(f"{category}_tags", f"the kept tags of the {category} category", _IMAGE_PROMPTS)
+      for category in CATEGORIES),
+    Placeholder("filename", "the image's file name", _IMAGE_PROMPTS),
+    Placeholder("folder", "the image's folder inside the images folder (`.` at its top)", _IMAGE_PROMPTS),
+    Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source (also added after the "
+                "first vision prompt when that prompt does not name it)", _IMAGE_PROMPTS),
+    Placeholder("name", "`style.name`: the name a caption may use", _IMAGE_PROMPTS),
+    Placeholder("description", "the Interrogator's description (empty when it is off)", _AFTER_DESCRIPTION),
+    Placeholder("instruction", "the style preset's instruction, `{name}` filled", (STYLE_WRAPPER,)),
+]}
+
+
+def allowed(prompt: str) -> Tuple[str, ...]:
+    """The placeholders a prompt of that kind may hold."""
+    return tuple(name for name, entry in PLACEHOLDERS.items() if prompt in entry.prompts)
+
+
+TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)
+"""The values made from an image's tags (`tag_variables`)."""
+SUMMARY_PLACEHOLDERS = allowed(TAG_SUMMARY)
+INTERROGATOR_PLACEHOLDERS = allowed(INTERROGATOR_PROMPTS)
+INTERPRETER_PLACEHOLDERS = allowed(INTERPRETER_TEMPLATE)
+STYLE_WRAPPER_PLACEHOLDERS = allowed(STYLE_WRAPPER)
+
+
+def used_by(*templates: "Template") -> Set[str]:
+    """The placeholders the templates consume: the values a prompt built from them depends on."""
+    return set().union(*(template.names for template in templates))
+
+
+def rating_word(rating: Optional[str]) -> str:
+    """`q` or `questionable` → `questionable`; a rating Danbooru does not have stays as given."""
+    return RATINGS.get(rating.lower()[:1], rating) if rating else ""
+
+
+def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
+                  rating: Optional[str], tag_filter: "TagFilter") -> Dict[str, str]:
+    """The template variables made from an image's tags, after exclusions.
+
+    `categories` are those the image's sidecar gives (they win over the source's)."""
+    kept: List[tuple] = []
+    for tag in tags:
+        info = knowledge.get(tag)
+        category = categories.get(tag) or (info.category if info else None) or GENERAL
+        if not tag_filter.excluded(tag, category, info):
+            kept.append((tag, category, info.summary if info else None))
+    values = {
+        "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
+        "booru_tags": ", ".join(tag for tag, _, _ in kept),
+        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
+        "rating": rating_word(rating),
+    }
+    for name in CATEGORIES:
+        values[f"{name}_tags"] = ", ".join(display_tag(tag) for tag, category, _ in kept if category == name)
+    return values
+
+
+def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
+                 rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
+                 hints: str) -> Dict[str, str]:
+    """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
+    return {"filename": filename, "folder": folder, "name": name,
+            **tag_variables(tags, knowledge, categories, rating, tag_filter),
+            "hints": hints, "description": ""}

@@ -1,0 +1,47 @@
+"""load_config refuses what the program cannot run with, one message naming the key."""
+import pytest
+
+from tagcaption.config import ConfigError, load_config
+from tagcaption.hints import sources_problem
+from tagcaption.outputs import check_formats
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("interpreter:\n  model: instruct-model\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output.formats=[jsonl]", "output.formats must include txt"),
+    ("output.formats=[txt,parquet]", "output.formats: unknown format(s) parquet (use txt, jsonl, metadata)"),
+    ("interpreter.max_tokens=0", "interpreter.max_tokens must be at least 1"),
+    ("endpoints.default.concurrency=0", "endpoints.default.concurrency must be at least 1"),
+    ("guards.max_attempts=0", "guards.max_attempts must be at least 1"),
+    ("interrogator.jpeg_quality=101", "interrogator.jpeg_quality must be between 1 and 100"),
+    ("tag_provider.source=booru", "tag_provider.source must be danbooru, file or none (got 'booru')"),
+    ("tags.combine=some", "tags.combine must be first or all (got 'some')"),
+    ("tags.exclude_categories=[meta,nsfw]",
+     "tags.exclude_categories: unknown category nsfw (use general, artist, copyright, character, meta)"),
+    ("guards.retry_mode=again", "guards.retry_mode must be fresh or corrective (got 'again')"),
+    ("guards.expected_script=runic",
+     "guards.expected_script must be one of any, latin, cyrillic, greek, cjk, arabic, hebrew"),
+    ("interrogator.image_format=gif", "interrogator.image_format must be jpeg, png or original (got 'gif')"),
+    ("endpoints.default.token_limit_param=limit",
+     "endpoints.default.token_limit_param must be max_tokens or max_completion_tokens"),
+])
+def test_a_value_the_program_cannot_use_is_refused_when_the_config_is_read(config_file, override, message):
+    with pytest.raises(ConfigError) as raised:
+        load_config(config_file, [override])
+    assert message in str(raised.value)
+
+
+def test_a_skipped_stage_may_keep_any_token_limit(config_file):
+    load_config(config_file, ["tag_provider.skip=true", "tag_provider.max_tokens=0"])
+
+
+def test_the_format_and_hint_source_checks_stay_callable():
+    assert check_formats(["txt", "metadata"]) is None
+    assert sources_problem(["full_path", "bogus"]) == "interrogator.hint_sources: unknown source(s) bogus"
+    assert sources_problem(["full_path"]) is None

@@ -1,0 +1,46 @@
+"""The template-variable contract: which prompt may name which value, and what an image's values are."""
+import pytest
+
+from tagcaption.config import ConfigError, TagsConfig
+from tagcaption.placeholders import (INTERPRETER_PLACEHOLDERS, INTERROGATOR_PLACEHOLDERS, PLACEHOLDERS,
+                                     STYLE_WRAPPER_PLACEHOLDERS, SUMMARY_PLACEHOLDERS, TAG_VARIABLES,
+                                     image_values, used_by)
+from tagcaption.tag_provider import TagFilter, TagKnowledge
+from tagcaption.templates import Template
+
+
+def test_each_prompt_gets_the_values_of_the_one_before_it_and_its_own():
+    assert set(SUMMARY_PLACEHOLDERS) == {"tag", "wiki"}
+    assert set(INTERROGATOR_PLACEHOLDERS) == set(TAG_VARIABLES) | {"filename", "folder", "hints", "name"}
+    assert set(INTERPRETER_PLACEHOLDERS) == set(INTERROGATOR_PLACEHOLDERS) | {"description"}
+    assert set(STYLE_WRAPPER_PLACEHOLDERS) == set(INTERPRETER_PLACEHOLDERS) | {"instruction"}
+    assert all(entry.filled_with for entry in PLACEHOLDERS.values())
+
+
+def test_image_values_fill_exactly_what_the_interpreter_may_name():
+    knowledge = {"long_hair": TagKnowledge("Hair below the shoulders.", "general", 900, True),
+                 "hatsune_miku": TagKnowledge(None, "character", 50, True),
+                 "highres": TagKnowledge(None, "meta", 900, True)}
+    values = image_values(["long_hair", "hatsune_miku", "highres", "lora_word"], knowledge,
+                          {"lora_word": "artist"}, "q", TagFilter(TagsConfig()),
+                          filename="a.png", folder="sub", name="Miku", hints="From: sub/a.png")
+    assert set(values) == set(INTERPRETER_PLACEHOLDERS)
+    assert values["tags"] == "long hair, hatsune miku, lora word"
+    assert values["booru_tags"] == "long_hair, hatsune_miku, lora_word"
+    assert values["tag_descriptions"] == "long hair: Hair below the shoulders."
+    assert values["character_tags"] == "hatsune miku" and values["artist_tags"] == "lora word"
+    assert values["meta_tags"] == "" and values["rating"] == "questionable"
+    assert (values["filename"], values["folder"], values["name"], values["hints"], values["description"]) == \
+        ("a.png", "sub", "Miku", "From: sub/a.png", "")
+
+
+def test_used_by_names_the_values_a_prompt_consumes():
+    system = Template("You see {filename}.", INTERROGATOR_PLACEHOLDERS, "system")
+    prompt = Template("Tags: {tags}. {{literal}}", INTERROGATOR_PLACEHOLDERS, "prompt")
+    assert used_by(system, prompt) == {"filename", "tags"}
+    assert used_by() == set()
+
+
+def test_a_prompt_naming_a_value_of_a_later_stage_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{description\}"):
+        Template("{description}", INTERROGATOR_PLACEHOLDERS, "interrogator prompt 1")
