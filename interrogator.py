@@ -61,7 +61,6 @@ class Interrogator:
                 raise ConfigError("interrogator.prompts is empty: give at least one prompt")
             self.prompts[plan] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
                                   for index, text in enumerate(texts)]
-        self.shrunk = 0
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
         plan = pick(self.plans, key)
@@ -73,7 +72,6 @@ class Interrogator:
                 raise
             half = max(image.width, image.height) // 2
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
-            self.shrunk += 1
             self.tally.update("images.shrunk")
             image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
             text = await self._converse(image, self.prompts[plan], values, transcript)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import List, Optional
 
-from tagcaption.dataset import decode_text, sidecar_paths
+from tagcaption.tagfiles import decode_text, sidecar_paths
 from tagcaption.vocabulary import RATINGS
 
 MAX_VALUE = 200

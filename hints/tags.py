@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tagcaption.dataset import display_tag
+from tagcaption.tagfiles import display_tag
 
 
 def hint(image) -> Optional[str]:

@@ -76,8 +76,6 @@ class DryRunSource:
     """Stands in for Danbooru in a dry run: every uncached tag is taken to have a wiki page,
     so the summary requests counted are the most a real run could make."""
 
-    requests = 0
-
     def describe(self) -> str:
         return "no tag source (dry run)"
 

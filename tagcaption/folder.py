@@ -12,9 +12,7 @@ from typing import Iterable, Iterator, List, Optional, Set, Tuple
 
 from tagcaption.errors import ConfigError
 from tagcaption.files import is_leftover_temp
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-                              ".avif", ".heic", ".heif"})
+from tagcaption.vocabulary import IMAGE_EXTENSIONS
 
 
 class Folder:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,15 +35,8 @@ class Guards:
         self.settings = settings
         self.refusals = [phrase.lower() for phrase in settings.refusal_phrases]
         self.banned = [phrase.lower() for phrase in settings.banned_phrases]
-        self.counts: Counter = Counter()
 
     def check(self, text: str, finish_reason: Optional[str], final: bool) -> Optional[Trip]:
-        trip = self._check(text, finish_reason, final)
-        if trip:
-            self.counts[trip.guard] += 1
-        return trip
-
-    def _check(self, text: str, finish_reason: Optional[str], final: bool) -> Optional[Trip]:
         if finish_reason == "length":
             return Trip("truncated", "reply cut off at max_tokens", "more_tokens")
         if not text.strip():

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from tagcaption.config import Config
 from tagcaption.errors import ConfigError
 from tagcaption.tagfiles import decode_text, looks_like_caption
-from tagcaption.folder import IMAGE_EXTENSIONS
+from tagcaption.vocabulary import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:  # config.py checks output formats with outputs.py, which takes its paths from here
+    from tagcaption.config import Config
 
 KEPT_TAGS_MARK = ".tags"
 STATE_DIR = ".tagcaption"
@@ -138,7 +140,8 @@ class Layout:
     def tags_owner(self, image: Path) -> Optional[Path]:
         """The image whose kept tags file would be this image's caption file (`a.tags.png`'s
         caption `a.tags.txt` is where `a.png`'s tags are kept), if there is one."""
-        if not self.tags_extension or not image.stem.endswith(KEPT_TAGS_MARK):
+        kept_here = self.tags_extension == self.caption_extension and self.output_dir is None
+        if not kept_here or not image.stem.endswith(KEPT_TAGS_MARK):
             return None
         base = image.stem[: -len(KEPT_TAGS_MARK)]
         for extension in IMAGE_EXTENSIONS:

@@ -12,7 +12,6 @@ The names other modules still import from here (`LLMError`, `ServerDown`, `redac
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -24,7 +23,7 @@ from tagcaption.replies import clean_reply, error_message, token_count
 from tagcaption.sinks import redact, register_secret
 from tagcaption.tally import Tally
 
-__all__ = ["LLM", "StageUsage", "Endpoint", "Replica", "Reply", "LLMError", "GuardTripped", "NoVision",
+__all__ = ["LLM", "Endpoint", "Replica", "Reply", "LLMError", "GuardTripped", "NoVision",
            "ServerDown", "ServerUnreachable", "clean_reply", "error_message", "is_loopback", "redact",
            "register_secret"]
 
@@ -33,27 +32,18 @@ PARAMETERS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_pen
 
 
 @dataclass
-class StageUsage:
-    requests: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
 class LLM:
-    """All endpoints of a run, the quality guards, and the request and token counts per stage
-    (in `usage`, and in `tally` when one is given)."""
+    """All endpoints of a run, the quality guards, and the tally that counts requests, retries,
+    tokens and guard trips per stage."""
 
     endpoints: Dict[str, Endpoint]
     guards: Optional[Guards] = None
-    usage: Dict[str, StageUsage] = field(default_factory=lambda: defaultdict(StageUsage))
-    tally: Optional[Tally] = None
+    tally: Tally = field(default_factory=Tally)
 
     @classmethod
     def from_config(cls, config: Config, tally: Optional[Tally] = None) -> "LLM":
         return cls({name: Endpoint(name, ep) for name, ep in config.endpoints.items()}, Guards(config.guards),
-                   tally=tally)
+                   tally=tally if tally is not None else Tally())
 
     def _params(self, settings: StageConfig) -> Dict[str, Any]:
         params: Dict[str, Any] = {"model": settings.model}
@@ -65,11 +55,8 @@ class LLM:
 
     def _counter(self, stage: str) -> Callable[[str, int], None]:
         """Counts `requests`, `retries`, `prompt_tokens`, `completion_tokens` of `stage`."""
-        stats = self.usage[stage]
-
         def count(key: str, n: int) -> None:
-            setattr(stats, key, getattr(stats, key) + n)
-            if self.tally is not None and n:
+            if n:
                 self.tally.update(f"{key}.{stage}", n)
         return count
 
@@ -105,8 +92,7 @@ class LLM:
                 return text
             if trips is not None:
                 trips.append(trip.guard)
-            if self.tally is not None:
-                self.tally.update(f"guards.{trip.guard}")
+            self.tally.update(f"guards.{trip.guard}")
             if trip.retry == "more_tokens":
                 if max_tokens > settings.max_tokens:
                     break

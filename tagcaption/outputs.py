@@ -16,20 +16,17 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from tagcaption.files import atomic_write_text
-from tagcaption.layout import STATE_DIR
+from tagcaption.layout import Layout
 from tagcaption.vocabulary import OUTPUT_FORMATS, TXT
 
 FORMATS = OUTPUT_FORMATS
-CAPTIONS_FILE = "captions.jsonl"
-METADATA_FILE = "metadata.jsonl"
 
 
 class DatasetOutputs:
-    def __init__(self, formats: Iterable[str], output_root: Path, images_root: Path, suffix: str = ""):
+    def __init__(self, formats: Iterable[str], layout: Layout):
         self.formats = set(formats)
-        self.output_root = output_root
-        self.images_root = images_root
-        self.journal = output_root / STATE_DIR / f"records{suffix}.jsonl"
+        self.layout = layout
+        self.journal = layout.journal
         self._lock = threading.Lock()
 
     @property
@@ -50,13 +47,12 @@ class DatasetOutputs:
         if not self.active or not self.journal.exists():
             return
         records = _read_jsonl(self.journal)
-        lock_path = self.output_root / STATE_DIR / "outputs.lock"
-        with open(lock_path, "a") as lock:
+        with open(self.layout.outputs_lock, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if "jsonl" in self.formats:
-                self._merge_into(self.output_root / CAPTIONS_FILE, records, "file", lambda r: r)
+                self._merge_into(self.layout.captions_jsonl, records, "file", lambda r: r)
             if "metadata" in self.formats:
-                self._merge_into(self.images_root / METADATA_FILE, records, "file_name", _metadata_line)
+                self._merge_into(self.layout.metadata_jsonl, records, "file_name", _metadata_line)
         self.journal.unlink(missing_ok=True)
 
     @staticmethod

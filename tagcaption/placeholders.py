@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple
 
-from tagcaption.dataset import display_tag
+from tagcaption.tagfiles import display_tag
 from tagcaption.vocabulary import CATEGORIES, GENERAL, RATINGS
 
 if TYPE_CHECKING:

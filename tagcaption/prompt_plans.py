@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tagcaption.config import Config, ConfigError, VariantConfig
-from tagcaption.dataset import stable_fraction
+from tagcaption.selection import stable_fraction
 from tagcaption.styles import check_length, extra_options, instruction, load_style
 from tagcaption.vocabulary import CAPTION, TAGS_THEN_CAPTION
 

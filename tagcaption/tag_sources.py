@@ -63,7 +63,7 @@ class DanbooruSource:
         self.settings = settings
         self.base_url = settings.danbooru_url.rstrip("/")
         self.policy = RetryPolicy(settings.danbooru_retries, 0.5, 30.0)
-        self.tally = tally
+        self.tally = tally if tally is not None else Tally()
         auth = None
         if settings.login and settings.api_key:
             register_secret(settings.api_key, login=settings.login)
@@ -73,7 +73,6 @@ class DanbooruSource:
             timeout=settings.danbooru_timeout, trust_env=not is_loopback(self.base_url), follow_redirects=True,
             auth=auth, verify=tls.context_for(self.base_url))
         self.slots = asyncio.Semaphore(settings.danbooru_concurrency)
-        self.requests = 0
         self._next_start = 0.0
         self._pace = asyncio.Lock()
 
@@ -163,9 +162,7 @@ class DanbooruSource:
     async def _get_once(self, path: str, params: dict):
         async with self.slots:
             await self._paced()
-            self.requests += 1
-            if self.tally is not None:
-                self.tally.update("danbooru.requests")
+            self.tally.update("danbooru.requests")
             try:
                 response = await self.http.get(path, params=params)
             except httpx2.TimeoutException as exc:
@@ -235,7 +232,6 @@ class FileSource:
             raise ConfigError("tag_provider.source is 'file' but tag_provider.wiki_dump is not set")
         self.pages: Dict[str, str] = {}
         self.tags: Dict[str, dict] = {}
-        self.requests = 0
         wiki_path = config.path(settings.wiki_dump)
         for row in _read_rows(wiki_path, "tag_provider.wiki_dump"):
             title, body = row.get("title"), row.get("body")
@@ -286,8 +282,6 @@ def _read_rows(path: Path, key: str) -> Iterable[dict]:
 
 
 class NoSource:
-    requests = 0
-
     def describe(self) -> str:
         return "no source"
 

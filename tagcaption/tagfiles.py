@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tagcaption.vocabulary import CATEGORIES
+
 log = logging.getLogger("caption")
 
 
@@ -78,9 +80,6 @@ class ImageTags:
     rating: Optional[str] = None
 
 
-SIDECAR_CATEGORIES = ("general", "character", "copyright", "artist", "meta")
-RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
-"""Danbooru's one-letter ratings, as they read in a prompt."""
 
 
 def sidecar_paths(image: Path) -> List[Path]:
@@ -93,7 +92,7 @@ def parse_sidecar(data: object) -> Optional[ImageTags]:
     if not isinstance(data, dict):
         return None
     found = ImageTags(rating=data.get("rating") if isinstance(data.get("rating"), str) else None)
-    for category in SIDECAR_CATEGORIES:
+    for category in CATEGORIES:
         names = data.get(f"tag_string_{category}")
         listed = data.get(f"tags_{category}")
         names = names.split() if isinstance(names, str) else (listed if isinstance(listed, list) else [])

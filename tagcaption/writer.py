@@ -41,7 +41,7 @@ class Writer:
         self.lock = RunLock(layout.lock)
         self.record = CaptionRecord(layout.root, layout.caption_record)
         formats = list(config.output.formats) + (["jsonl"] if config.output.report else [])  # the page reads it
-        self.outputs = DatasetOutputs(formats, layout.root, layout.images_root, layout.suffix)
+        self.outputs = DatasetOutputs(formats, layout)
         self._writes: Set[asyncio.Future] = set()
 
     # --- start and end -------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_danbooru_honours_an_http_date_retry_after(danbooru):
     found = asyncio.run(look_up(source, ["cat"]))
     assert found["cat"].wiki == "A cat."
     assert calls[1] - calls[0] >= 1.0  # the date is whole seconds: at least 1 s, at most 2 s ahead
-    assert source.requests == tally["danbooru.requests"] == 2
+    assert tally["danbooru.requests"] == 2
 
 
 @pytest.mark.parametrize("status, requests", [(408, 3), (409, 3), (429, 3), (500, 3), (400, 1), (404, 1)])
@@ -168,7 +168,7 @@ def test_danbooru_retries_what_the_policy_retries(danbooru, status, requests):
     source = DanbooruSource(danbooru_settings(danbooru, danbooru_retries=2))
     with pytest.raises(SourceError, match=f"HTTP {status}"):
         asyncio.run(look_up(source, ["cat"]))
-    assert source.requests == len(danbooru.api_requests()) == requests
+    assert source.tally["danbooru.requests"] == len(danbooru.api_requests()) == requests
 
 
 def test_danbooru_basic_auth_is_redacted(danbooru):
@@ -202,10 +202,7 @@ def test_the_llm_honours_retry_after_ms_and_counts_through_the_tally(llm_server)
     assert asyncio.run(complete(llm)) == "A caption."
     assert time.monotonic() - started >= 0.3
     assert tally.group("requests") == {"interpreter": 2} and tally.group("retries") == {"interpreter": 1}
-    usage = llm.usage["interpreter"]
-    assert (usage.requests, usage.retries) == (2, 1)
-    assert tally["prompt_tokens.interpreter"] == usage.prompt_tokens > 0
-    assert tally["completion_tokens.interpreter"] == usage.completion_tokens > 0
+    assert tally["prompt_tokens.interpreter"] > 0 and tally["completion_tokens.interpreter"] > 0
 
 
 @pytest.mark.parametrize("reply, error, record_kind, attempts", [
@@ -224,4 +221,4 @@ def test_llm_failures_keep_their_record_kinds(llm_server, reply, error, record_k
     assert raised.value.record_kind == record_kind and raised.value.attempts == attempts
     assert len(llm_server.chat_requests) == attempts
     if error is GuardTripped:
-        assert tally.group("guards") == {"refusal": 2} == dict(llm.guards.counts)
+        assert tally.group("guards") == {"refusal": 2}

@@ -98,7 +98,7 @@ def test_the_captioner_writes_nothing_and_names_the_stage_that_failed(tmp_path, 
     with pytest.raises(ImageError) as broken:
         caption_one(config, images / "broken.png", ["cat"])
     assert nothing.value.stage == broken.value.stage == "input"
-    assert len(llm_server.chat_requests()) == 1
+    assert len(llm_server.chat_requests) == 1
 
 
 def write_one(config, image: Path, caption: str) -> Tally:

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from tagcaption.config import ConfigError, load_config
-from tagcaption.dataset import decode_text, display_tag, normalize_tag, parse_tags
+from tagcaption.tagfiles import decode_text, display_tag, normalize_tag, parse_tags
 from tagcaption.llm import clean_reply
 from tagcaption.templates import Template
 
