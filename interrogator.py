@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 
 from tagcaption.config import Config, ConfigError
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
-from tagcaption.llm import LLM, LLMError
+from tagcaption.errors import LLMError
+from tagcaption.llm import LLM
 from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
 from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags

@@ -18,9 +18,14 @@ import openai
 from PIL import Image
 
 from tagcaption import tls
-from tagcaption.config import Config, ConfigError, StageConfig
-from tagcaption.llm import LLM, Replica, error_message, is_loopback
-from tagcaption.tag_sources import SourceError, make_source
+from tagcaption.config import Config, StageConfig
+from tagcaption.endpoint import Replica, is_loopback
+from tagcaption.errors import ConfigError, SourceError
+from tagcaption.llm import LLM
+from tagcaption.plan import plan_run
+from tagcaption.replies import error_message
+from tagcaption.tag_sources import make_source
+from tagcaption.vocabulary import INTERROGATOR
 
 COMMON_PORTS = {1234: "LM Studio", 11434: "Ollama", 8000: "vLLM", 8080: "llama.cpp", 5000: "text-generation-webui"}
 
@@ -132,17 +137,13 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
 
 
 def _check_setup(config: Config, llm: LLM) -> List[str]:
-    """Templates, styles and hint sources, as a run would load them."""
-    from tagcaption.hints import unknown_sources
+    """Templates and styles, as a run would load them, every problem found."""
     from tagcaption.interpreter import Interpreter
     from tagcaption.interrogator import Interrogator
-    from tagcaption.tag_provider import SUMMARY_PLACEHOLDERS
+    from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
     from tagcaption.templates import Template
 
     problems = []
-    unknown = unknown_sources(config.interrogator.hint_sources)
-    if unknown:
-        problems.append(f"interrogator.hint_sources: unknown source(s) {', '.join(unknown)}")
     checks = {"tag_provider": lambda: Template.load(config.resource(config.tag_provider.prompt_template),
                                                     SUMMARY_PLACEHOLDERS),
               "interrogator": lambda: Interrogator(config, llm), "interpreter": lambda: Interpreter(config, llm)}
@@ -162,14 +163,12 @@ async def run_check(config: Config) -> int:
         print(f"config: {problem}")
     rows: List[Row] = []
     try:
-        for stage in ("tag_provider", "interrogator", "interpreter"):
-            settings = getattr(config, stage)
-            if settings.skip:
-                continue
+        for step in plan_run(config).steps:
+            stage, settings = step.stage, getattr(config, step.stage)
             endpoint = llm.endpoints[settings.endpoint]
             for replica in endpoint.replicas:
                 row = Row(settings.endpoint, settings.model, stage)
-                await _check_replica(llm, row, settings, replica, vision=stage == "interrogator")
+                await _check_replica(llm, row, settings, replica, vision=stage == INTERROGATOR)
                 rows.append(row)
         tags_line, tags_ok = await _check_tags(config)
     finally:

@@ -5,9 +5,6 @@ server with the SDK's own retries turned off, a concurrency limit, and the one r
 that follows `retry.RetryPolicy`), builds each stage's request parameters, and asks again
 when a reply trips a quality guard. Every reply is reduced to clean text or an
 `errors.LLMError` whose message is one readable line.
-
-The names other modules still import from here (`LLMError`, `ServerDown`, `redact`,
-`error_message`, `Replica`…) are re-exported from their new homes.
 """
 from __future__ import annotations
 
@@ -16,16 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from tagcaption.config import Config, StageConfig
-from tagcaption.endpoint import Endpoint, Replica, Reply, is_loopback
-from tagcaption.errors import GuardTripped, LLMError, NoVision, ServerDown, ServerUnreachable
+from tagcaption.endpoint import Endpoint, Reply
+from tagcaption.errors import GuardTripped
 from tagcaption.guards import Guards, Trip
-from tagcaption.replies import clean_reply, error_message, token_count
-from tagcaption.sinks import redact, register_secret
+from tagcaption.replies import clean_reply, token_count
+from tagcaption.sinks import redact
 from tagcaption.tally import Tally
-
-__all__ = ["LLM", "Endpoint", "Replica", "Reply", "LLMError", "GuardTripped", "NoVision",
-           "ServerDown", "ServerUnreachable", "clean_reply", "error_message", "is_loopback", "redact",
-           "register_secret"]
 
 PARAMETERS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty")
 """Stage settings sent as they are when set."""

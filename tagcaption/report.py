@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 from tagcaption.config import Config
 from tagcaption.files import atomic_write_text

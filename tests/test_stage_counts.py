@@ -19,7 +19,8 @@ from tagcaption.dry_run import DryRunSource
 from tagcaption.interrogator import Interrogator
 from tagcaption.llm import LLM
 from tagcaption.tag_cache import TagCache
-from tagcaption.tag_provider import TagProvider, TagSummaryError
+from tagcaption.errors import TagSummaryError
+from tagcaption.tag_provider import TagProvider
 from tagcaption.tally import Tally
 
 ASKED = re.compile(r'Tag: "([^"]+)"')

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_dataset, make_image, run_caption, write_config
 from fake_servers import Text, user_text
-from tagcaption.tag_provider import wiki_text_for_summary
+from tagcaption.dtext import wiki_text_for_summary
 
 SUMMARY = re.compile(r'Tag: "([^"]+)"\n\nIts Danbooru wiki entry')
 

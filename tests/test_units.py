@@ -5,7 +5,7 @@ import pytest
 
 from tagcaption.config import ConfigError, load_config
 from tagcaption.tagfiles import decode_text, display_tag, normalize_tag, parse_tags
-from tagcaption.llm import clean_reply
+from tagcaption.replies import clean_reply
 from tagcaption.templates import Template
 
 

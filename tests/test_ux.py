@@ -67,14 +67,14 @@ def test_check_spots_a_model_that_cannot_see_and_a_missing_model(tmp_path, llm_s
     assert "warning: 'not-loaded-model' is not among the models listed (instruct-model)" in out
 
 
-def test_check_loads_templates_styles_and_hint_sources(tmp_path, llm_server, danbooru, capsys):
+def test_check_loads_templates_and_refuses_unknown_hint_sources(tmp_path, llm_server, danbooru, capsys):
     danbooru.wiki = {"1girl": "One girl."}
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
-                          interpreter={"prompt_template": "nope.txt"},
-                          interrogator={"hint_sources": ["bogus"]})
+                          interpreter={"prompt_template": "nope.txt"})
     code, out, _ = run_caption(["check", "--config", str(config)], capsys)
-    assert code == 2 and "config: interrogator.hint_sources: unknown source(s) bogus" in out
-    assert "cannot read template" in out and "nope.txt" in out
+    assert code == 2 and "cannot read template" in out and "nope.txt" in out
+    code, _, err = run_caption(["check", "--config", str(config), "interrogator.hint_sources=[bogus]"], capsys)
+    assert code == 2 and "error: interrogator.hint_sources: unknown source(s) bogus" in err
 
 
 def test_check_reports_an_unreachable_danbooru(tmp_path, llm_server, capsys):
