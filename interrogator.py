@@ -9,13 +9,14 @@ once more at half the size.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tagcaption.config import Config, ConfigError
+from tagcaption.config import Config
+from tagcaption.deadlines import off_loop
+from tagcaption.errors import ConfigError
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
 from tagcaption.errors import LLMError
 from tagcaption.llm import LLM
@@ -65,7 +66,7 @@ class Interrogator:
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
         plan = pick(self.plans, key)
-        image = await asyncio.to_thread(prepare_image, path, self.options)
+        image = await off_loop(prepare_image, path, self.options, what=f"reading {path}")
         try:
             text = await self._converse(image, self.prompts[plan], values, transcript)
         except LLMError as exc:
@@ -74,7 +75,7 @@ class Interrogator:
             half = max(image.width, image.height) // 2
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
             self.tally.update("images.shrunk")
-            image = await asyncio.to_thread(prepare_image, path, replace(self.options, max_size=half))
+            image = await off_loop(prepare_image, path, replace(self.options, max_size=half), what=f"reading {path}")
             text = await self._converse(image, self.prompts[plan], values, transcript)
         return with_tags(plan, text, values) if self.final else text
 

@@ -4,13 +4,13 @@ as an `ImageProblem` naming the stage it failed in.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Union
 
 from tagcaption.config import Config
+from tagcaption.deadlines import off_loop
 from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
                                os_error_text)
 from tagcaption.hints import HintInput, collect_hints
@@ -55,8 +55,8 @@ class Captioner:
     async def _read_tags(self, item: ImageItem) -> Tags:
         settings = self.config.tags
         try:
-            return await asyncio.to_thread(read_image_tags, item.path, item.tags_file, settings.sources,
-                                           settings.combine)
+            return await off_loop(read_image_tags, item.path, item.tags_file, settings.sources, settings.combine,
+                                  what=f"reading the tags of {item.path}")
         except OSError as exc:
             return TagsFileError(os_error_text(exc, item.tags_file, "tags file"), stage="tags")
         except ValueError as exc:
@@ -100,12 +100,12 @@ class Captioner:
             raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
                                    "and the Interrogator is off: nothing to caption from", stage="input")
         if not self.stages.interrogator:
-            await asyncio.to_thread(check_image, item.path)
+            await off_loop(check_image, item.path, what=f"reading {item.path}")
         knowledge = {}
         if self.stages.tag_provider:
             knowledge = await self.stages.tag_provider.knowledge(self.to_look_up(tags))
-        hints = await asyncio.to_thread(collect_hints, self.config.interrogator.hint_sources,
-                                        HintInput(item.path, item.rel, tags.tags))
+        hints = await off_loop(collect_hints, self.config.interrogator.hint_sources,
+                               HintInput(item.path, item.rel, tags.tags), what=f"the hints of {item.path}")
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints)

@@ -22,6 +22,7 @@ import openai
 
 from tagcaption import tls
 from tagcaption.config import EndpointConfig
+from tagcaption.deadlines import MODELS_SECONDS
 from tagcaption.errors import Kind, LLMError, NoVision, ServerDown, ServerUnreachable
 from tagcaption.replies import Fault, classify, content_text, error_message, message_from_body, one_line
 from tagcaption.retry import RetryPolicy
@@ -91,7 +92,7 @@ class Endpoint:
     def describe(self, replica: Optional[Replica] = None) -> str:
         return f"endpoint '{self.name}' ({(replica or self.replicas[0]).base_url})"
 
-    async def list_models(self, timeout: float = 10.0) -> List[str]:
+    async def list_models(self, timeout: float = MODELS_SECONDS) -> List[str]:
         """Model ids from `/models`; raises ServerUnreachable when no replica answers."""
         listed: List[str] = []
         unreachable = []

@@ -20,6 +20,7 @@ from typing import AsyncIterator, Dict, List, Optional
 
 from tagcaption.captioner import Captioner
 from tagcaption.config import Config
+from tagcaption.deadlines import COUNT_SECONDS, STOP_GRACE_SECONDS
 from tagcaption.dry_run import format_preview
 from tagcaption.errors import ImageProblem, InternalError
 from tagcaption.folder import Folder
@@ -35,14 +36,11 @@ from tagcaption.writer import Writer
 
 log = logging.getLogger("caption")
 
-STOP_GRACE_SECONDS = 5.0
 LOOKAHEAD = 1000
 """Images read ahead of the workers: their tags' lookups and summaries start early, and
 Danbooru gets full batches, while memory stays bounded however large the folder."""
 MAX_MESSAGE = 1000
 """Characters of a failure message kept (a message may quote a whole broken input)."""
-COUNT_WAIT = 3.0
-"""Seconds a run that stopped early waits for the count of names, to say how many it left."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ class Run:
         if self.stopping.is_set():  # stopped before the walk's end: how much is left?
             if not self.result.interrupted:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.selection.counted.wait(), COUNT_WAIT)
+                    await asyncio.wait_for(self.selection.counted.wait(), COUNT_SECONDS)
             self.result.unreached = self.selection.unreached
 
     def _workers(self) -> int:

@@ -1,0 +1,63 @@
+"""Every wait of a run has a bound, and this module holds them.
+
+- Model servers: `endpoints.<name>.timeout` bounds connecting and each read (see
+  endpoint.py); `list_models` at the start waits at most MODELS_SECONDS.
+- Files: every file read runs off the event loop in a thread of its own through
+  `off_loop`, so a read that stalls (a FIFO, a dead network share) fails its own image after
+  FILE_READ_SECONDS instead of holding up the run. The thread is a daemon: a read stuck in
+  the kernel is left behind, and the process can still exit.
+- Stopping: after Ctrl-C or SIGTERM, the images in flight get STOP_GRACE_SECONDS; a run that
+  stopped early waits COUNT_SECONDS for the count of names, to say how many it left.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable, Optional, TypeVar
+
+from tagcaption.errors import ImageProblem, Kind
+
+T = TypeVar("T")
+
+FILE_READ_SECONDS = 30.0
+MODELS_SECONDS = 10.0
+STOP_GRACE_SECONDS = 5.0
+COUNT_SECONDS = 3.0
+
+
+class Stalled(ImageProblem):
+    """A file operation did not finish within its deadline."""
+
+    kind = Kind.TIMEOUT
+
+
+async def off_loop(function: Callable[..., T], *args: Any, seconds: Optional[float] = FILE_READ_SECONDS,
+                   what: str = "") -> T:
+    """`function(*args)` in a daemon thread; raises Stalled after `seconds` (None: no bound)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:  # handed to the awaiting task, whatever it is
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the run is over and its loop closed
+            pass
+
+    threading.Thread(target=work, name="file-io", daemon=True).start()
+    try:
+        return await asyncio.wait_for(future, seconds)
+    except asyncio.TimeoutError:
+        raise Stalled(f"{what or 'a file operation'} did not finish within {seconds:.0f} s "
+                      "(a stalled network share, or a special file)") from None
