@@ -10,7 +10,7 @@ from tagcaption.config import Config
 from tagcaption.llm import LLM
 from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS
-from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
+from tagcaption.variants import Variant, build_variants, pick, with_tags
 from tagcaption.templates import Template
 from tagcaption.vocabulary import INTERPRETER
 
@@ -23,20 +23,20 @@ class Interpreter:
         self.settings = config.interpreter
         self.postprocess = config.postprocess
         self.llm = llm
-        self.plans: List[Plan] = build_plans(config, INTERPRETER)
-        self.templates: Dict[Plan, Template] = {}
-        for plan in self.plans:
-            if plan.style:
-                self.templates[plan] = Template.load(config.resource(STYLE_WRAPPER), STYLE_WRAPPER_PLACEHOLDERS)
+        self.variants: List[Variant] = build_variants(config, INTERPRETER)
+        self.templates: Dict[Variant, Template] = {}
+        for variant in self.variants:
+            if variant.style:
+                self.templates[variant] = Template.load(config.resource(STYLE_WRAPPER), STYLE_WRAPPER_PLACEHOLDERS)
             else:
-                self.templates[plan] = Template.load(config.resource(plan.prompt_template), PLACEHOLDERS)
+                self.templates[variant] = Template.load(config.resource(variant.prompt_template), PLACEHOLDERS)
 
     async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
-        plan = pick(self.plans, key)
+        variant = pick(self.variants, key)
         messages = []
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": self.settings.system_prompt})
-        rendered = self.templates[plan].render(**values, instruction=plan.instruction)
+        rendered = self.templates[variant].render(**values, instruction=variant.instruction)
         messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
         if transcript is not None:
             transcript[INTERPRETER] = messages
@@ -45,4 +45,4 @@ class Interpreter:
                                         trips=transcript.setdefault("guards", []) if transcript is not None else None)
         if transcript is not None:
             transcript[INTERPRETER] = messages + [{"role": "assistant", "content": reply}]
-        return with_tags(plan, reply, values)
+        return with_tags(variant, reply, values)

@@ -22,7 +22,7 @@ from tagcaption.errors import LLMError
 from tagcaption.llm import LLM
 from tagcaption.postprocess import clean_caption
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
-from tagcaption.prompt_plans import Plan, build_plans, pick, with_tags
+from tagcaption.variants import Variant, build_variants, pick, with_tags
 from tagcaption.tally import Tally
 from tagcaption.templates import Template
 from tagcaption.vocabulary import INTERROGATOR
@@ -55,20 +55,20 @@ class Interrogator:
         self.postprocess = config.postprocess
         self.final = config.interpreter.skip
         """With no Interpreter the description is the caption: cleaned and guarded as one."""
-        self.plans: List[Plan] = build_plans(config, INTERROGATOR)
-        self.prompts: Dict[Plan, List[Template]] = {}
-        for plan in self.plans:
-            texts = [plan.instruction] if plan.style else list(plan.prompts)
+        self.variants: List[Variant] = build_variants(config, INTERROGATOR)
+        self.prompts: Dict[Variant, List[Template]] = {}
+        for variant in self.variants:
+            texts = [variant.instruction] if variant.style else list(variant.prompts)
             if not texts:
                 raise ConfigError("interrogator.prompts is empty: give at least one prompt")
-            self.prompts[plan] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
+            self.prompts[variant] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
                                   for index, text in enumerate(texts)]
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
-        plan = pick(self.plans, key)
+        variant = pick(self.variants, key)
         image = await off_loop(prepare_image, path, self.options, what=f"reading {path}")
         try:
-            text = await self._converse(image, self.prompts[plan], values, transcript)
+            text = await self._converse(image, self.prompts[variant], values, transcript)
         except LLMError as exc:
             if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
                 raise
@@ -76,8 +76,8 @@ class Interrogator:
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
             self.tally.update("images.shrunk")
             image = await off_loop(prepare_image, path, replace(self.options, max_size=half), what=f"reading {path}")
-            text = await self._converse(image, self.prompts[plan], values, transcript)
-        return with_tags(plan, text, values) if self.final else text
+            text = await self._converse(image, self.prompts[variant], values, transcript)
+        return with_tags(variant, text, values) if self.final else text
 
     async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
                         transcript: Optional[dict]) -> str:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tagcaption.config import DATA_DIR, Config, ConfigError
+from tagcaption.config import DATA_DIR, Config
+from tagcaption.errors import ConfigError
 from tagcaption.vocabulary import CAPTION, STYLE_OUTPUTS
 
 STYLES_DIR = "templates/styles"

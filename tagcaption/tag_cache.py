@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Set
 
-from tagcaption.config import ConfigError
+from tagcaption.errors import ConfigError
 from tagcaption.files import atomic_write_text
 
 log = logging.getLogger("caption")

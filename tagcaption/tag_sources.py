@@ -23,9 +23,9 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import httpx2  # installed by openai; its async client keeps Danbooru lookups on the event loop
 
 from tagcaption import tls
-from tagcaption.config import Config, ConfigError, TagProviderConfig
+from tagcaption.config import Config, TagProviderConfig
 from tagcaption.endpoint import is_loopback
-from tagcaption.errors import Kind, SourceError, SourceUnreachable
+from tagcaption.errors import ConfigError, Kind, SourceError, SourceUnreachable
 from tagcaption.retry import RetryPolicy, is_retryable, parse_retry_after
 from tagcaption.sinks import register_secret
 from tagcaption.tally import Tally

@@ -11,7 +11,7 @@ import string
 from pathlib import Path
 from typing import Iterable, List, Tuple, Union
 
-from tagcaption.config import ConfigError
+from tagcaption.errors import ConfigError
 
 Piece = Union[str, Tuple[str]]
 

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 from typing import Optional
 
-from tagcaption.config import ConfigError
+from tagcaption.errors import ConfigError
 
 _context: Optional[Future] = None
 _lock = threading.Lock()

@@ -1,7 +1,8 @@
 """load_config refuses what the program cannot run with, one message naming the key."""
 import pytest
 
-from tagcaption.config import ConfigError, load_config
+from tagcaption.config import load_config
+from tagcaption.errors import ConfigError
 from tagcaption.hints import sources_problem
 from tagcaption.outputs import check_formats
 

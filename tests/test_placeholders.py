@@ -1,7 +1,8 @@
 """The template-variable contract: which prompt may name which value, and what an image's values are."""
 import pytest
 
-from tagcaption.config import ConfigError, TagsConfig
+from tagcaption.config import TagsConfig
+from tagcaption.errors import ConfigError
 from tagcaption.placeholders import (INTERPRETER_PLACEHOLDERS, INTERROGATOR_PLACEHOLDERS, PLACEHOLDERS,
                                      STYLE_WRAPPER_PLACEHOLDERS, SUMMARY_PLACEHOLDERS, TAG_VARIABLES,
                                      image_values, used_by)

@@ -9,12 +9,13 @@ import threading
 import pytest
 from PIL import Image
 
-from tagcaption.config import ConfigError, PostprocessConfig, load_config
+from tagcaption.config import PostprocessConfig, load_config
+from tagcaption.errors import ConfigError
 from conftest import make_dataset, make_image, run_caption, write_config
 from fake_servers import Text, user_text
 from tagcaption.guards import other_script_share, repetition
 from tagcaption.postprocess import add_affixes, clean_caption
-from tagcaption.prompt_plans import build_plans
+from tagcaption.variants import build_variants
 
 # The seed's own words (shared/seeds/001: JoyCaption's prompt catalogue), per type and length form.
 SEED = {
@@ -83,7 +84,7 @@ def instruction_for(tmp_path, **style):
     overrides = [f"interrogator.style={style.pop('preset')}", "interrogator.skip=false"]
     overrides += [f"style.{key}={json.dumps(value)}" for key, value in style.items()]
     config = load_config(str(config_file), overrides)
-    (plan,) = build_plans(config, "interrogator")
+    (plan,) = build_variants(config, "interrogator")
     return plan.instruction
 
 

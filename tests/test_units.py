@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from tagcaption.config import ConfigError, load_config
+from tagcaption.config import load_config
+from tagcaption.errors import ConfigError
 from tagcaption.tagfiles import decode_text, display_tag, normalize_tag, parse_tags
 from tagcaption.replies import clean_reply
 from tagcaption.templates import Template

@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tagcaption.config import Config, ConfigError, VariantConfig
+from tagcaption.config import Config, VariantConfig
+from tagcaption.errors import ConfigError
 from tagcaption.selection import stable_fraction
 from tagcaption.styles import check_length, extra_options, instruction, load_style
 from tagcaption.vocabulary import CAPTION, TAGS_THEN_CAPTION
 
 
 @dataclass(frozen=True)
-class Plan:
+class Variant:
     style: Optional[str]
     instruction: str
     """The style's instruction, `{name}` filled ("" when the stage's own prompts are used)."""
@@ -26,16 +27,16 @@ class Plan:
     prompt_template: Optional[str] = None
 
 
-def build_plans(config: Config, stage: str) -> List[Plan]:
+def build_variants(config: Config, stage: str) -> List[Variant]:
     settings = getattr(config, stage)
     base = VariantConfig(style=settings.style, prompts=list(getattr(settings, "prompts", []) or []) or None,
                          prompt_template=getattr(settings, "prompt_template", None))
-    variants = settings.prompt_variants or [VariantConfig()]
-    plans = []
-    for index, variant in enumerate(variants):
+    configured = settings.prompt_variants or [VariantConfig()]
+    variants = []
+    for index, choice in enumerate(configured):
         where = f"{stage}.prompt_variants[{index}]" if settings.prompt_variants else stage
-        plans.append(_plan(config, _merge(base, variant), where))
-    return plans
+        variants.append(_variant(config, _merge(base, choice), where))
+    return variants
 
 
 def _merge(base: VariantConfig, variant: VariantConfig) -> VariantConfig:
@@ -46,10 +47,10 @@ def _merge(base: VariantConfig, variant: VariantConfig) -> VariantConfig:
     return replace(variant, style=source.style, prompts=source.prompts, prompt_template=source.prompt_template)
 
 
-def _plan(config: Config, variant: VariantConfig, where: str) -> Plan:
+def _variant(config: Config, variant: VariantConfig, where: str) -> Variant:
     prompts = tuple(variant.prompts or ())
     if not variant.style:
-        return Plan(None, "", CAPTION, variant.weight, prompts, variant.prompt_template)
+        return Variant(None, "", CAPTION, variant.weight, prompts, variant.prompt_template)
     style = load_style(config, variant.style)
     length = variant.length if variant.length is not None else config.style.length
     check_length(str(length))
@@ -60,25 +61,25 @@ def _plan(config: Config, variant: VariantConfig, where: str) -> Plan:
         if not config.style.name:
             raise ConfigError(f"{where}: the 'name' extra option needs style.name (the name to use)")
         text = text.replace("{name}", config.style.name)
-    return Plan(style.name, text, style.output, variant.weight, prompts, variant.prompt_template)
+    return Variant(style.name, text, style.output, variant.weight, prompts, variant.prompt_template)
 
 
-def pick(plans: Sequence[Plan], key: str) -> Plan:
-    """The plan for an image, chosen by weight from a hash of its path (stable across runs)."""
-    if len(plans) == 1:
-        return plans[0]
+def pick(variants: Sequence[Variant], key: str) -> Variant:
+    """The variant for an image, chosen by weight from a hash of its path (stable across runs)."""
+    if len(variants) == 1:
+        return variants[0]
     point = stable_fraction(key)
-    total = sum(plan.weight for plan in plans)
+    total = sum(variant.weight for variant in variants)
     running = 0.0
-    for plan in plans:
-        running += plan.weight / total
+    for variant in variants:
+        running += variant.weight / total
         if point < running:
-            return plan
-    return plans[-1]
+            return variant
+    return variants[-1]
 
 
-def with_tags(plan: Plan, text: str, values: Dict[str, str]) -> str:
+def with_tags(variant: Variant, text: str, values: Dict[str, str]) -> str:
     """The tags + description format: the image's own (filtered) tags, then the model's text."""
-    if plan.output == TAGS_THEN_CAPTION and values.get("booru_tags"):
+    if variant.output == TAGS_THEN_CAPTION and values.get("booru_tags"):
         return f"{values['booru_tags']}, {text}"
     return text
