@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
-from tagcaption.errors import ConfigError
+from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
 from tagcaption.errors import LLMError
 from tagcaption.llm import LLM
@@ -43,8 +43,7 @@ class Interrogator:
             try:
                 self.metadata = path.read_text(encoding="utf-8-sig").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read interrogator.global_metadata_file {path}: "
-                                  f"{exc.strerror or exc}") from None
+                raise ConfigError(os_error_text(exc, path, "interrogator.global_metadata_file")) from None
         try:
             background = parse_color(self.settings.background)
         except ValueError as exc:

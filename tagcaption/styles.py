@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from tagcaption.config import DATA_DIR, Config
-from tagcaption.errors import ConfigError
+from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.vocabulary import CAPTION, STYLE_OUTPUTS
 
 STYLES_DIR = "templates/styles"
@@ -35,7 +35,7 @@ def _read_keyed_lines(path: Path) -> Dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(os_error_text(exc, path)) from None
     entries = {}
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Set
 
-from tagcaption.errors import ConfigError
+from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.files import atomic_write_text
 
 log = logging.getLogger("caption")
@@ -54,7 +54,7 @@ class TagCache:
             if not isinstance(tags, dict):
                 raise ValueError("not a JSON object of tags")
         except OSError as exc:
-            raise ConfigError(f"cannot read tag cache {self.path}: {exc.strerror or exc}") from None
+            raise ConfigError(os_error_text(exc, self.path, "tag cache")) from None
         except (ValueError, UnicodeDecodeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)

@@ -11,7 +11,7 @@ import string
 from pathlib import Path
 from typing import Iterable, List, Tuple, Union
 
-from tagcaption.errors import ConfigError
+from tagcaption.errors import ConfigError, os_error_text
 
 Piece = Union[str, Tuple[str]]
 
@@ -43,7 +43,7 @@ class Template:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except OSError as exc:
-            raise ConfigError(f"cannot read template {path}: {exc.strerror or exc}") from None
+            raise ConfigError(os_error_text(exc, path, "template")) from None
         return cls(text, allowed, str(path))
 
     @property
