@@ -4,18 +4,17 @@ instruction is put into `templates/styles/_interpreter.txt`."""
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from tagcaption.config import Config
 from tagcaption.llm import LLM
+from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
-from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS
-from tagcaption.variants import Variant, build_variants, pick, with_tags
 from tagcaption.templates import Template
-from tagcaption.vocabulary import INTERPRETER
+from tagcaption.variants import Variant, build_variants, caption_template, pick, style_wrapper, with_tags
+from tagcaption.vocabulary import INTERPRETER, TAGS_THEN_CAPTION
 
 PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
-STYLE_WRAPPER = "templates/styles/_interpreter.txt"
 
 
 class Interpreter:
@@ -27,9 +26,23 @@ class Interpreter:
         self.templates: Dict[Variant, Template] = {}
         for variant in self.variants:
             if variant.style:
-                self.templates[variant] = Template.load(config.resource(STYLE_WRAPPER), STYLE_WRAPPER_PLACEHOLDERS)
+                self.templates[variant] = Template.load(config.resource(style_wrapper(config)),
+                                                        STYLE_WRAPPER_PLACEHOLDERS)
             else:
-                self.templates[variant] = Template.load(config.resource(variant.prompt_template), PLACEHOLDERS)
+                self.templates[variant] = Template.load(config.resource(caption_template(config, variant)),
+                                                        PLACEHOLDERS)
+
+    @property
+    def consumes(self) -> Set[str]:
+        """The image values its templates use (the tags-then-caption output uses `booru_tags`)."""
+        names = used_by(*self.templates.values())
+        if any(variant.output == TAGS_THEN_CAPTION for variant in self.variants):
+            names.add("booru_tags")
+        return names
+
+    def without(self, name: str) -> List[str]:
+        """The templates that do not use `{name}`."""
+        return [template.origin for template in self.templates.values() if name not in template.names]
 
     async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
         variant = pick(self.variants, key)

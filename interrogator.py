@@ -12,20 +12,19 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
-from tagcaption.errors import ConfigError, os_error_text
+from tagcaption.errors import ConfigError, LLMError, os_error_text
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
-from tagcaption.errors import LLMError
 from tagcaption.llm import LLM
+from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
-from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS
-from tagcaption.variants import Variant, build_variants, pick, with_tags
 from tagcaption.tally import Tally
 from tagcaption.templates import Template
-from tagcaption.vocabulary import INTERROGATOR
+from tagcaption.variants import Variant, build_variants, pick, with_tags
+from tagcaption.vocabulary import INTERROGATOR, TAGS_THEN_CAPTION
 
 log = logging.getLogger("caption")
 
@@ -62,6 +61,14 @@ class Interrogator:
                 raise ConfigError("interrogator.prompts is empty: give at least one prompt")
             self.prompts[variant] = [Template(text, PLACEHOLDERS, f"interrogator prompt {index + 1}")
                                   for index, text in enumerate(texts)]
+
+    @property
+    def consumes(self) -> Set[str]:
+        """The image values its prompts use (the tags-then-caption output uses `booru_tags`)."""
+        names = used_by(self.system, *(template for templates in self.prompts.values() for template in templates))
+        if self.final and any(variant.output == TAGS_THEN_CAPTION for variant in self.variants):
+            names.add("booru_tags")
+        return names
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
         variant = pick(self.variants, key)

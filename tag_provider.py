@@ -64,13 +64,15 @@ class TagFilter:
 
 class TagProvider:
     def __init__(self, config: Config, llm: LLM, tally: Tally, *, refresh: bool = False, source=None,
-                 cache: Optional[TagCache] = None):
+                 cache: Optional[TagCache] = None, summarise: bool = True):
         """Counts go to `tally` (`tags.…`, `danbooru.requests`, the note `danbooru.down`);
         `source` and `cache` replace the configured tag source and cache file (a dry run passes
-        a stand-in source and a read-only cache)."""
+        a stand-in source and a read-only cache). Without `summarise` (no prompt uses
+        `{tag_descriptions}`), tags are looked up for their categories and post counts only."""
         self.settings = config.tag_provider
         self.llm = llm
         self.refresh = refresh
+        self.summarise = summarise
         self.template = Template.load(config.resource(self.settings.prompt_template), SUMMARY_PLACEHOLDERS)
         self.template_hash = hashlib.sha1(
             f"{self.settings.system_prompt}\x00{self.template.render(tag=chr(1), wiki=chr(2))}".encode()).hexdigest()[:12]
@@ -191,6 +193,10 @@ class TagProvider:
         if self.filter.excluded(tag, knowledge.category, knowledge):
             self._count("excluded")
             self.cache.put(tag, entry)
+            return knowledge
+        if not self.summarise:
+            if not resummarise:
+                self.cache.put(tag, entry)
             return knowledge
         messages = []
         if self.settings.system_prompt:

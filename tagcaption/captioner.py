@@ -17,10 +17,13 @@ from tagcaption.hints import HintInput, collect_hints
 from tagcaption.images import check_image
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.placeholders import image_values
+from tagcaption.plan import CATEGORY_VARIABLES
 from tagcaption.postprocess import add_affixes
 from tagcaption.stages import Stages
 from tagcaption.tagfiles import ImageTags, read_image_tags
 
+TAG_NAMES = {"tags", "booru_tags"} | CATEGORY_VARIABLES
+"""The values that carry an image's tags into a prompt."""
 MAX_TAG_LENGTH = 200
 """Characters; Danbooru's longest tag names are well below it."""
 
@@ -38,6 +41,7 @@ class Captioned:
 class Captioner:
     def __init__(self, config: Config, layout: Layout, stages: Stages):
         self.config, self.layout, self.stages = config, layout, stages
+        self.consumed = stages.plan.consumed
 
     async def prepare(self, rel: str) -> tuple:
         """The image and its tags (or why they could not be read); its tags' lookups and
@@ -96,9 +100,11 @@ class Captioner:
     async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
         """Every template value for the image, its tags' knowledge awaited (the checks that
         need no model come first, and fail in the "input" stage)."""
-        if not tags.tags and not self.stages.interrogator:
+        if not tags.tags and not self._carries_description():
+            why = "the Interrogator is off" if not self.stages.interrogator else \
+                "the caption template does not use the description"
             raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
-                                   "and the Interrogator is off: nothing to caption from", stage="input")
+                                   f"and {why}: nothing to caption from", stage="input")
         if not self.stages.interrogator:
             await off_loop(check_image, item.path, what=f"reading {item.path}")
         knowledge = {}
@@ -109,7 +115,18 @@ class Captioner:
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints)
+        if not self._carries_description() and not any(values.get(name) for name in TAG_NAMES & self.consumed):
+            raise NothingToCaption(f"none of its tags reach the caption prompt ({', '.join(sorted(TAG_NAMES & self.consumed))}"
+                                   " empty after tags.exclude and tags.exclude_categories), and no description "
+                                   "goes into it: nothing to caption from", stage="input")
         return values
+
+    def _carries_description(self) -> bool:
+        """Whether the caption comes from a vision model's description (as the caption, or in
+        the caption prompt), so an image needs no tags to be captioned."""
+        if not self.stages.interrogator:
+            return False
+        return self.stages.interpreter is None or "description" in self.consumed
 
     def _no_vision(self, exc: NoVision) -> NoVision:
         settings = self.config.interrogator

@@ -11,7 +11,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import openai
@@ -22,10 +22,15 @@ from tagcaption.config import Config, StageConfig
 from tagcaption.endpoint import Replica, is_loopback
 from tagcaption.errors import ConfigError, SourceError
 from tagcaption.llm import LLM
-from tagcaption.plan import plan_run
+from tagcaption.interpreter import Interpreter
+from tagcaption.interrogator import Interrogator
+from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
+from tagcaption.plan import RunPlan, plan_run
+from tagcaption.sinks import say
+from tagcaption.templates import Template
 from tagcaption.replies import error_message
 from tagcaption.tag_sources import make_source
-from tagcaption.vocabulary import INTERROGATOR
+from tagcaption.vocabulary import INTERPRETER, INTERROGATOR, TAG_PROVIDER
 
 COMMON_PORTS = {1234: "LM Studio", 11434: "Ollama", 8000: "vLLM", 8080: "llama.cpp", 5000: "text-generation-webui"}
 
@@ -111,6 +116,7 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
         row.reachable = "yes"
         row.listed = "?"
         if isinstance(exc, openai.AuthenticationError):
+            row.text = row.vision = "refused"
             row.fixes.append(_fix_for(exc, row, replica.base_url))
             return
     row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
@@ -136,51 +142,54 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
                              message.lower() else _fix_for(exc, row, replica.base_url))
 
 
-def _check_setup(config: Config, llm: LLM) -> List[str]:
-    """Templates and styles, as a run would load them, every problem found."""
-    from tagcaption.interpreter import Interpreter
-    from tagcaption.interrogator import Interrogator
-    from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
-    from tagcaption.templates import Template
-
+def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str]]:
+    """The run's plan, built as a run builds it, and every setup problem found on the way
+    (templates, styles, a caption template that would throw the description away)."""
     problems = []
-    checks = {"tag_provider": lambda: Template.load(config.resource(config.tag_provider.prompt_template),
-                                                    SUMMARY_PLACEHOLDERS),
-              "interrogator": lambda: Interrogator(config, llm), "interpreter": lambda: Interpreter(config, llm)}
-    for name, build in checks.items():
+    built = {}
+    builders = ((TAG_PROVIDER, lambda: Template.load(config.resource(config.tag_provider.prompt_template),
+                                                     SUMMARY_PLACEHOLDERS)),
+                (INTERROGATOR, lambda: Interrogator(config, llm)), (INTERPRETER, lambda: Interpreter(config, llm)))
+    for name, build in builders:
         if not getattr(config, name).skip:
             try:
-                build()
+                built[name] = build()
             except ConfigError as exc:
                 problems.append(str(exc))
-    return problems
+    if not problems:
+        try:
+            return plan_run(config, built.get(INTERROGATOR), built.get(INTERPRETER)), problems
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return plan_run(config), problems
 
 
 async def run_check(config: Config) -> int:
     llm = LLM.from_config(config)
-    setup = _check_setup(config, llm)
+    plan, setup = _plan(config, llm)
     for problem in setup:
-        print(f"config: {problem}")
+        say(f"config: {problem}")
+    for line in plan.describe():
+        say(f"plan: {line}")
     rows: List[Row] = []
     try:
-        for step in plan_run(config).steps:
-            stage, settings = step.stage, getattr(config, step.stage)
-            endpoint = llm.endpoints[settings.endpoint]
-            for replica in endpoint.replicas:
-                row = Row(settings.endpoint, settings.model, stage)
-                await _check_replica(llm, row, settings, replica, vision=stage == INTERROGATOR)
+        for step in plan.steps:
+            settings = getattr(config, step.stage)
+            for replica in llm.endpoints[settings.endpoint].replicas:
+                row = Row(settings.endpoint, settings.model, step.stage)
+                await _check_replica(llm, row, settings, replica, vision=step.stage == INTERROGATOR)
                 rows.append(row)
-        tags_line, tags_ok = await _check_tags(config)
+        tags_line, tags_ok = await _check_tags(config) if plan.lookups else ("", True)
     finally:
         await llm.close()
-    print(_table(rows))
+    say(_table(rows))
     if tags_line:
-        print(tags_line)
+        say(tags_line)
     for row in rows:
         for fix in row.fixes:
-            print(f"  {row.stage} ({row.endpoint}, {row.model}): {fix}")
+            say(f"  {row.stage} ({row.endpoint}, {row.model}): {fix}")
     works = all(row.ok for row in rows) and tags_ok and not setup
-    print("Everything this config needs works." if works else "Some of what this config needs does not work.")
+    say("Everything this config needs works." if works else "Some of what this config needs does not work.")
     return 0 if works else 2
 
 

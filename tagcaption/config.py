@@ -113,7 +113,7 @@ class InterrogatorConfig(StageConfig):
 @dataclass
 class InterpreterConfig(StageConfig):
     system_prompt: str = ""
-    prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
+    prompt_template: str = "auto"
     style: Optional[str] = None
     prompt_variants: List[VariantConfig] = field(default_factory=list)
 

@@ -1,16 +1,26 @@
-"""The plan of a run, computed from the config before anything runs: which stages run, on
-which endpoint and model each, and so which servers the run needs.
+"""The plan of a run, computed from the config and the prompts before anything runs: which
+stages run, which prompts they render, and which values those prompts consume.
 
-Everything that decides what work a run does asks the plan, so that what a user
-configures is what runs.
+Work that nothing consumes is not done: tag summaries only when a rendered prompt uses
+`{tag_descriptions}` (and no summary model is needed otherwise), tag lookups only when
+summaries, tag categories or exclusions need them, a vision request only when its
+description is used — by the caption template, as the caption, or kept in the dataset
+files. With the Interrogator on and a caption template that would throw its description
+away, the run stops before any request.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
 
 from tagcaption.config import Config
-from tagcaption.vocabulary import STAGES
+from tagcaption.errors import ConfigError
+from tagcaption.placeholders import TAG_VARIABLES
+from tagcaption.vocabulary import CATEGORIES, INTERPRETER, INTERROGATOR, STAGES, TAG_PROVIDER
+
+CATEGORY_VARIABLES = {f"{category}_tags" for category in CATEGORIES}
+KEEPS_DESCRIPTIONS = {"jsonl": "captions.jsonl", "metadata": "metadata.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -23,10 +33,22 @@ class Step:
 @dataclass(frozen=True)
 class RunPlan:
     steps: Tuple[Step, ...]
-    """The stages that run, in pipeline order."""
+    """The model requests a run makes, by stage, in pipeline order."""
+    lookups: bool = False
+    """Tag lookups (Danbooru or a dump): for summaries, categories, exclusions."""
+    why_lookups: Tuple[str, ...] = ()
+    consumed: frozenset = frozenset()
+    """The image values the rendered prompts use."""
+    description_to: Optional[str] = None
+    """Where the Interrogator's description goes."""
+    tag_inputs: Tuple[str, ...] = ()
 
     def runs(self, stage: str) -> bool:
         return any(step.stage == stage for step in self.steps)
+
+    @property
+    def summaries(self) -> bool:
+        return self.runs(TAG_PROVIDER)
 
     @property
     def endpoints(self) -> Dict[str, Tuple[str, ...]]:
@@ -38,10 +60,78 @@ class RunPlan:
         return used
 
     def describe(self) -> List[str]:
-        """A line per stage, for `check` and `--dry-run`."""
-        return [f"{step.stage}: {step.model} via {step.endpoint}" for step in self.steps]
+        """The plan in a few lines, for `check` and `--dry-run`."""
+        steps = {step.stage: step for step in self.steps}
+        parts = [f"tags ({', '.join(self.tag_inputs)})"]
+        if self.lookups:
+            parts.append(f"tag lookups (for {', '.join(self.why_lookups)})")
+        if TAG_PROVIDER in steps:
+            parts.append(f"summaries: {_via(steps[TAG_PROVIDER])}")
+        parts.append(f"interpreter: {_via(steps[INTERPRETER])}" if INTERPRETER in steps else "no interpreter")
+        lines = [" → ".join(parts)]
+        if INTERROGATOR in steps:
+            lines.append(f"vision: {_via(steps[INTERROGATOR])} → {self.description_to}")
+        return lines
 
 
-def plan_run(config: Config) -> RunPlan:
-    return RunPlan(tuple(Step(stage, getattr(config, stage).endpoint, getattr(config, stage).model)
-                         for stage in STAGES if not getattr(config, stage).skip))
+def _via(step: Step) -> str:
+    return f"{step.model} via {step.endpoint}"
+
+
+def plan_run(config: Config, interrogator=None, interpreter=None) -> RunPlan:
+    """The plan for the config, from the prompts of the built Interrogator and Interpreter
+    (their `consumes`); without them, every configured stage is taken to run."""
+    if interrogator is None and interpreter is None:
+        return RunPlan(tuple(_step(config, stage) for stage in STAGES if not getattr(config, stage).skip),
+                       tag_inputs=tuple(config.tags.sources))
+    consumed: Set[str] = set()
+    for stage in (interrogator, interpreter):
+        if stage is not None:
+            consumed |= stage.consumes
+    lookups, why = _lookups(config, consumed)
+    steps = []
+    if lookups and "tag_descriptions" in consumed:
+        steps.append(_step(config, TAG_PROVIDER))
+    if interrogator is not None:
+        steps.append(_step(config, INTERROGATOR))
+    if interpreter is not None:
+        steps.append(_step(config, INTERPRETER))
+    return RunPlan(tuple(steps), lookups, why, frozenset(consumed),
+                   _description_to(config, interrogator, interpreter), tuple(config.tags.sources))
+
+
+def _step(config: Config, stage: str) -> Step:
+    settings = getattr(config, stage)
+    return Step(stage, settings.endpoint, settings.model)
+
+
+def _lookups(config: Config, consumed: Set[str]) -> Tuple[bool, Tuple[str, ...]]:
+    """Whether tags are looked up, and what for: nothing when no prompt uses a tag value."""
+    if config.tag_provider.skip or config.tag_provider.source == "none" or not consumed & set(TAG_VARIABLES):
+        return False, ()
+    why = []
+    if "tag_descriptions" in consumed:
+        why.append("summaries")
+    if consumed & CATEGORY_VARIABLES:
+        why.append("categories")
+    if config.tags.exclude_categories or config.tag_provider.min_post_count:
+        why.append("exclusions")
+    return bool(why), tuple(why)
+
+
+def _description_to(config: Config, interrogator, interpreter) -> Optional[str]:
+    """Where the description goes; ConfigError when it would go nowhere."""
+    if interrogator is None:
+        return None
+    if interpreter is None:
+        return "saved as the caption"
+    lacking = interpreter.without("description")
+    if not lacking:
+        return f"{{description}} in {', '.join(sorted({Path(t.origin).name for t in interpreter.templates.values()}))}"
+    kept = [name for fmt, name in KEEPS_DESCRIPTIONS.items() if fmt in config.output.formats]
+    if kept:
+        return f"kept in {' and '.join(kept)} (the caption template does not use it)"
+    raise ConfigError(
+        f"the Interrogator is on but the caption template {', '.join(lacking)} has no {{description}}: every "
+        "vision request's description would be thrown away. Use a template that has it "
+        "(interpreter.prompt_template=auto), or turn the Interrogator off (interrogator.skip=true)")

@@ -25,7 +25,7 @@ from tagcaption.dry_run import format_preview
 from tagcaption.errors import ImageProblem, InternalError
 from tagcaption.folder import Folder
 from tagcaption.layout import ImageItem, Layout
-from tagcaption.plan import RunPlan, plan_run
+from tagcaption.plan import RunPlan
 from tagcaption.progress import Progress
 from tagcaption.selection import Selection, Shard
 from tagcaption.sinks import redact
@@ -81,12 +81,12 @@ class Run:
     def __init__(self, config: Config, options: RunOptions = RunOptions(), folder: Optional[Folder] = None):
         """`folder`: the images folder to walk (by default `images_dir` as configured)."""
         self.config, self.options = config, options
-        self.plan = plan_run(config)
-        self.result = RunResult(self.plan)
-        self.tally = self.result.tally
+        self.tally = Tally()
         self.layout = Layout(config, options.shard.suffix)
         self.folder = folder or Folder(self.layout.images_root, config.recursive, skip=self.layout.output_dir)
-        self.stages = build_stages(config, self.plan, self.tally, options.dry_run, options.refresh_tags)
+        self.stages = build_stages(config, self.tally, options.dry_run, options.refresh_tags)
+        self.plan = self.stages.plan
+        self.result = RunResult(self.plan, self.tally)
         self.selection = Selection(self.layout, self.folder, self.tally, self._fail,
                                    overwrite=config.output.overwrite, shard=options.shard,
                                    retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
-from typing import Iterable, Set
+from typing import IO, Iterable, Optional, Set
 from urllib.parse import quote, quote_plus
 
 REDACTED = "***"
@@ -50,3 +51,13 @@ def redact(text: str) -> str:
 
 def contains_secret(text: str) -> bool:
     return any(form in text for form in _forms)
+
+
+def say(text: str, stream: Optional[IO[str]] = None) -> None:
+    """Print a line for the user, redacted; a closed stdout or stderr (a pipe to `head` that
+    ended) is no reason for a traceback."""
+    stream = stream or sys.stdout
+    try:
+        print(redact(text), file=stream, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        pass

@@ -18,7 +18,7 @@ from tagcaption.errors import ConfigError, ServerUnreachable
 from tagcaption.interpreter import Interpreter
 from tagcaption.interrogator import Interrogator
 from tagcaption.llm import LLM
-from tagcaption.plan import RunPlan
+from tagcaption.plan import RunPlan, plan_run
 from tagcaption.tag_cache import TagCache
 from tagcaption.tag_provider import TagFilter, TagProvider
 from tagcaption.tally import Tally
@@ -29,6 +29,7 @@ log = logging.getLogger("caption")
 @dataclass
 class Stages:
     llm: LLM
+    plan: RunPlan
     tag_filter: TagFilter
     tag_provider: Optional[TagProvider]
     interrogator: Optional[Interrogator]
@@ -44,20 +45,22 @@ class Stages:
         await self.llm.close()
 
 
-def build_stages(config: Config, plan: RunPlan, tally: Tally, dry_run: Optional[str] = None,
-                 refresh_tags: bool = False) -> Stages:
-    """`dry_run`: None, "llm" (no model request, no file written) or "tags" (Danbooru may be asked)."""
+def build_stages(config: Config, tally: Tally, dry_run: Optional[str] = None, refresh_tags: bool = False) -> Stages:
+    """The stages the plan needs. `dry_run`: None, "llm" (no model request, no file written) or
+    "tags" (Danbooru may be asked)."""
     llm = LLM.from_config(config, tally=tally)
     if dry_run:
         llm = DryRunLLM(llm)
+    interrogator = None if config.interrogator.skip else Interrogator(config, llm, tally=tally)
+    interpreter = None if config.interpreter.skip else Interpreter(config, llm)
+    plan = plan_run(config, interrogator, interpreter)
     tag_provider = None
-    if plan.runs("tag_provider"):
+    if plan.lookups:
         cache = TagCache(config.path(config.tag_provider.cache_file), read_only=bool(dry_run))
-        tag_provider = TagProvider(config, llm, tally=tally, cache=cache, refresh=refresh_tags,
+        tag_provider = TagProvider(config, llm, tally, cache=cache, refresh=refresh_tags, summarise=plan.summaries,
                                    source=DryRunSource() if dry_run == "llm" else None)
-    return Stages(llm, TagFilter(config.tags, config.tag_provider.min_post_count), tag_provider,
-                  Interrogator(config, llm, tally=tally) if plan.runs("interrogator") else None,
-                  Interpreter(config, llm) if plan.runs("interpreter") else None)
+    return Stages(llm, plan, TagFilter(config.tags, config.tag_provider.min_post_count), tag_provider,
+                  interrogator, interpreter)
 
 
 async def check_servers(stages: Stages, plan: RunPlan) -> None:

@@ -24,7 +24,7 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  shrunk:   {tally['images.shrunk']} images sent again at half size after a context overflow")
     if tally["images.backups"]:
         lines.append(f"  backups:  {tally['images.backups']} replaced captions kept as <caption>.bak")
-    if result.plan.runs("tag_provider"):
+    if result.plan.lookups:
         lines.append(f"  tags:     {_tag_counts(tally)}; {tally['danbooru.requests']} Danbooru requests")
     if tally.notes.get("danbooru.down"):
         lines.append(f"  danbooru: {tally.notes['danbooru.down']}; captions were made with tags only")

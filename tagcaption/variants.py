@@ -64,6 +64,24 @@ def _variant(config: Config, variant: VariantConfig, where: str) -> Variant:
     return Variant(style.name, text, style.output, variant.weight, prompts, variant.prompt_template)
 
 
+AUTO = "auto"
+AUTO_TEMPLATES = {True: "templates/interpreter_prompt_template_short.txt",
+                  False: "templates/interpreter_prompt_template_short_no_description.txt"}
+"""`interpreter.prompt_template: auto`: with the Interrogator on, the template that uses its description."""
+STYLE_WRAPPERS = {True: "templates/styles/_interpreter.txt", False: "templates/styles/_interpreter_tags_only.txt"}
+"""The Interpreter's wrapper for a style's instruction, with or without a description to use."""
+
+
+def caption_template(config: Config, variant: Variant) -> str:
+    """The Interpreter's template file for a variant (`auto` chosen by whether vision is on)."""
+    name = variant.prompt_template or AUTO
+    return AUTO_TEMPLATES[not config.interrogator.skip] if name == AUTO else name
+
+
+def style_wrapper(config: Config) -> str:
+    return STYLE_WRAPPERS[not config.interrogator.skip]
+
+
 def pick(variants: Sequence[Variant], key: str) -> Variant:
     """The variant for an image, chosen by weight from a hash of its path (stable across runs)."""
     if len(variants) == 1:

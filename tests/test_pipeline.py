@@ -108,7 +108,7 @@ def test_tags_only_mode_and_second_run_makes_no_requests(tmp_path, llm_server, d
     assert first_requests[1] == 5
     tags_of = {"a": "cat, outdoors", "b": "cat", "c": "cat ears"}
     for name, tags in tags_of.items():
-        caption = reply_for(llm_server, lambda r, t=tags: f"Tags attached to the image:\n{t}\n" in user_text(r))
+        caption = reply_for(llm_server, lambda r, t=tags: f"Tags attached to the image:\n{t}\n" in user_text(r) + "\n")
         assert (images / f"{name}.txt").read_text() == caption
 
     code, out, _ = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
@@ -121,7 +121,7 @@ def test_tags_only_mode_and_second_run_makes_no_requests(tmp_path, llm_server, d
     rerun_prompts = [user_text(r) for r in llm_server.chat_requests[first_requests[1]:]]
     assert len(rerun_prompts) == 3 and not any("CAPTION" in prompt for prompt in rerun_prompts)
     for tags in tags_of.values():
-        assert sum(f"Tags attached to the image:\n{tags}\n" in prompt for prompt in rerun_prompts) == 1
+        assert sum(f"Tags attached to the image:\n{tags}\n" in prompt + "\n" for prompt in rerun_prompts) == 1
 
 
 def test_existing_captions_are_skipped(tmp_path, llm_server, danbooru, capsys):
@@ -169,14 +169,14 @@ def test_tags_file_is_kept_before_caption_replaces_it(tmp_path, llm_server, danb
     first_caption = (images / "a.txt").read_text()
     assert first_caption.startswith("CAPTION")
     prompt = user_text(llm_server.chat_requests[-1])
-    assert "blonde hair, smile\n" in prompt
+    assert "blonde hair, smile\n" in prompt + "\n"
 
     # A rerun skips it; with overwrite it re-reads the kept tags, never the caption.
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert "0 captioned, 1 skipped" in out
     code, out, _ = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
     assert code == 0 and "1 captioned" in out
-    assert "blonde hair, smile\n" in user_text(llm_server.chat_requests[-1])
+    assert "blonde hair, smile\n" in user_text(llm_server.chat_requests[-1]) + "\n"
     assert first_caption not in user_text(llm_server.chat_requests[-1])
     assert (images / "a.tags.txt").read_bytes() == original
     assert (images / "a.txt").read_text() != first_caption

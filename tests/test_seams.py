@@ -13,7 +13,6 @@ from tagcaption.config import load_config
 from tagcaption.errors import CaptionAppeared, CaptionCollision, ImageError, ImageProblem, NothingToCaption
 from tagcaption.folder import Folder
 from tagcaption.layout import Layout
-from tagcaption.plan import plan_run
 from tagcaption.selection import Selection, Shard
 from tagcaption.stages import build_stages
 from tagcaption.tagfiles import ImageTags
@@ -72,8 +71,7 @@ def test_a_sample_is_the_same_for_a_seed(tmp_path):
 
 
 def caption_one(config, image: Path, tags: List[str]):
-    plan = plan_run(config)
-    stages = build_stages(config, plan, Tally())
+    stages = build_stages(config, Tally())
     captioner = Captioner(config, Layout(config), stages)
 
     async def go():

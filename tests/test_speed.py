@@ -70,7 +70,7 @@ def test_shards_split_the_folder_without_overlap(tmp_path, llm_server, danbooru,
         code, out, _ = run_caption([str(images), "--config", str(config), "--shard", shard], capsys)
         assert code == 0
         prompts = [user_text(r) for r in llm_server.chat_requests[before:]]
-        seen.append({tag for tag in (f"tag{n}" for n in range(30)) if any(f"\n{tag}\n" in p for p in prompts)})
+        seen.append({tag for tag in (f"tag{n}" for n in range(30)) if any(f"\n{tag}\n" in p + "\n" for p in prompts)})
     assert sum(len(part) for part in seen) == 30 and set().union(*seen) == {f"tag{n}" for n in range(30)}
     assert all(len(part) >= 4 for part in seen)
     code, _, err = run_caption([str(images), "--config", str(config), "--shard", "4/3"], capsys)

@@ -80,4 +80,8 @@ def test_shipped_config_loads_with_documented_defaults():
     assert config.endpoints["default"].base_url == "http://localhost:1234/v1"
     assert config.tag_provider.danbooru_url == "https://danbooru.donmai.us"
     assert config.output.overwrite is False and config.interrogator.skip is True
-    assert os.path.isfile(config.resource(config.interpreter.prompt_template))
+    assert config.interpreter.prompt_template == "auto"
+    from tagcaption.variants import build_variants, caption_template
+    (variant,) = build_variants(config, "interpreter")
+    assert caption_template(config, variant).endswith("_short_no_description.txt")
+    assert os.path.isfile(config.resource(caption_template(config, variant)))
