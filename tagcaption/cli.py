@@ -19,12 +19,17 @@ from tqdm import tqdm
 
 from tagcaption.config import DEFAULT_CONFIG, load_config
 from tagcaption.errors import ConfigError, TagcaptionError
-from tagcaption.sinks import redact
+from tagcaption.sinks import redact, say
 from tagcaption.version import NAME, VERSION
 
 EXIT_OK, EXIT_FAILURES, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EPILOG = """\
+commands:
+  {prog} IMAGES_DIR           caption the folder (the default command)
+  {prog} check                test the servers, models and tag source a run needs; no captions
+  {prog} report [IMAGES_DIR]  write captions.html, a review page of the folder's captions
+
 overrides:
   KEY=VALUE pairs change any config key for this run, with dots for nesting:
     interpreter.model=mistral-7b
@@ -51,9 +56,10 @@ COMMANDS = ("check", "report")
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "caption"
+    prog = program_name()
     parser = argparse.ArgumentParser(
-        prog="caption.py", description=__doc__.strip().splitlines()[0], epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=prog if command == "caption" else f"{prog} {command}", description=__doc__.strip().splitlines()[0],
+        epilog=EPILOG.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images_dir", nargs="?", metavar="IMAGES_DIR",
                         help="folder of images (overrides images_dir from the config)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -92,7 +98,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.images_dir and "=" in args.images_dir and not os.path.exists(args.images_dir):
         args.overrides.insert(0, args.images_dir)
         args.images_dir = None
+    args.usage = parser.format_usage().strip()
     return args
+
+
+def program_name() -> str:
+    """The program as it was invoked: `caption.py`, `caption`, or `python -m tagcaption`."""
+    name = os.path.basename(sys.argv[0] or "caption")
+    return "python -m tagcaption" if name == "__main__.py" else name
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -137,6 +150,10 @@ def _command(args: argparse.Namespace):
     from tagcaption.selection import Shard
     shard = Shard.parse(args.shard) if args.shard else Shard()
     config = load_config(args.config, args.overrides, args.images_dir)
+    if args.command != "check" and args.images_dir is None and not _is_folder(config.images_dir):
+        say(args.usage, sys.stderr)
+        where = f" and images_dir ({config.images_dir}) does not exist" if config.images_dir else ""
+        raise ConfigError(f"no images folder given{where}: name the folder, as in {program_name()} path/to/images")
     if args.style:
         stage = config.interrogator if config.interpreter.skip else config.interpreter
         stage.style = args.style
@@ -156,6 +173,10 @@ def _command(args: argparse.Namespace):
                          debug_dir=args.debug_dir.resolve() if args.debug_dir else None, preview=args.preview,
                          sample=args.sample, seed=args.seed)
     return asyncio.run(run(config, options))
+
+
+def _is_folder(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isdir(path)
 
 
 def exit_code(result) -> int:

@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tagcaption import DATA_DIR
 from tagcaption.config_checks import check_config
 from tagcaption.errors import ConfigError
+from tagcaption.remember import recall
+from tagcaption.sinks import register_secret
 
 DEFAULT_CONFIG = DATA_DIR / "config.yaml"
 
@@ -217,12 +219,14 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
         cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot parse overrides: {_first_line(exc)}") from None
+    _paths_from_here(cli)
 
     for source in (user, cli):
         _check_keys(OmegaConf.to_container(source, resolve=False) if source is not None else {}, Config, "")
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
+        _register_keys(merged)
         merged.config_dir = str(path.resolve().parent)
         config: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -233,8 +237,55 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
         config.images_dir = str(Path(images_dir).resolve())
     elif config.images_dir:
         config.images_dir = str(config.path(config.images_dir))
+    given = _dotted(cli) | (_dotted(user) if config_file else set()) | ({"images_dir"} if images_dir else set())
+    recall(config, given)
     check_config(config)
     return config
+
+
+CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
+             "tag_provider.tags_dump", "tag_provider.dump_dir")
+CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file")
+
+
+def _paths_from_here(cli) -> None:
+    """A relative path given on the command line is relative to where the command runs (one
+    in a config file, to the file's folder). Templates and metadata files not found here are
+    still looked up beside the config and in the program's folder (config.resource)."""
+    for key in CLI_PATHS + CLI_RESOURCES:
+        value = OmegaConf.select(cli, key, default=None)
+        if not isinstance(value, str) or not value or value == "auto" or os.path.isabs(os.path.expanduser(value)):
+            continue
+        here = Path.cwd() / os.path.expanduser(value)
+        if key in CLI_PATHS or here.exists():
+            OmegaConf.update(cli, key, str(here.resolve()), merge=False)
+
+
+def _register_keys(merged) -> None:
+    """Every API key is a secret from the moment it is read, so that no message — a config
+    error quoting a key interpolated elsewhere included — can show it."""
+    sections = [f"endpoints.{name}" for name in (OmegaConf.select(merged, "endpoints") or {})] + ["tag_provider"]
+    for section in sections:
+        try:
+            register_secret(OmegaConf.select(merged, f"{section}.api_key", default=None),
+                            login=str(OmegaConf.select(merged, f"{section}.login", default="") or ""))
+        except OmegaConfBaseException:  # an interpolation that does not resolve: reported below
+            continue
+
+
+def _dotted(source) -> set:
+    """The dotted keys a config source sets (`output.dir`, `endpoints.default.api_key`…)."""
+    keys: set = set()
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(sub, f"{prefix}{key}.")
+        elif prefix:
+            keys.add(prefix.rstrip("."))
+    if source is not None:
+        walk(OmegaConf.to_container(source, resolve=False), "")
+    return keys
 
 
 def _check_keys(data: object, schema: type, prefix: str) -> None:

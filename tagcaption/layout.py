@@ -3,13 +3,15 @@
 Booru and WD14 folders keep tags in `<stem>.txt`, the same path as the default caption.
 When the two collide, the tags are first kept as `<stem>.tags.txt` (the `.tags` part is
 put before the tags extension) and the caption then replaces `<stem>.txt`. From then on
-`<stem>.tags.txt` is the tags file, and its presence is what marks `<stem>.txt` as a
-caption, so a rerun never reads a caption back as tags. An image with no tags still
-gets an empty `<stem>.tags.txt` for the same reason.
+`<stem>.tags.txt` is where the image's tags are read, whatever the output settings of a
+later run. The record of the captions this program wrote (`.tagcaption/captions.jsonl` in
+the images folder) is the other marker: a file in it is never read as tags.
 
-The run's own files — lock, caption record, journal, `failures.jsonl`, `captions.jsonl`,
-`metadata.jsonl`, the review page, debug transcripts — are named here too, so no other
-module builds a path of its own.
+The run's own files are named here too, so no other module builds a path of its own: in
+the images folder's `.tagcaption/` the lock, the caption record, the journal, the records
+of every caption and the remembered settings; at the output root (`output.dir`, or the
+images folder) `failures.jsonl`, `captions.jsonl` and the review page; `metadata.jsonl`
+beside the images, where Hugging Face's imagefolder looks for it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from tagcaption.errors import ConfigError
+from tagcaption.state import CaptionRecord
 from tagcaption.tagfiles import decode_text, looks_like_caption
 from tagcaption.vocabulary import IMAGE_EXTENSIONS
 
@@ -43,19 +46,19 @@ class ImageItem:
     """Where tags are kept before a caption replaces them; None when the paths don't collide."""
     prose_caption: bool = False
     """The shared `<stem>.txt` holds sentences, not tags: a caption from another tool."""
+    ours: bool = False
+    """The caption file holds a caption this program wrote, unchanged since."""
 
     def has_caption(self) -> bool:
         """Whether a caption was already written (a crash between keeping the tags and
         writing the caption leaves two identical files: that is not a caption yet)."""
         if not self.caption_file.exists():
             return False
-        if self.prose_caption:
+        if self.prose_caption or self.tags_backup is None:
             return True
-        if self.tags_backup is None:
-            return True
-        if not self.tags_backup.exists():
-            return False
-        return self.caption_file.read_bytes() != self.tags_backup.read_bytes()
+        if self.tags_backup.exists():
+            return self.caption_file.read_bytes() != self.tags_backup.read_bytes()
+        return self.ours
 
 
 class Layout:
@@ -67,16 +70,31 @@ class Layout:
         self.images_root = Path(config.images_dir)
         self.output_dir = config.path(config.output.dir) if config.output.dir else None
         self.root = self.output_dir or self.images_root
-        """The output root: where the run's own files go."""
+        """The output root: where the files a user reads go."""
         self.suffix = shard_suffix
         self.tags_extension = config.tags_extension or None
         self.caption_extension = config.output.extension
+        self.record = CaptionRecord(self.images_root, self.caption_record)
 
     # --- the run's own files -----------------------------------------------------------
 
     @property
     def state_dir(self) -> Path:
-        return self.root / STATE_DIR
+        return self.images_root / STATE_DIR
+
+    @property
+    def old_state_dir(self) -> Optional[Path]:
+        """Where runs before 0.2 kept their state with `output.dir` set (read once, then moved)."""
+        return self.output_dir / STATE_DIR if self.output_dir else None
+
+    @property
+    def records(self) -> Path:
+        """Every captioned image's record (tags, description, guards), newest per image."""
+        return self.state_dir / "records.jsonl"
+
+    @property
+    def settings(self) -> Path:
+        return self.state_dir / "settings.json"
 
     @property
     def lock(self) -> Path:
@@ -88,7 +106,7 @@ class Layout:
 
     @property
     def journal(self) -> Path:
-        return self.state_dir / f"records{self.suffix}.jsonl"
+        return self.state_dir / f"journal{self.suffix}.jsonl"
 
     @property
     def outputs_lock(self) -> Path:
@@ -115,6 +133,11 @@ class Layout:
         """`--debug-dir`: one file per image, its path inside the folder as one name."""
         return debug_dir / (item.rel.as_posix().replace("%", "%25").replace("/", "%2F") + ".json")
 
+    def describe_captions(self) -> str:
+        where = f"in {self.output_dir}, in the folders of {self.images_root}" if self.output_dir else \
+            f"next to the images in {self.images_root}"
+        return f"<name>{self.caption_extension} {where}"
+
     # --- per image ---------------------------------------------------------------------
 
     def item(self, image: Path) -> ImageItem:
@@ -123,19 +146,29 @@ class Layout:
         rel = image.relative_to(self.images_root)
         out_folder = (self.output_dir / rel.parent) if self.output_dir else image.parent
         caption_file = out_folder / f"{image.stem}{self.caption_extension}"
+        ours = self._unchanged_caption(caption_file)
         if not self.tags_extension:
-            return ImageItem(image, rel, caption_file, None, None)
-        tags_file = image.parent / f"{image.stem}{self.tags_extension}"
-        if tags_file != caption_file:  # both built from resolved folders: equal paths are one file
-            return ImageItem(image, rel, caption_file, tags_file if tags_file.exists() else None, None)
-        backup = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
-        if backup.exists():
-            return ImageItem(image, rel, caption_file, backup, backup)
-        if not tags_file.exists():
-            return ImageItem(image, rel, caption_file, None, backup)
-        if looks_like_caption(decode_text(tags_file.read_bytes())):
-            return ImageItem(image, rel, caption_file, None, backup, prose_caption=True)
-        return ImageItem(image, rel, caption_file, tags_file, backup)
+            return ImageItem(image, rel, caption_file, None, None, ours=ours)
+        plain = image.parent / f"{image.stem}{self.tags_extension}"
+        kept = image.parent / f"{image.stem}{KEPT_TAGS_MARK}{self.tags_extension}"
+        backup = kept if plain == caption_file else None  # both from resolved folders: equal paths are one file
+        if kept.exists():
+            return ImageItem(image, rel, caption_file, kept, backup, ours=ours)
+        if not plain.exists() or (ours if plain == caption_file else self._unchanged_caption(plain)):
+            return ImageItem(image, rel, caption_file, None, backup, ours=ours)
+        if backup is not None and looks_like_caption(decode_text(plain.read_bytes())):
+            return ImageItem(image, rel, caption_file, None, backup, prose_caption=True, ours=ours)
+        return ImageItem(image, rel, caption_file, plain, backup, ours=ours)
+
+    def _unchanged_caption(self, path: Path) -> bool:
+        """Whether `path` holds a caption this program wrote, as it wrote it (a file changed
+        since is the user's: a caption if it reads like one, else tags)."""
+        if not self.record.wrote(path):
+            return False
+        try:
+            return self.record.is_ours(path, decode_text(path.read_bytes()))
+        except OSError:
+            return False
 
     def tags_owner(self, image: Path) -> Optional[Path]:
         """The image whose kept tags file would be this image's caption file (`a.tags.png`'s

@@ -1,6 +1,8 @@
-"""Dataset files besides the per-image captions: `captions.jsonl` (one line per image:
-file, caption, tags, description, model per stage, time) and Hugging Face imagefolder's
-`metadata.jsonl` (`file_name`, `text`, `tags`, `description`).
+"""The records of captioned images: one line per image (file, caption, tags, description,
+model per stage, guard trips, time), always kept in `.tagcaption/records.jsonl` (the review
+page reads it), and as the dataset files `output.formats` asks for: `captions.jsonl` at the
+output root (the same lines) and Hugging Face imagefolder's `metadata.jsonl` (`file_name`,
+`text`, `tags`, `description`).
 
 Records of the run are appended to a journal in `.tagcaption/` as captions are written,
 so a killed run loses none. At the end (and at the start of the next run, for a journal
@@ -29,26 +31,21 @@ class DatasetOutputs:
         self.journal = layout.journal
         self._lock = threading.Lock()
 
-    @property
-    def active(self) -> bool:
-        return bool(self.formats & {"jsonl", "metadata"})
-
     def record(self, record: dict) -> None:
         """Keep one captioned image's record (called from the caption-writing thread)."""
-        if not self.active:
-            return
         with self._lock:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             with open(self.journal, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def merge(self) -> None:
-        """Fold the journal into captions.jsonl / metadata.jsonl, then drop it."""
-        if not self.active or not self.journal.exists():
+        """Fold the journal into the records and the dataset files, then drop it."""
+        if not self.journal.exists():
             return
         records = _read_jsonl(self.journal)
         with open(self.layout.outputs_lock, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_into(self.layout.records, records, "file", lambda r: r)
             if "jsonl" in self.formats:
                 self._merge_into(self.layout.captions_jsonl, records, "file", lambda r: r)
             if "metadata" in self.formats:

@@ -96,7 +96,8 @@ def _card(entry: dict, page_dir: Path) -> str:
 def build_report(config: Config) -> Path:
     """Write captions.html at the output root from the folder as it is now."""
     layout = Layout(config)
-    records = {record.get("file"): record for record in read_records(layout.captions_jsonl)}
+    records = {record.get("file"): record for path in (layout.captions_jsonl, layout.records)
+               for record in read_records(path)}  # the state's records win: they have every description
     failures: Dict[str, str] = {}
     for path in sorted(layout.root.glob("failures*.jsonl")):
         for record in read_records(path):

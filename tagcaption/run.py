@@ -71,6 +71,10 @@ class RunResult:
     interrupted: bool = False
     setup_problem: bool = False
     """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
+    captions_at: str = ""
+    """Where the captions were written, in words."""
+    nothing_to_do: Optional[str] = None
+    """Why the run found no image to caption."""
     failures_file: Optional[Path] = None
     dry_run_report: Optional[str] = None
     report_page: Optional[Path] = None
@@ -86,7 +90,7 @@ class Run:
         self.folder = folder or Folder(self.layout.images_root, config.recursive, skip=self.layout.output_dir)
         self.stages = build_stages(config, self.tally, options.dry_run, options.refresh_tags)
         self.plan = self.stages.plan
-        self.result = RunResult(self.plan, self.tally)
+        self.result = RunResult(self.plan, self.tally, captions_at=self.layout.describe_captions())
         self.selection = Selection(self.layout, self.folder, self.tally, self._fail,
                                    overwrite=config.output.overwrite, shard=options.shard,
                                    retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)
@@ -101,7 +105,9 @@ class Run:
         walk = self.selection.walk()
         try:
             first = await anext(walk, None)
-            if first is not None:
+            if first is None:
+                self.result.nothing_to_do = self.selection.why_empty()
+            else:
                 await self._start()
                 with self._signals_handled():
                     await self._caption_all(first, walk)

@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from tagcaption.errors import CaptionCollision, ConfigError, ImageProblem, TagsFileError, os_error_text
 from tagcaption.folder import Folder
@@ -85,10 +85,10 @@ class Selection:
         """The images that need a caption, as the walk finds them."""
         stop_counting = threading.Event()
         try:
-            images = self._to_caption()
             if self.sample is not None:
-                images = iter(self._sampled([rel for rel in images if rel]))
+                images = self._sampled()
             else:
+                images = self._to_caption(self._selected())
                 self._start_count(stop_counting)
             for count, rel in enumerate(images, 1):
                 if rel:
@@ -139,10 +139,10 @@ class Selection:
         except OSError as exc:
             raise ConfigError(str(exc)) from None
 
-    def _to_caption(self) -> Iterator[Optional[str]]:
+    def _to_caption(self, selected_images: Iterable) -> Iterator[Optional[str]]:
         """For each image, its path inside the folder when it needs a caption, else None."""
         current, previous = None, [None]
-        for selected in self._selected():
+        for selected in selected_images:
             if selected is None:
                 yield None
                 continue
@@ -154,10 +154,16 @@ class Selection:
             path = Path(f"{folder}/{name}")
             yield rel if self._needs_caption(path, previous) else None
 
-    def _sampled(self, pending: List[str]) -> List[str]:
-        if len(pending) <= self.sample:
-            return pending
-        return sorted(random.Random(self.seed).sample(pending, self.sample))
+    def _sampled(self) -> Iterator[Optional[str]]:
+        """`--sample N`: the same N images of the selection for a seed, whatever has been
+        captioned since (those among them are skipped like any captioned image)."""
+        selected = [entry for entry in self._selected() if entry is not None]
+        if len(selected) > self.sample:
+            chosen = set(random.Random(self.seed).sample(range(len(selected)), self.sample))
+            selected = [entry for index, entry in enumerate(selected) if index in chosen]
+        self.tally.set("images.selected", len(selected))
+        self.counted.set()
+        return self._to_caption(selected)
 
     def _needs_caption(self, path: Path, previous: List[Optional[ImageItem]]) -> bool:
         """Whether the image needs a caption; one that is done is skipped, one that cannot be
@@ -182,6 +188,39 @@ class Selection:
             return False
         return True
 
+    def why_empty(self) -> str:
+        """Why the walk found no image to caption, in one line; ConfigError (exit 2) when the
+        folder holds no image this run could read at all."""
+        skipped, walked = self.tally["images.skipped"], self.walked
+        if skipped and skipped == walked:
+            some = "" if self.shard.count == 1 and self.sample is None and not self.retry_failed else " selected"
+            return (f"all {_images(skipped)}{some} have captions; add output.overwrite=true to caption them again "
+                    "(a rerun with another style or template captions only images without a caption)")
+        if walked:
+            return "no image left to caption (the others failed, see above)"
+        if self.retry_failed:
+            return f"none of the images listed in {self.layout.failures} is in the folder now: nothing to retry"
+        here = sum(1 for _ in Folder(self.layout.images_root, False).images())
+        if here and self.shard.count > 1:
+            return f"this shard's share ({self.shard.index}/{self.shard.count}) of the {_images(here)} is empty"
+        raise ConfigError(self._no_images())
+
+    def _no_images(self) -> str:
+        root = self.layout.images_root
+        if self.folder.recursive:
+            return f"no images in {root} or its subfolders (images end in .jpg, .png, .webp…)"
+        folders: dict = {}
+        for folder, names in Folder(root, True, skip=self.layout.output_dir).listing(ordered=False):
+            count = sum(1 for _ in names)
+            if count:
+                folders[folder.relative_to(root).as_posix()] = count
+        if not folders:
+            return f"no images in {root} (images end in .jpg, .png, .webp…)"
+        example = next((name for name in sorted(folders) if re.match(r"\d+_", name.split("/")[0])), None)
+        like = f"kohya folders like {example}/" if example else f"like {sorted(folders)[0]}/"
+        return (f"no images in {root.name}/ itself; {_images(sum(folders.values()))} in {len(folders)} "
+                f"subfolder{'s' if len(folders) > 1 else ''} ({like}): add recursive=true")
+
     def _reject(self, item: ImageItem, problem: ImageProblem) -> None:
         self.tally.update("images.rejected")
         self.fail(item, problem)
@@ -190,3 +229,7 @@ class Selection:
         if not self.layout.failures.exists():
             raise ConfigError(f"--retry-failed: no {self.layout.failures} from an earlier run")
         return set(read_failed_images(self.layout.failures))
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"

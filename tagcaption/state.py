@@ -106,11 +106,13 @@ def _owner(fd: int) -> Optional[dict]:
 
 
 class CaptionRecord:
-    """The hash of every caption this program wrote, so a caption edited by hand since (or
-    never written by us) is recognised and kept before it is replaced.
+    """The hash of every caption this program wrote, by path, so that a caption edited by
+    hand since (or never written by us) is recognised and kept before it is replaced, and
+    so that no caption of ours is ever read back as tags.
 
     An append-only JSON-lines file: a crash can at worst leave a torn last line, which is
-    ignored when read.
+    ignored when read. Paths inside `root` (the images folder) are kept relative to it, so
+    the folder can move; others (an `output.dir` elsewhere) as absolute paths.
     """
 
     def __init__(self, root: Path, path: Path):
@@ -144,6 +146,27 @@ class CaptionRecord:
     @staticmethod
     def _line(file: str, digest: str) -> str:
         return json.dumps({"file": file, "sha1": digest}, ensure_ascii=False) + "\n"
+
+    def wrote(self, path: Path) -> bool:
+        """Whether this program wrote a caption at `path` (edited since or not)."""
+        with self._lock:
+            if self.hashes is None:
+                self.load()
+            return bool(self.hashes) and self._key(path) in self.hashes
+
+    def adopt(self, old: Path, old_root: Path) -> None:
+        """Take over the record a run before 0.2 kept at `old` (keys relative to `old_root`)."""
+        if self.path.exists() or not old.exists():
+            return
+        lines = []
+        for line in old.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                lines.append(self._line(self._key(old_root / entry["file"]), entry["sha1"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.path, "".join(lines))
+        self.hashes = None
 
     def is_ours(self, caption_file: Path, text: str) -> bool:
         with self._lock:

@@ -36,9 +36,13 @@ def format_summary(result: RunResult) -> str:
     lines.append(f"  time:     {result.seconds:.1f} s")
     if result.stopped:
         lines.append(f"  stopped:  {result.stopped}")
+    if result.nothing_to_do:
+        lines.append(f"  nothing to do: {result.nothing_to_do}")
     if result.failures:
         lines.append("Failures:")
         lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures)
+    if result.tally["images.captioned"]:
+        lines.append(f"Captions: {result.captions_at}")
     if result.report_page:
         lines.append(f"Review page: {result.report_page}")
     if result.failures_file and result.failures:

@@ -25,7 +25,8 @@ from tagcaption.layout import ImageItem, Layout
 from tagcaption.outputs import DatasetOutputs
 from tagcaption.report import build_report
 from tagcaption.sinks import redact
-from tagcaption.state import CaptionRecord, Failure, RunLock, write_failures
+from tagcaption.remember import remember
+from tagcaption.state import Failure, RunLock, write_failures
 from tagcaption.tally import Tally
 
 log = logging.getLogger("caption")
@@ -39,7 +40,7 @@ class Writer:
         self.config, self.layout, self.folder, self.tally = config, layout, folder, tally
         self.dry_run = dry_run
         self.lock = RunLock(layout.lock)
-        self.record = CaptionRecord(layout.root, layout.caption_record)
+        self.record = layout.record
         formats = list(config.output.formats) + (["jsonl"] if config.output.report else [])  # the page reads it
         self.outputs = DatasetOutputs(formats, layout)
         self._writes: Set[asyncio.Future] = set()
@@ -57,7 +58,19 @@ class Writer:
         if note:
             log.warning("warning: %s", note)
         self.remove_leftover_temps()
+        self._adopt_old_state()
         self.outputs.merge()
+        remember(self.config, self.layout)
+
+    def _adopt_old_state(self) -> None:
+        """Runs before 0.2 kept their state under `output.dir`: read it once, from here on."""
+        old = self.layout.old_state_dir
+        if old is None or not old.is_dir():
+            return
+        self.record.adopt(old / "captions.jsonl", self.layout.root)
+        for journal in old.glob("records*.jsonl"):
+            with contextlib.suppress(OSError):
+                journal.replace(self.layout.state_dir / journal.name.replace("records", "journal", 1))
 
     async def drain(self) -> None:
         """Wait for every caption write under way."""
@@ -137,11 +150,9 @@ class Writer:
 
     def _write_caption(self, captioned: Captioned) -> None:
         item = captioned.item
-        if item.tags_backup is not None and not item.tags_backup.exists():
-            if item.prose_caption:
-                self._keep_backup(item.caption_file)
-            original = item.caption_file.read_bytes() if item.caption_file.exists() and not item.prose_caption else b""
-            write_new_file(item.tags_backup, original, like=item.caption_file)
+        if item.tags_file is not None and item.tags_file == item.caption_file:
+            # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
+            write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)
         elif item.caption_file.exists() and not self._replaceable(item):
             if not self.config.output.overwrite:
                 raise CaptionAppeared(f"{item.caption_file} appeared during the run; not replaced", stage="output")

@@ -145,7 +145,7 @@ def test_jsonl_and_metadata_outputs_stay_consistent_on_reruns(tmp_path, llm_serv
     metadata = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
     assert metadata == [{"file_name": "a.png", "text": captions[0]["caption"], "tags": "cat, blue sky"},
                         {"file_name": "sub/b.png", "text": captions[1]["caption"], "tags": "dog"}]
-    assert not (images / ".tagcaption" / "records.jsonl").exists()
+    assert not (images / ".tagcaption" / "journal.jsonl").exists()  # merged
 
 
 def test_metadata_loads_with_hugging_face_datasets(tmp_path, llm_server, danbooru, capsys):
