@@ -39,8 +39,9 @@ class DryRunLLM(LLM):
         return f"[{settings.model} would answer here (turn {turn})]"
 
 
-def format_preview(transcripts: List[tuple], llm: DryRunLLM) -> str:
+def format_preview(transcripts: List[tuple], llm: DryRunLLM, plan: List[str] = ()) -> str:
     lines = ["", "Dry run: nothing was sent to a model and no file was written."]
+    lines += [f"plan: {line}" for line in plan]
     for example in llm.examples.get("tag_provider", []):
         lines += ["", "=== tag summary request (one of them) ===", _messages(example)]
     for image, transcript in transcripts:

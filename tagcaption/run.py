@@ -113,7 +113,8 @@ class Run:
                     await self._caption_all(first, walk)
                 await self._count_what_is_left()
             if self.options.dry_run:
-                self.result.dry_run_report = format_preview(list(self.previews.items()), self.stages.llm)
+                self.result.dry_run_report = format_preview(list(self.previews.items()), self.stages.llm,
+                                                            self.plan.describe())
             self.result.failures_file = self.writer.save_failures(self.result.failures)
         finally:
             await walk.aclose()
