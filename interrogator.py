@@ -51,6 +51,7 @@ class Interrogator:
                                     self.settings.jpeg_quality, background)
         self.system = Template(self.settings.system_prompt, PLACEHOLDERS, "interrogator.system_prompt")
         self.postprocess = config.postprocess
+        self.file_timeout = config.file_timeout
         self.final = config.interpreter.skip
         """With no Interpreter the description is the caption: cleaned and guarded as one."""
         self.variants: List[Variant] = build_variants(config, INTERROGATOR)
@@ -72,7 +73,7 @@ class Interrogator:
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
         variant = pick(self.variants, key)
-        image = await off_loop(prepare_image, path, self.options, what=f"reading {path}")
+        image = await off_loop(prepare_image, path, self.options, seconds=self.file_timeout, what=f"reading {path}")
         try:
             text = await self._converse(image, self.prompts[variant], values, transcript)
         except LLMError as exc:
@@ -81,7 +82,8 @@ class Interrogator:
             half = max(image.width, image.height) // 2
             log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
             self.tally.update("images.shrunk")
-            image = await off_loop(prepare_image, path, replace(self.options, max_size=half), what=f"reading {path}")
+            image = await off_loop(prepare_image, path, replace(self.options, max_size=half),
+                                   seconds=self.file_timeout, what=f"reading {path}")
             text = await self._converse(image, self.prompts[variant], values, transcript)
         return with_tags(variant, text, values) if self.final else text
 

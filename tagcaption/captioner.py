@@ -60,7 +60,7 @@ class Captioner:
         settings = self.config.tags
         try:
             return await off_loop(read_image_tags, item.path, item.tags_file, settings.sources, settings.combine,
-                                  what=f"reading the tags of {item.path}")
+                                  seconds=self.config.file_timeout, what=f"reading the tags of {item.path}")
         except OSError as exc:
             return TagsFileError(os_error_text(exc, item.tags_file, "tags file"), stage="tags")
         except ValueError as exc:
@@ -106,12 +106,13 @@ class Captioner:
             raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
                                    f"and {why}: nothing to caption from", stage="input")
         if not self.stages.interrogator:
-            await off_loop(check_image, item.path, what=f"reading {item.path}")
+            await off_loop(check_image, item.path, seconds=self.config.file_timeout, what=f"reading {item.path}")
         knowledge = {}
         if self.stages.tag_provider:
             knowledge = await self.stages.tag_provider.knowledge(self.to_look_up(tags))
         hints = await off_loop(collect_hints, self.config.interrogator.hint_sources,
-                               HintInput(item.path, item.rel, tags.tags), what=f"the hints of {item.path}")
+                               HintInput(item.path, item.rel, tags.tags), seconds=self.config.file_timeout,
+                               what=f"the hints of {item.path}")
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints)

@@ -49,6 +49,9 @@ class TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         tqdm.write(redact(self.format(record)), file=sys.stderr)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A closed stderr (a pipe that ended) loses the line, and prints no traceback."""
+
 
 COMMANDS = ("check", "report")
 
@@ -116,23 +119,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = _command(args)
     except TagcaptionError as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        say(f"error: {exc}", sys.stderr)
         return EXIT_SETUP if exc.setup else EXIT_FAILURES
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: one line for the user, the traceback with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", sys.stderr)
         return EXIT_FAILURES
     if isinstance(result, int):
         return result
     from tagcaption.summary import format_summary
     if result.dry_run_report is not None:
-        print(result.dry_run_report)
-    print(format_summary(result))
+        say(result.dry_run_report)
+    say(format_summary(result))
     return exit_code(result)
 
 
@@ -163,7 +165,7 @@ def _command(args: argparse.Namespace):
     if args.command == "report":
         from tagcaption.report import build_report
         try:
-            print(f"Review page written: {build_report(config)}")
+            say(f"Review page written: {build_report(config)}")
         except OSError as exc:
             raise ConfigError(f"cannot write the review page: {exc}") from None
         return EXIT_OK

@@ -184,6 +184,10 @@ class Config:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    stop_grace: float = 5.0
+    """Seconds the images in flight get after Ctrl-C or SIGTERM."""
+    file_timeout: float = 30.0
+    """Seconds a file read may take before its image fails (a stalled share, a FIFO)."""
     config_dir: str = field(default=".", metadata={"internal": True})
 
     def path(self, value: str) -> Path:

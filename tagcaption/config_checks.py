@@ -3,26 +3,36 @@ is read, each with a one-line message naming the key and what it takes."""
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 from tagcaption.errors import ConfigError
 from tagcaption.outputs import check_formats
-from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, IMAGE_FORMATS, INTERPRETER, INTERROGATOR,
-                                   PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES, TAG_COMBINE, TAG_INPUTS,
+from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, IMAGE_EXTENSIONS, IMAGE_FORMATS, INTERPRETER,
+                                   INTERROGATOR, PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES, TAG_COMBINE, TAG_INPUTS,
                                    TAG_SOURCES, TOKEN_LIMIT_PARAMS)
 
 if TYPE_CHECKING:
     from tagcaption.config import Config
 
 
-RANGES: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = {
+ABOVE_ZERO = ">0"
+"""As a lowest value: more than 0 (a timeout or a rate of 0 means nothing useful)."""
+RANGES: Dict[str, Dict[str, Tuple[Union[str, float], Optional[float]]]] = {
     "stage": {"max_tokens": (1, None)},
-    "endpoint": {"concurrency": (1, None)},
-    "guards": {"max_attempts": (1, None)},
-    "interrogator": {"jpeg_quality": (1, 100)},
+    "endpoint": {"concurrency": (1, 1024), "timeout": (ABOVE_ZERO, None), "max_retries": (0, 1000),
+                 "retry_backoff": (0, None), "retry_max_backoff": (0, None), "down_after": (ABOVE_ZERO, None),
+                 "rest_after": (1, None), "rest_seconds": (0, None)},
+    "tag_provider": {"danbooru_rate": (ABOVE_ZERO, None), "danbooru_batch_size": (1, 1000),
+                     "danbooru_concurrency": (1, 64), "danbooru_timeout": (ABOVE_ZERO, None),
+                     "danbooru_retries": (0, 1000), "negative_ttl_days": (0, None), "wiki_max_chars": (0, None),
+                     "min_post_count": (0, None)},
+    "guards": {"max_attempts": (1, 20), "repeat_limit": (2, None), "max_other_script": (0, 1)},
+    "interrogator": {"jpeg_quality": (1, 100), "max_image_size": (0, None)},
+    "postprocess": {"max_words": (1, None)},
+    "run": {"stop_grace": (0, None), "file_timeout": (ABOVE_ZERO, None)},
 }
-"""The numbers a section's keys must lie within (lowest, highest or None), checked where the
-section's other values are."""
+"""The numbers a section's keys must lie within (lowest, highest; None: no bound), checked
+where the section's other values are. An unset optional number (null) is not checked."""
 
 
 def check_config(config: Config) -> None:
@@ -35,9 +45,13 @@ def check_config(config: Config) -> None:
 def _check_ranges(section: object, where: str, kind: str) -> None:
     for key, (low, high) in RANGES[kind].items():
         value = getattr(section, key)
-        if value < low or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{where}.{key} must be {bounds}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # null, or `auto` where a key takes it (checked by its section)
+        too_low = value <= 0 if low == ABOVE_ZERO else value < low
+        if too_low or (high is not None and value > high):
+            bounds = "more than 0" if low == ABOVE_ZERO else \
+                f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise ConfigError(f"{where + '.' if where else ''}{key} must be {bounds} (got {value})")
 
 
 def _either(names: Sequence[str]) -> str:
@@ -74,8 +88,7 @@ def _check_tag_provider(config: Config) -> None:
     settings = config.tag_provider
     if settings.source not in TAG_SOURCES:
         raise ConfigError(f"tag_provider.source must be {_either(TAG_SOURCES)} (got {settings.source!r})")
-    if settings.danbooru_rate <= 0 or settings.danbooru_batch_size < 1:
-        raise ConfigError("tag_provider.danbooru_rate and danbooru_batch_size must be positive")
+    _check_ranges(settings, "tag_provider", "tag_provider")
 
 
 def _check_tags(config: Config) -> None:
@@ -126,8 +139,18 @@ def _check_interrogator(config: Config) -> None:
 
 
 def _check_output(config: Config) -> None:
-    if not config.output.extension.startswith("."):
-        raise ConfigError(f"output.extension must start with a dot (got {config.output.extension!r})")
+    _check_ranges(config.postprocess, "postprocess", "postprocess")
+    _check_ranges(config, "", "run")
+    extension = config.output.extension
+    if not extension.startswith(".") or len(extension) < 2:
+        raise ConfigError(f"output.extension must start with a dot (got {extension!r})")
+    last = "." + extension.rsplit(".", 1)[-1].lower()
+    if last in IMAGE_EXTENSIONS or last == ".json":
+        raise ConfigError(f"output.extension {extension} would write captions over images or their .json sidecars: "
+                          "use .txt or .caption")
+    if config.tags_extension and extension.lower().endswith(".tags" + config.tags_extension.lower()):
+        raise ConfigError(f"output.extension {extension} is where tags files are kept (<stem>.tags"
+                          f"{config.tags_extension}): use .txt or .caption")
     if config.tags_extension and not config.tags_extension.startswith("."):
         raise ConfigError(f"tags_extension must start with a dot (got {config.tags_extension!r})")
     problem = check_formats(config.output.formats)

@@ -4,10 +4,11 @@
   endpoint.py); `list_models` at the start waits at most MODELS_SECONDS.
 - Files: every file read runs off the event loop in a thread of its own through
   `off_loop`, so a read that stalls (a FIFO, a dead network share) fails its own image after
-  FILE_READ_SECONDS instead of holding up the run. The thread is a daemon: a read stuck in
+  `file_timeout` seconds (30) instead of holding up the run. The thread is a daemon: a read stuck in
   the kernel is left behind, and the process can still exit.
-- Stopping: after Ctrl-C or SIGTERM, the images in flight get STOP_GRACE_SECONDS; a run that
-  stopped early waits COUNT_SECONDS for the count of names, to say how many it left.
+- Stopping: after Ctrl-C or SIGTERM, the images in flight get `stop_grace` seconds (5), and
+  so do the caption writes under way; a run that stopped early waits COUNT_SECONDS for the
+  count of names, to say how many it left.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tagcaption.errors import ImageProblem, Kind
 T = TypeVar("T")
 
 FILE_READ_SECONDS = 30.0
+"""The default of the `file_timeout` key."""
 MODELS_SECONDS = 10.0
-STOP_GRACE_SECONDS = 5.0
 COUNT_SECONDS = 3.0
 
 

@@ -6,11 +6,15 @@ killed run can be recognised and removed.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from tagcaption.sinks import redact
 
 TEMP_MARK = ".tagcaption-"
 TEMP_NAME = re.compile(r"^\..+\.tagcaption-[A-Za-z0-9_]+\.tmp$")
@@ -32,7 +36,8 @@ def _mode_for(path: Path) -> int:
 
 
 def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The folder must exist: a write never recreates a folder that went away (callers make
+    the folders of `output.dir` themselves)."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _mode_for(path) if mode is None else mode)
@@ -47,8 +52,9 @@ def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step (temp file in the same folder + rename)."""
-    temp = _write_temp(path, text.encode("utf-8"))
+    """Replace `path` with `text` in one step (temp file in the same folder + rename). Every
+    text the program writes passes here, so no configured API key reaches a file."""
+    temp = _write_temp(path, redact(text).encode("utf-8"))
     try:
         os.replace(temp, path)
     except BaseException:
@@ -76,3 +82,12 @@ def write_new_file(path: Path, data: bytes, like: Optional[Path] = None) -> bool
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for a FIFO, device or socket, refused by `stat`
+    before it is opened (opening a FIFO waits for a writer that never comes)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+    with open(path, "rb") as handle:
+        return handle.read()

@@ -61,10 +61,19 @@ class Folder:
                     elif _is_folder(entry):
                         if self.recursive and not entry.is_symlink() and folder / name != self.skip:
                             subfolders.append(folder / name)
-                    elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and _is_file(entry):
                         yield name
         except OSError:
             return
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A regular file, or a link (one that leads nowhere fails as its image, with a reason);
+    a FIFO or device named like an image is not one."""
+    try:
+        return entry.is_file() or entry.is_symlink()
+    except OSError:
+        return False
 
 
 def _is_folder(entry: os.DirEntry) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tagcaption.config import GuardsConfig
+from tagcaption.sinks import contains_secret
 from tagcaption.vocabulary import SCRIPT_PREFIXES
 
 
@@ -41,6 +42,8 @@ class Guards:
             return Trip("truncated", "reply cut off at max_tokens", "more_tokens")
         if not text.strip():
             return Trip("empty", "empty reply")
+        if contains_secret(text):
+            return Trip("secret", "the reply contains a configured API key (a server that echoes the request?)")
         lowered = text.lower()
         if "<think>" in lowered or "</think>" in lowered:
             return Trip("reasoning", "unfinished reasoning block in the reply")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from tagcaption.errors import ConfigError
+from tagcaption.files import read_regular
 from tagcaption.state import CaptionRecord
 from tagcaption.tagfiles import decode_text, looks_like_caption
 from tagcaption.vocabulary import IMAGE_EXTENSIONS
@@ -156,7 +157,7 @@ class Layout:
             return ImageItem(image, rel, caption_file, kept, backup, ours=ours)
         if not plain.exists() or (ours if plain == caption_file else self._unchanged_caption(plain)):
             return ImageItem(image, rel, caption_file, None, backup, ours=ours)
-        if backup is not None and looks_like_caption(decode_text(plain.read_bytes())):
+        if backup is not None and looks_like_caption(decode_text(read_regular(plain))):
             return ImageItem(image, rel, caption_file, None, backup, prose_caption=True, ours=ours)
         return ImageItem(image, rel, caption_file, plain, backup, ours=ours)
 
@@ -166,7 +167,7 @@ class Layout:
         if not self.record.wrote(path):
             return False
         try:
-            return self.record.is_ours(path, decode_text(path.read_bytes()))
+            return self.record.is_ours(path, decode_text(read_regular(path)))
         except OSError:
             return False
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from tagcaption.files import atomic_write_text
+from tagcaption.sinks import redact
 from tagcaption.layout import Layout
 from tagcaption.vocabulary import OUTPUT_FORMATS, TXT
 
@@ -34,9 +35,9 @@ class DatasetOutputs:
     def record(self, record: dict) -> None:
         """Keep one captioned image's record (called from the caption-writing thread)."""
         with self._lock:
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self.journal.parent.mkdir(exist_ok=True)
             with open(self.journal, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(redact(json.dumps(record, ensure_ascii=False)) + "\n")
 
     def merge(self) -> None:
         """Fold the journal into the records and the dataset files, then drop it."""

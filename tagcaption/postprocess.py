@@ -47,7 +47,17 @@ def cap_words(text: str, max_words: int) -> str:
     return cut[:end + 1] if end > 0 else cut
 
 
+NOT_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+"""Control characters (all but tab and newline) and bidi embeddings, overrides, isolates and
+marks: a caption is text a trainer reads, never a way to hide or reorder what it says."""
+
+
+def only_text(text: str) -> str:
+    return NOT_TEXT.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
 def clean_caption(text: str, settings: PostprocessConfig) -> str:
+    text = only_text(text)
     if settings.strip_preamble:
         text = _PREAMBLE.sub("", text, count=1)
     if settings.strip_label:

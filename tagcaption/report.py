@@ -108,6 +108,7 @@ def build_report(config: Config) -> Path:
     entries.sort(key=lambda entry: (order[entry["status"]], entry["file"]))
     page = layout.report_page
     cards = "\n".join(_card(entry, page.parent) for entry in entries)
+    page.parent.mkdir(parents=True, exist_ok=True)  # an output.dir not made yet
     atomic_write_text(page, PAGE.format(title=html.escape(str(layout.images_root.name)), cards=cards))
     return page
 

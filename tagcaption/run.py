@@ -5,7 +5,7 @@ The selection walks the folder as captioning goes; a producer reads each image's
 bounded pool of workers; a worker takes one image through the captioner and the writer.
 Each image fails alone: its failure is recorded and the batch goes on, unless the error
 would repeat for every image (its type says so), which stops the run. Ctrl-C or SIGTERM
-stops taking new images, gives those in flight `STOP_GRACE_SECONDS`, then saves what there is.
+stops taking new images, gives those in flight `stop_grace` seconds, then saves what there is.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import AsyncIterator, Dict, List, Optional
 
 from tagcaption.captioner import Captioner
 from tagcaption.config import Config
-from tagcaption.deadlines import COUNT_SECONDS, STOP_GRACE_SECONDS
+from tagcaption.deadlines import COUNT_SECONDS
 from tagcaption.dry_run import format_preview
 from tagcaption.errors import ImageProblem, InternalError
 from tagcaption.folder import Folder
@@ -91,7 +91,7 @@ class Run:
         self.stages = build_stages(config, self.tally, options.dry_run, options.refresh_tags)
         self.plan = self.stages.plan
         self.result = RunResult(self.plan, self.tally, captions_at=self.layout.describe_captions())
-        self.selection = Selection(self.layout, self.folder, self.tally, self._fail,
+        self.selection = Selection(self.layout, self.folder, self.tally, self._record_failure,
                                    overwrite=config.output.overwrite, shard=options.shard,
                                    retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)
         self.captioner = Captioner(config, self.layout, self.stages)
@@ -158,7 +158,7 @@ class Run:
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-            await self.writer.drain()
+            await self.writer.drain(self.config.stop_grace if self.stopping.is_set() else None)
             progress.close()
 
     async def _produce(self, first: str, walk: AsyncIterator[str], queue: asyncio.Queue) -> None:
@@ -187,23 +187,31 @@ class Run:
                 if problem.stops_run:
                     self._stop(str(problem), setup_problem=problem.setup)
                     continue
-                self.tally.update("images.failed")
                 self._fail(item, problem)
             except Exception as exc:  # a bug must cost one image, not the run
                 log.debug("unexpected error on %s", item.path, exc_info=True)
-                self.tally.update("images.failed")
                 self._fail(item, InternalError(f"unexpected {type(exc).__name__}: {exc}", stage="internal"))
             finally:
                 if self.options.debug_dir and transcript:
                     await self.writer.write_transcript(self.options.debug_dir, item, transcript)
 
     def _fail(self, item: ImageItem, problem: ImageProblem) -> None:
+        """An image failed in the stages or the writer."""
+        if self._record_failure(item, problem):
+            self.tally.update("images.failed")
+
+    def _record_failure(self, item: ImageItem, problem: ImageProblem) -> bool:
+        if not self.layout.images_root.is_dir():  # not this image's fault: every next one would fail too
+            self._stop(f"the images folder {self.layout.images_root} is gone (moved, deleted or unmounted); the "
+                       "captions written so far are kept, and a rerun goes on from there")
+            return False
         message = redact(str(problem))
         if len(message) > MAX_MESSAGE:
             message = message[:MAX_MESSAGE] + "…"
         record = Failure(str(item.path), problem.stage or "input", problem.record_kind, message, problem.attempts)
         self.result.failures.append(record)
         log.error("failed: %s: %s", item.path, record.message)
+        return True
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -221,9 +229,10 @@ class Run:
         if self.stopping.is_set():
             self._cancel_workers()
             return
-        self._stop(f"{name}: no new images; waiting up to {STOP_GRACE_SECONDS:.0f} s for those in flight "
+        grace = self.config.stop_grace
+        self._stop(f"{name}: no new images; waiting up to {grace:.0f} s for those in flight "
                    "(press Ctrl-C again to cancel them)", interrupted=True)
-        asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, self._cancel_workers)
+        asyncio.get_running_loop().call_later(grace, self._cancel_workers)
 
     def _cancel_workers(self) -> None:
         for worker in self.workers:

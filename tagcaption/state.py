@@ -40,7 +40,7 @@ class RunLock:
 
     def acquire(self) -> Optional[str]:
         """Take the lock; returns a note when the last holder did not end cleanly."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(exist_ok=True)  # in the images folder, which exists: never recreated
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _flock(fd, fcntl.LOCK_EX):
             time.sleep(0.1)  # another shard may be probing this lock for an instant (others_running)
@@ -179,7 +179,7 @@ class CaptionRecord:
         with self._lock:
             if self.hashes is not None:
                 self.hashes[key] = digest
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(self._line(key, digest))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tagcaption.files import read_regular
 from tagcaption.vocabulary import CATEGORIES
 
 log = logging.getLogger("caption")
@@ -66,7 +67,7 @@ def read_tags_text(path: Path) -> str:
     size = path.stat().st_size
     if size > MAX_TAGS_FILE:
         raise ValueError(f"{path} is {size / 1e6:.1f} MB: too large for a tags file")
-    text = decode_text(path.read_bytes())
+    text = decode_text(read_regular(path))
     if "\x00" in text:
         raise ValueError(f"{path} holds NUL bytes: not a text file")
     return text

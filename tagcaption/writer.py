@@ -18,13 +18,13 @@ from typing import List, Optional, Set
 
 from tagcaption.captioner import Captioned
 from tagcaption.config import Config
+from tagcaption.deadlines import off_loop
 from tagcaption.errors import CaptionAppeared, ConfigError, LockedError, NoBackupName, OutputProblem
 from tagcaption.files import atomic_write_text, write_new_file
 from tagcaption.folder import Folder
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.outputs import DatasetOutputs
 from tagcaption.report import build_report
-from tagcaption.sinks import redact
 from tagcaption.remember import remember
 from tagcaption.state import Failure, RunLock, write_failures
 from tagcaption.tally import Tally
@@ -57,6 +57,8 @@ class Writer:
             raise ConfigError(str(exc)) from None
         if note:
             log.warning("warning: %s", note)
+        if self.layout.output_dir is not None:
+            self.layout.output_dir.mkdir(parents=True, exist_ok=True)
         self.remove_leftover_temps()
         self._adopt_old_state()
         self.outputs.merge()
@@ -72,15 +74,17 @@ class Writer:
             with contextlib.suppress(OSError):
                 journal.replace(self.layout.state_dir / journal.name.replace("records", "journal", 1))
 
-    async def drain(self) -> None:
-        """Wait for every caption write under way."""
-        await asyncio.gather(*self._writes, return_exceptions=True)
+    async def drain(self, seconds: Optional[float] = None) -> None:
+        """Wait for every caption write under way (after a stop, at most `seconds`: a write
+        stuck on a dead share must not keep the run from ending)."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=seconds)
 
     def close(self) -> Optional[Path]:
         """Dataset files and the page, then the lock; returns the page, if written."""
         page = None
         try:
-            if self.lock.held:
+            if self.lock.held and self.layout.images_root.is_dir():
                 self.remove_leftover_temps()
                 page = self._finish_outputs()
         finally:
@@ -91,8 +95,11 @@ class Writer:
         """Temp files of a killed run, found by the walk. While another shard runs, a young
         one may be its write in progress: then only those LEFTOVER_AGE older than this run's
         lock go (both times from the same file server's clock)."""
-        alone = not self.lock.others_running()
-        cutoff = self.lock.path.stat().st_mtime - LEFTOVER_AGE
+        try:
+            alone = not self.lock.others_running()
+            cutoff = self.lock.path.stat().st_mtime - LEFTOVER_AGE
+        except OSError:
+            return
         while self.folder.leftover_temps:
             leftover = self.folder.leftover_temps.pop()
             with contextlib.suppress(OSError):
@@ -104,9 +111,10 @@ class Writer:
             self.outputs.merge()
             if self.config.output.report:
                 return build_report(self.config)
-        except OSError as exc:
+        except Exception as exc:  # one bad input must not cost the end of a run whose captions are written
+            log.debug("the dataset files failed", exc_info=True)
             log.error("error: cannot write the dataset files (%s); the captions are written, and the next run "
-                      "merges this run's records", exc.strerror or exc)
+                      "merges this run's records", getattr(exc, "strerror", None) or exc)
         return None
 
     def save_failures(self, failures: List[Failure]) -> Optional[Path]:
@@ -114,6 +122,9 @@ class Writer:
         returns it when written."""
         path = self.layout.failures
         if self.dry_run or (not failures and not path.exists()):
+            return None
+        if not path.parent.is_dir():
+            log.error("error: cannot write %s: its folder is gone; the failures are listed above", path)
             return None
         try:
             write_failures(path, failures)
@@ -128,7 +139,8 @@ class Writer:
         if self.dry_run:
             self.tally.update("images.captioned")
             return
-        write = asyncio.ensure_future(asyncio.to_thread(self._write_caption, captioned))
+        write = asyncio.ensure_future(off_loop(self._write_caption, captioned, seconds=None,
+                                               what=f"writing {captioned.item.caption_file}"))
         self._writes.add(write)
 
         def done(future: asyncio.Future) -> None:
@@ -145,11 +157,14 @@ class Writer:
     async def write_transcript(self, debug_dir: Path, item: ImageItem, transcript: dict) -> None:
         """`--debug-dir`: the image's whole conversation, no API keys."""
         record = {"image": str(item.path), **transcript}
-        text = redact(json.dumps(record, ensure_ascii=False, indent=2)) + "\n"
-        await asyncio.to_thread(atomic_write_text, self.layout.transcript(debug_dir, item), text)
+        text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+        path = self.layout.transcript(debug_dir, item)
+        await off_loop(_write_in, path, text, seconds=None, what=f"writing {path}")
 
     def _write_caption(self, captioned: Captioned) -> None:
         item = captioned.item
+        if self.layout.output_dir is not None and self.layout.output_dir.is_dir():
+            item.caption_file.parent.mkdir(parents=True, exist_ok=True)
         if item.tags_file is not None and item.tags_file == item.caption_file:
             # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
             write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)
@@ -175,3 +190,8 @@ class Writer:
                 self.tally.update("images.backups")
                 return
         raise NoBackupName(f"no free backup name for {caption_file}", stage="output")
+
+
+def _write_in(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
