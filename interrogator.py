@@ -80,7 +80,9 @@ class Interrogator:
             if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
                 raise
             half = max(image.width, image.height) // 2
-            log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half)
+            log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half,
+                        extra={"group": "shrunk", "item": path.name, "summary": "warning: {count} images were too "
+                               "long for the vision model's context and were sent again at half size"})
             self.tally.update("images.shrunk")
             image = await off_loop(prepare_image, path, replace(self.options, max_size=half),
                                    seconds=self.file_timeout, what=f"reading {path}")

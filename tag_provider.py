@@ -212,7 +212,9 @@ class TagProvider:
             # A summary the model refused (or that tripped another guard) is no summary; remembered
             # for this model and template so that reruns do not ask again.
             self._count("refused")
-            log.warning("warning: tag '%s' has no summary: %s", tag, exc)
+            log.warning("warning: tag '%s' has no summary: %s", tag, exc, extra={
+                "group": "no_summary", "item": tag, "summary": "warning: {count} tags have no summary (the model's "
+                "replies tripped a guard; they are marked refused in the tag cache)"})
             self.cache.put(tag, dict(entry, summary=None, refused=str(exc), model=self.settings.model,
                                      template=self.template_hash))
             return knowledge

@@ -53,7 +53,9 @@ def collect_hints(names: List[str], image: HintInput) -> str:
         try:
             text = HINT_SOURCES[name](image)
         except Exception as exc:  # a hint is optional context: never lose the image over it
-            log.warning("warning: hint source '%s' failed for %s: %s", name, image.rel, exc)
+            log.warning("warning: hint source '%s' failed for %s: %s", name, image.rel, exc, extra={
+                "group": f"hint:{name}", "item": str(image.rel),
+                "summary": f"warning: hint source '{name}' failed for {{count}} images (they were captioned without it)"})
             continue
         if text and text.strip():
             blocks.append(text.strip())

@@ -15,11 +15,10 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
-from tqdm import tqdm
-
 from tagcaption.config import DEFAULT_CONFIG, load_config
 from tagcaption.errors import ConfigError, TagcaptionError
-from tagcaption.sinks import redact, say
+from tagcaption.messages import log_to_terminal
+from tagcaption.sinks import say
 from tagcaption.version import NAME, VERSION
 
 EXIT_OK, EXIT_FAILURES, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -41,16 +40,6 @@ exit codes: 0 all images captioned or skipped, 1 some images failed or the run
             stopped early, 2 configuration or setup problem (nothing was written),
             130 interrupted (Ctrl-C or SIGTERM)
 """
-
-
-class TqdmHandler(logging.Handler):
-    """Log lines printed above the progress bars instead of through them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(redact(self.format(record)), file=sys.stderr)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        """A closed stderr (a pipe that ended) loses the line, and prints no traceback."""
 
 
 COMMANDS = ("check", "report")
@@ -113,11 +102,31 @@ def program_name() -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    _log_to_terminal(args.debug)
+    terminal = log_to_terminal(args.debug)
     from tagcaption import tls
     tls.prepare()  # in a thread, while the OpenAI SDK imports
     try:
-        result = _command(args)
+        result = _run(args)
+    finally:
+        terminal.flush_groups()
+    return _report(result)
+
+
+def _report(result) -> int:
+    """Print what the command returned, and its exit code."""
+    if isinstance(result, int):
+        return result
+    from tagcaption.summary import format_summary
+    if result.dry_run_report is not None:
+        say(result.dry_run_report)
+    say(format_summary(result))
+    return exit_code(result)
+
+
+def _run(args) -> object:
+    """The command's result, or the exit code of the error it ended in (told in one line)."""
+    try:
+        return _command(args)
     except TagcaptionError as exc:
         say(f"error: {exc}", sys.stderr)
         return EXIT_SETUP if exc.setup else EXIT_FAILURES
@@ -129,22 +138,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", sys.stderr)
         return EXIT_FAILURES
-    if isinstance(result, int):
-        return result
-    from tagcaption.summary import format_summary
-    if result.dry_run_report is not None:
-        say(result.dry_run_report)
-    say(format_summary(result))
-    return exit_code(result)
-
-
-def _log_to_terminal(debug: bool) -> None:
-    handler = TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("caption")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
 
 
 def _command(args: argparse.Namespace):

@@ -68,6 +68,8 @@ class RunResult:
     unreached: int = 0
     """Images the walk had not reached when the run stopped."""
     stopped: Optional[str] = None
+    next_step: Optional[str] = None
+    """After a stop: what to do."""
     interrupted: bool = False
     setup_problem: bool = False
     """Stopped by a setup problem found mid-run (a model that cannot see): exit code 2."""
@@ -171,7 +173,8 @@ class Run:
                 rel = await anext(walk, None)
         except Exception as exc:  # what was captioned stays; the summary says so, a rerun goes on
             log.debug("the walk broke off", exc_info=True)
-            self._stop(f"cannot go on reading the images folder: {type(exc).__name__}: {exc}")
+            self._stop(f"cannot go on reading the images folder: {type(exc).__name__}: {exc}",
+                       "rerun the same command when the folder can be read: it goes on where this run stopped")
         for _ in self.workers:
             await queue.put(None)
 
@@ -185,7 +188,9 @@ class Run:
                 await self.writer.write(await self.captioner.caption(item, tags, transcript))
             except ImageProblem as problem:
                 if problem.stops_run:
-                    self._stop(str(problem), setup_problem=problem.setup)
+                    self._stop(str(problem), "fix what the line above says, then rerun the same command" if
+                               problem.setup else "start the server again, then rerun the same command to continue",
+                               setup_problem=problem.setup)
                     continue
                 self._fail(item, problem)
             except Exception as exc:  # a bug must cost one image, not the run
@@ -202,27 +207,32 @@ class Run:
 
     def _record_failure(self, item: ImageItem, problem: ImageProblem) -> bool:
         if not self.layout.images_root.is_dir():  # not this image's fault: every next one would fail too
-            self._stop(f"the images folder {self.layout.images_root} is gone (moved, deleted or unmounted); the "
-                       "captions written so far are kept, and a rerun goes on from there")
+            self._stop(f"the images folder {self.layout.images_root} is gone (moved, deleted or unmounted)",
+                       "put the folder back and rerun the same command: the captions written so far are kept")
             return False
         message = redact(str(problem))
         if len(message) > MAX_MESSAGE:
             message = message[:MAX_MESSAGE] + "…"
         record = Failure(str(item.path), problem.stage or "input", problem.record_kind, message, problem.attempts)
         self.result.failures.append(record)
-        log.error("failed: %s: %s", item.path, record.message)
+        log.error("failed: %s: %s", item.path, record.message, extra={
+            "group": f"failed:{record.stage}:{record.kind}", "item": item.rel.as_posix(),
+            "summary": f"{{count}} images failed in {record.stage} ({record.kind.replace('_', ' ')}): all listed in "
+                       f"{self.layout.failures.name} and in the summary"})
         return True
 
     # --- stopping ------------------------------------------------------------------------
 
-    def _stop(self, reason: str, interrupted: bool = False, setup_problem: bool = False) -> None:
+    def _stop(self, reason: str, next_step: str, interrupted: bool = False, setup_problem: bool = False,
+              note: str = "") -> None:
         if self.stopping.is_set():
             return
         self.result.stopped = reason
+        self.result.next_step = next_step
         self.result.interrupted = interrupted
         self.result.setup_problem = setup_problem
         self.stopping.set()
-        log.warning("stopping: %s", reason)
+        log.warning("stopping: %s%s", reason, note)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -230,8 +240,9 @@ class Run:
             self._cancel_workers()
             return
         grace = self.config.stop_grace
-        self._stop(f"{name}: no new images; waiting up to {grace:.0f} s for those in flight "
-                   "(press Ctrl-C again to cancel them)", interrupted=True)
+        self._stop(f"interrupted ({name})", "rerun the same command to continue: the captions written are kept",
+                   interrupted=True, note=f": no new images; waiting up to {grace:g} s for those in flight "
+                                          "(press Ctrl-C again to cancel them)")
         asyncio.get_running_loop().call_later(grace, self._cancel_workers)
 
     def _cancel_workers(self) -> None:

@@ -12,12 +12,18 @@ TAG_COUNTS = (("summarised", "{} summarised"), ("cached", "{} cached"), ("no_wik
               ("refused", "{} without summary (the model's replies tripped a guard)"),
               ("lookup_failed", "{} not looked up (lookup error)"), ("failed", "{} failed"))
 ALWAYS_SHOWN = ("summarised", "cached", "no_wiki")
+FAILURES_SHOWN = 20
+"""Failures listed in the summary; all of them are in failures.jsonl."""
+
+
+def plural(count: int, word: str, words: str = "") -> str:
+    return f"{count} {word if count == 1 else words or word + 's'}"
 
 
 def format_summary(result: RunResult) -> str:
     tally = result.tally
     if result.dry_run_report is not None:
-        return (f"\nDry run summary: {tally['images.captioned']} images would be captioned, "
+        return (f"\nDry run summary: {plural(tally['images.captioned'], 'image')} would be captioned, "
                 f"{tally['images.skipped']} skipped (caption exists), {len(result.failures)} would fail")
     lines: List[str] = ["", "Summary", f"  images:   {', '.join(_image_counts(result))}"]
     if tally["images.shrunk"]:
@@ -25,7 +31,7 @@ def format_summary(result: RunResult) -> str:
     if tally["images.backups"]:
         lines.append(f"  backups:  {tally['images.backups']} replaced captions kept as <caption>.bak")
     if result.plan.lookups:
-        lines.append(f"  tags:     {_tag_counts(tally)}; {tally['danbooru.requests']} Danbooru requests")
+        lines.append(f"  tags:     {_tag_counts(tally)}; {plural(tally['danbooru.requests'], 'Danbooru request')}")
     if tally.notes.get("danbooru.down"):
         lines.append(f"  danbooru: {tally.notes['danbooru.down']}; captions were made with tags only")
     lines += _usage(tally)
@@ -40,13 +46,17 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  nothing to do: {result.nothing_to_do}")
     if result.failures:
         lines.append("Failures:")
-        lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures)
+        lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures[:FAILURES_SHOWN])
+        if len(result.failures) > FAILURES_SHOWN:
+            lines.append(f"  … and {len(result.failures) - FAILURES_SHOWN} more (all in {result.failures_file})")
     if result.tally["images.captioned"]:
         lines.append(f"Captions: {result.captions_at}")
     if result.report_page:
         lines.append(f"Review page: {result.report_page}")
     if result.failures_file and result.failures:
         lines.append(f"Failures are listed in {result.failures_file}; `--retry-failed` reruns just those images.")
+    if result.next_step:
+        lines.append(f"Next: {result.next_step}")
     return "\n".join(lines)
 
 
@@ -54,9 +64,9 @@ def _image_counts(result: RunResult) -> List[str]:
     images = [f"{result.tally['images.captioned']} captioned", f"{result.tally['images.skipped']} skipped "
               "(caption exists)", f"{len(result.failures)} failed"]
     if result.unfinished:
-        images.append(f"{result.unfinished} not started (rerun to continue)")
+        images.append(f"{result.unfinished} not started")
     if result.unreached:
-        images.append(f"{result.unreached} not reached (rerun to continue)")
+        images.append(f"{result.unreached} not reached")
     return images
 
 
@@ -70,7 +80,7 @@ def _usage(tally: Tally) -> List[str]:
     for stage in STAGES:
         requests = tally[f"requests.{stage}"]
         if requests:
-            retries = f" ({tally[f'retries.{stage}']} retries)" if tally[f"retries.{stage}"] else ""
-            lines.append(f"  {stage + ':':<13} {requests} requests{retries}, {tally[f'prompt_tokens.{stage}']:,} "
+            retries = f" ({plural(tally[f'retries.{stage}'], 'retry', 'retries')})" if tally[f"retries.{stage}"] else ""
+            lines.append(f"  {stage + ':':<13} {plural(requests, 'request')}{retries}, {tally[f'prompt_tokens.{stage}']:,} "
                          f"prompt + {tally[f'completion_tokens.{stage}']:,} completion tokens")
     return lines

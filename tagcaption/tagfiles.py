@@ -115,7 +115,9 @@ def _read_sidecar(image: Path) -> Optional[ImageTags]:
             try:
                 return parse_sidecar(json.loads(decode_text(path.read_bytes())))
             except ValueError:
-                log.warning("warning: %s is not valid JSON; its tags are ignored", path)
+                log.warning("warning: %s is not valid JSON; its tags are ignored", path, extra={
+                    "group": "sidecar_json", "item": path.name,
+                    "summary": "warning: {count} sidecars are not valid JSON; their tags were ignored"})
                 return None
     return None
 

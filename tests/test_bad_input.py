@@ -134,7 +134,8 @@ def test_bad_input_corpus(tmp_path, corpus, llm_server, vision_server, danbooru,
 
     assert code == 1
     assert "Traceback" not in out + err
-    failed_lines = [line for line in err.splitlines() if line.startswith("failed: ")]
+    listed = out.split("Failures:", 1)[1].splitlines()  # live, repeats of one kind are grouped
+    failed_lines = [f"failed: {line.strip()}" for line in listed if line.startswith(f"  {images}")]
     assert len(failed_lines) == len(bad), failed_lines
     for name, reason in bad.items():
         line = next(line for line in failed_lines if line.startswith(f"failed: {images / name}:"))

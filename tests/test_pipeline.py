@@ -367,8 +367,8 @@ def test_summary_reports_requests_and_tokens_per_stage(tmp_path, llm_server, dan
     assert code == 0
     usage = [r for r in llm_server.exchanges]
     assert len(usage) == 2
-    assert re.search(r"tag_provider:\s+1 requests, \d+ prompt \+ \d+ completion tokens", out)
-    assert re.search(r"interpreter:\s+1 requests, [1-9][\d,]* prompt", out)
+    assert re.search(r"tag_provider:\s+1 request, \d+ prompt \+ \d+ completion tokens", out)
+    assert re.search(r"interpreter:\s+1 request, [1-9][\d,]* prompt", out)
     assert re.search(r"time:\s+\d+\.\d s", out)
 
 

@@ -88,7 +88,7 @@ def test_timeout_is_retried(tmp_path, llm_server, danbooru, capsys):
     code, out, _ = run_caption([str(images), "--config", str(config), "output.extension=.caption"], capsys)
     assert code == 0, out
     assert (images / "a.caption").read_text() == "A picture of cat."
-    assert "(1 retries)" in out
+    assert "(1 retry)" in out
 
 
 def test_retry_after_is_honoured(tmp_path, llm_server, danbooru, capsys):
@@ -180,7 +180,7 @@ def test_server_down_for_good_stops_early(tmp_path, llm_server, danbooru, capsys
     assert code == 1
     assert time.monotonic() - started < 10
     assert "has not answered for" in err and "stopping" in err
-    assert "not started (rerun to continue)" in out
+    assert "not started" in out and "Next: start the server again, then rerun the same command" in out
     assert len(list(images.glob("*.caption"))) >= 2
     assert "Traceback" not in out + err
 
@@ -246,7 +246,7 @@ def test_interrupt_stops_cleanly_with_summary(tmp_path, llm_server, danbooru, si
     process.send_signal(signum)
     out, err = process.communicate(timeout=15)
     assert process.returncode == 130, err
-    assert "Summary" in out and "not started (rerun to continue)" in out
+    assert "Summary" in out and "not started" in out and "Next: rerun the same command" in out
     assert "Traceback" not in err
     written = list(images.glob("*.caption"))
     assert 3 <= len(written) < 40
@@ -480,6 +480,6 @@ def test_a_walk_that_breaks_off_stops_the_run_with_its_summary(tmp_path, llm_ser
     result = asyncio.run(Run(config, folder=BreakingFolder(images, False)).execute())
     summary = format_summary(result)
     assert result.stopped == "cannot go on reading the images folder: RuntimeError: the file server went away"
-    assert "5 captioned" in summary and "5 not reached (rerun to continue)" in summary
+    assert "5 captioned" in summary and "5 not reached" in summary and "Next: rerun the same command when the folder" in summary
     assert sorted(p.name for p in images.glob("*.tags.txt")) == [f"{n:02}.tags.txt" for n in range(5)]
     no_partial_files(tmp_path)
