@@ -98,6 +98,10 @@ class LLM:
                 conversation = list(messages)
         raise _guard_error(self.endpoints[settings.endpoint], stage, settings, trip, max_tokens, attempt)
 
+    def in_flight(self) -> int:
+        """Requests under way to every server of the run."""
+        return sum(replica.in_flight for endpoint in self.endpoints.values() for replica in endpoint.replicas)
+
     async def close(self) -> None:
         await asyncio.gather(*(replica.client.close() for endpoint in self.endpoints.values()
                                for replica in endpoint.replicas), return_exceptions=True)

@@ -150,7 +150,8 @@ class Run:
                        for name in self.plan.endpoints)
 
     async def _caption_all(self, first: str, walk: AsyncIterator[str]) -> None:
-        progress = Progress(self.tally, self.options.progress, tags=self.stages.tag_provider is not None)
+        progress = Progress(self.tally, self.options.progress, tags=self.stages.tag_provider is not None,
+                            in_flight=self.stages.llm.in_flight)
         count = self._workers()
         queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
