@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tagcaption import DATA_DIR
 from tagcaption.config_checks import check_config
+from tagcaption.config_errors import in_user_words, yaml_problem
 from tagcaption.errors import ConfigError
 from tagcaption.remember import recall
 from tagcaption.sinks import register_secret
@@ -215,14 +216,18 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
     try:
         user = OmegaConf.load(path)
     except Exception as exc:
-        raise ConfigError(f"cannot read config file {path}: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"cannot read config file {path}: {yaml_problem(exc)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (for example interpreter.model=mistral-7b)")
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides: {_first_line(exc)}") from None
+    cli = OmegaConf.create()
+    for item in overrides:
+        try:
+            cli = OmegaConf.merge(cli, OmegaConf.from_dotlist([item]))
+        except Exception as exc:  # YAML's or OmegaConf's own parser: either way the same one line
+            problem = getattr(exc, "problem", None) or yaml_problem(exc)
+            raise ConfigError(f"cannot read the override {item}: {problem} (lists are written "
+                              "[a,b], text with spaces or commas in quotes)") from None
     _paths_from_here(cli)
 
     for source in (user, cli):
@@ -234,8 +239,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
         merged.config_dir = str(path.resolve().parent)
         config: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key {key}: {_first_line(exc.msg if hasattr(exc, 'msg') else exc)}") from None
+        raise ConfigError(in_user_words(exc, Config)) from None
 
     if images_dir is not None:
         config.images_dir = str(Path(images_dir).resolve())
@@ -319,17 +323,3 @@ def _check_keys(data: object, schema: type, prefix: str) -> None:
 def _suggest(key: str, known, prefix: str) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """What a YAML error found and where ("found duplicate key interpreter (line 3, column 1)"),
-    not the first line of its message, which only says what the parser was doing."""
-    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
-    if not problem:
-        return _first_line(exc)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
-
-
-def _first_line(value: object) -> str:
-    text = str(value).strip()
-    return text.splitlines()[0] if text else type(value).__name__

@@ -13,7 +13,9 @@ import sys
 import termios
 import time
 
-from conftest import ROOT, make_dataset, write_config
+import pytest
+
+from conftest import ROOT, make_dataset, run_caption, write_config
 from fake_servers import Text
 
 
@@ -92,3 +94,16 @@ def test_repeated_warnings_become_one_line_with_a_count(tmp_path, llm_server, da
     assert result.stderr.count("has no summary") == 3
     assert "warning: 10 tags have no summary" in result.stderr and "3 shown above; also" in result.stderr
     assert "1 request," not in result.stdout and "10 Danbooru requests" not in result.stdout
+
+
+@pytest.mark.parametrize("override, line", [
+    ("output.formats=jsonl", "error: output.formats: expected a list such as [txt,jsonl], got 'jsonl'"),
+    ("tags.exclude=[a,b", "error: cannot read the override tags.exclude=[a,b: did not find expected ',' or ']'"),
+    ("endpoints.default.timeout=soon", "error: endpoints.default.timeout: expected a number, got 'soon'"),
+    ("output.overwrite=maybe", "error: output.overwrite: expected true or false, got 'maybe'"),
+    ("interrogator.prompts=hello", "error: interrogator.prompts: expected a list such as"),
+])
+def test_config_errors_are_one_line_in_the_users_words(tmp_path, override, line, capsys):
+    make_dataset(tmp_path / "images", {"a.png": "cat"})
+    code, _, err = run_caption([str(tmp_path / "images"), override], capsys)
+    assert code == 2 and err.strip().startswith(line) and len(err.strip().splitlines()) == 1, err
