@@ -231,7 +231,9 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
     _paths_from_here(cli)
 
     for source in (user, cli):
-        _check_keys(OmegaConf.to_container(source, resolve=False) if source is not None else {}, Config, "")
+        raw = OmegaConf.to_container(source, resolve=False) if source is not None else {}
+        _register_raw_keys(raw)
+        _check_keys(raw, Config, "")
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
@@ -279,6 +281,16 @@ def _register_keys(merged) -> None:
                             login=str(OmegaConf.select(merged, f"{section}.login", default="") or ""))
         except OmegaConfBaseException:  # an interpolation that does not resolve: reported below
             continue
+
+
+def _register_raw_keys(raw: object) -> None:
+    """API keys written as they are (not `${oc.env:…}`), known before anything is checked."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key == "api_key" and isinstance(value, str) and "${" not in value:
+                register_secret(value)
+            else:
+                _register_raw_keys(value)
 
 
 def _dotted(source) -> set:
