@@ -76,6 +76,11 @@ def _check_tag_provider(config: Config) -> None:
         raise ConfigError(f"tag_provider.source must be {_either(TAG_SOURCES)} (got {settings.source!r})")
     if settings.danbooru_rate <= 0 or settings.danbooru_batch_size < 1:
         raise ConfigError("tag_provider.danbooru_rate and danbooru_batch_size must be positive")
+    if settings.outage_minutes < 0:
+        raise ConfigError("tag_provider.outage_minutes must be at least 0 (0: never remember an outage)")
+    if settings.dump_dir and settings.source != "file":
+        raise ConfigError(f"tag_provider.dump_dir is set but tag_provider.source is {settings.source!r}: "
+                          "set tag_provider.source: file to read the dump")
 
 
 def _check_tags(config: Config) -> None:
