@@ -40,6 +40,9 @@ TABLES: Dict[str, Tuple[str, ...]] = {
 }
 """Each table's columns that are read (Danbooru's names); the first two of each are required
 (`name` alone for tags)."""
+OTHER_TABLES = ("tag_groups", "tag_versions", "wiki_page_versions", "artists", "artist_urls", "artist_versions",
+                "artist_commentaries", "posts", "pools", "notes", "comments", "users", "favorites")
+"""Danbooru's other tables, which dumps ship too (`tag_groups` has titles and bodies): never read."""
 FORMATS = ("parquet", "ndjson", "jsonl", "json", "csv")
 """Also the order of preference when one table comes in several formats."""
 SEARCH_DEPTH = 3
@@ -56,10 +59,10 @@ def data_format(path: Path) -> Optional[str]:
     return extension if extension in FORMATS else None
 
 
-def _table_named(base: str) -> Optional[str]:
+def _table_named(base: str, tables=TABLES) -> Optional[str]:
     """`wiki_pages`, `wiki_pages-000000000000`, `tags-2024-04-07` → the table; `tag_groups` → None."""
     base = base.lower()
-    for table in sorted(TABLES, key=len, reverse=True):
+    for table in sorted(tables, key=len, reverse=True):
         rest = base[len(table):]
         if base.startswith(table) and (not rest or (rest[0] in "-_." and rest[1:2].isdigit())):
             return table
@@ -72,7 +75,9 @@ def _table_of(path: Path, folder: Path) -> Optional[str]:
     parent = path.parent
     while table is None and parent != folder and folder in parent.parents:
         table, parent = _table_named(parent.name), parent.parent
-    return table or _table_by_columns(path)
+    if table is None and not _table_named(stem, OTHER_TABLES):
+        table = _table_by_columns(path)
+    return table
 
 
 def _table_by_columns(path: Path) -> Optional[str]:
