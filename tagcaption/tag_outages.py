@@ -38,8 +38,8 @@ class SourceWatch:
         outage = cache.outage(self.url) if self.url and not refresh else None
         if outage:
             since, until = (time.strftime("%H:%M", time.localtime(outage[key])) for key in ("since", "until"))
-            self.down = (f"{self.describe} did not answer at {since} ({outage['reason']}); it is not asked again "
-                         f"until {until} (tag_provider.outage_minutes; --refresh-tags asks anyway)")
+            self.down = (f"{self.describe} {outage['reason']} at {since}; it is not asked again until {until} "
+                         "(tag_provider.outage_minutes; --refresh-tags asks anyway)")
             self._brief = f"{self.describe} did not answer at {since}, not asked until {until}"
 
     def give_up(self, exc: SourceUnreachable, cache: TagCache) -> None:
