@@ -162,10 +162,21 @@ def _parquet_rows(path: Path, columns: Sequence[str], key: str) -> Iterator[tupl
     table_file = _parquet(path, key).ParquetFile(path)
     present = [name for name in columns if name in table_file.schema_arrow.names]
     _require(columns, present, path)
-    for batch in table_file.iter_batches(columns=present, batch_size=65536):
-        values = {name: batch.column(name).to_pylist() for name in present}
+    for batch in table_file.iter_batches(columns=present, batch_size=8192):
+        values = {name: _python(batch.column(name), name) for name in present}
         empty = [None] * batch.num_rows
         yield from zip(*(values.get(name, empty) for name in columns))
+
+
+def _python(column, name: str) -> list:
+    """A parquet column as Python values; `body` as the UTF-8 bytes the file holds, which is
+    how FileSource keeps it (no string of each page is made and dropped)."""
+    import pyarrow
+
+    large = pyarrow.types.is_large_string(column.type)
+    if name == "body" and (large or pyarrow.types.is_string(column.type)):
+        return column.cast(pyarrow.large_binary() if large else pyarrow.binary()).to_pylist()
+    return column.to_pylist()
 
 
 def _csv_rows(path: Path, columns: Sequence[str], key: str) -> Iterator[tuple]:

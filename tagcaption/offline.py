@@ -1,10 +1,11 @@
 """`tag_provider.source: file`: tag knowledge from a local dump (see dumps.py), held in memory.
 
 The dump is read once, when the run starts, into plain dictionaries holding only what
-captions use: a page's body, its other names and (in wiki-only dumps) its category; a tag's
-category and post count packed into one integer (Danbooru has over a million tags, and one
-int per tag is half the memory of a tuple); active aliases; active implications. A lookup
-costs no request.
+captions use: a page's body (as UTF-8 bytes: one Japanese name makes a Python string of the
+whole body two or four bytes a character), its other names and (in wiki-only dumps) its
+category; a tag's category and post count packed into one integer (Danbooru has over a
+million tags, and one int per tag is half the memory of a tuple); active aliases; active
+implications. A lookup costs no request.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class FileSource(TagSource):
     def __init__(self, config: Config):
         files, keys = _table_files(config)
         started = time.monotonic()
-        self.pages: Dict[str, str] = {}
+        self.pages: Dict[str, bytes] = {}
         self.other_names: Dict[str, Tuple[str, ...]] = {}
         self.page_categories: Dict[str, str] = {}
         self.tags: Dict[str, int] = {}
@@ -80,10 +81,11 @@ class FileSource(TagSource):
 
     def _read_pages(self, path: Path, key: str) -> None:
         for title, body, other_names, is_deleted, category in read_rows(path, TABLES["wiki_pages"], key):
-            if not isinstance(title, str) or not isinstance(body, str) or not body.strip() or truthy(is_deleted):
+            if not isinstance(title, str) or not isinstance(body, (str, bytes)) or not body.strip() \
+                    or truthy(is_deleted):
                 continue
             title = normalize_title(title)
-            self.pages[title] = body
+            self.pages[title] = body.encode("utf-8") if isinstance(body, str) else body
             names = name_list(other_names)
             if names:
                 self.other_names[title] = tuple(names)
@@ -105,7 +107,8 @@ class FileSource(TagSource):
         category, post_count = _unpack(packed) if packed is not None else (None, None)
         body = self.pages.get(canonical)
         known = packed is not None or body is not None or alias_of is not None or canonical in self.parents
-        return TagInfo(name, category or self.page_categories.get(canonical), post_count, body, alias_of, known,
+        return TagInfo(name, category or self.page_categories.get(canonical), post_count,
+                       body.decode("utf-8") if body is not None else None, alias_of, known,
                        list(self.other_names.get(canonical, ())))
 
     async def lookup(self, names: List[str]) -> Dict[str, TagInfo]:
