@@ -18,7 +18,6 @@ import csv
 import gzip
 import io
 import json
-import logging
 import os
 import re
 import sys
@@ -29,8 +28,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tagcaption.errors import ConfigError
-
-log = logging.getLogger("caption")
 
 TABLES: Dict[str, Tuple[str, ...]] = {
     "wiki_pages": ("title", "body", "other_names", "is_deleted", "category"),

@@ -198,3 +198,26 @@ def test_the_shipped_templates_name_characters_series_and_artists(tmp_path, llm_
     assert code == 0, out
     prompt = next(user_text(r) for r in llm_server.chat_requests if "Named in the tags" in user_text(r))
     assert "Characters: Kaga (Kantai Collection)\nSeries: Kantai Collection\nArtists: WLOP\n" in prompt
+
+
+def test_tags_and_description_keeps_the_images_own_tags(tmp_path, llm_server, danbooru, capsys):
+    hair_danbooru(danbooru)
+    danbooru.aliases = {"kitty": "smile"}
+    llm_server.responder = lambda request: Text("Means it." if 'Tag: "' in user_text(request) else "A description.")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "very_long_hair, long_hair, kitty"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          interpreter={"style": "tags_and_description"})
+    assert run_caption([str(images), "--config", str(config)], capsys)[0] == 0
+    assert (images / "a.txt").read_text() == "very_long_hair, long_hair, kitty, A description."
+    prompt = next(user_text(r) for r in llm_server.chat_requests if "very long hair" in user_text(r)
+                  and 'Tag: "' not in user_text(r))
+    assert "long hair," not in prompt.replace("very long hair", "") and "smile" in prompt
+
+
+def test_a_negative_outage_time_is_refused(tmp_path, llm_server, danbooru, template, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"outage_minutes": -1})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2 and "tag_provider.outage_minutes must be at least 0" in err
