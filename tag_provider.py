@@ -186,12 +186,12 @@ class TagProvider:
         """Follow `tag` → `target` unless the target leads back (a cycle in damaged data would
         have each await the other)."""
         step = target
-        while step in self._redirects:
+        while step != tag and step in self._redirects:
             step = self._redirects[step]
-            if step == tag:
-                return False
+        if step == tag:
+            return False
         self._redirects[tag] = target
-        return target != tag
+        return True
 
     async def _as_alias(self, tag: str, target: str, given: Optional[TagInfo] = None) -> TagKnowledge:
         if tag in self._in_company:

@@ -17,6 +17,7 @@ import ast
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -191,19 +192,19 @@ def _json_rows(path: Path, columns: Sequence[str], key: str) -> Iterator[tuple]:
         start = handle.read(1)
         while start.isspace():
             start = handle.read(1)
-        if start == "[":
-            rows = json.loads(start + handle.read())
-        else:
-            rows = (json.loads(line) for line in _lines(start, handle) if line.strip())
+        rows = json.loads(start + handle.read()) if start == "[" else _json_lines(start, handle)
         for row in rows:
             if isinstance(row, dict):
                 yield tuple(row.get(name) for name in columns)
 
 
-def _lines(start: str, handle: io.TextIOBase) -> Iterator[str]:
-    first = start + handle.readline()
-    yield first
-    yield from handle
+def _json_lines(start: str, handle: io.TextIOBase) -> Iterator[object]:
+    for number, line in enumerate(itertools.chain([start + handle.readline()], handle), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number} is not JSON ({exc})") from None
 
 
 def _require(columns: Sequence[str], present: Sequence[str], path: Path) -> None:

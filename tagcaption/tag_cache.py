@@ -236,15 +236,12 @@ class TagCache:
         return entries, outages
 
     async def close(self) -> None:
-        for _ in range(2):  # a flush in progress may set a new timer as it ends
+        while self._timer is not None or self._flushing is not None:  # a flush ending may set a timer
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             if self._flushing is not None:
                 await self._flushing
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         await self.flush()
 
 

@@ -192,3 +192,26 @@ def test_a_dump_that_cannot_be_used_is_a_setup_error(tmp_path, llm_server, danbo
     code, _, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 2 and expected in err, err
     assert danbooru.requests == []
+
+
+@pytest.mark.timeout(30)
+def test_aliases_in_a_cycle_neither_hang_nor_loop(tmp_path, llm_server, danbooru, template, capsys):
+    write_table(tmp_path / "dump" / "wiki_pages.ndjson", [{"title": "cat", "body": "A cat."},
+                                                         {"title": "kitty", "body": "A kitten."}])
+    write_table(tmp_path / "dump" / "tag_aliases.ndjson", [
+        {"antecedent_name": "cat", "consequent_name": "kitty", "status": "active"},
+        {"antecedent_name": "kitty", "consequent_name": "cat", "status": "active"},
+        {"antecedent_name": "self", "consequent_name": "self", "status": "active"}])
+    prompt, _, _ = offline_run(tmp_path, llm_server, danbooru, template, capsys, "cat, kitty, self", dump_dir="dump")
+    assert prompt.startswith("TAGS<") and "self" in prompt
+
+
+def test_a_broken_ndjson_line_is_named(tmp_path, llm_server, danbooru, capsys):
+    (tmp_path / "dump").mkdir()
+    (tmp_path / "dump" / "wiki_pages.ndjson").write_text('{"title": "cat", "body": "A cat."}\n{"title": "do\n')
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          tag_provider={"source": "file", "dump_dir": "dump"})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2 and "wiki_pages.ndjson: line 2 is not JSON" in err, err
