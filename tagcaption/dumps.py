@@ -157,7 +157,13 @@ def read_rows(path: Path, columns: Sequence[str], key: str) -> Iterator[tuple]:
 
 
 def _parquet_rows(path: Path, columns: Sequence[str], key: str) -> Iterator[tuple]:
-    table_file = _parquet(path, key).ParquetFile(path)
+    parquet = _parquet(path, key)
+    if path.name.lower().endswith(".gz"):  # parquet compresses itself, but a gzipped copy is read too
+        import pyarrow
+
+        table_file = parquet.ParquetFile(pyarrow.BufferReader(gzip.decompress(path.read_bytes())))
+    else:
+        table_file = parquet.ParquetFile(path)
     present = [name for name in columns if name in table_file.schema_arrow.names]
     _require(columns, present, path)
     for batch in table_file.iter_batches(columns=present, batch_size=8192):

@@ -49,7 +49,9 @@ def write_table(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.removesuffix(".gz")
     if name.endswith(".parquet"):
-        parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        buffer = io.BytesIO()
+        parquet.write_table(pyarrow.Table.from_pylist(rows), buffer)
+        path.write_bytes(gzip.compress(buffer.getvalue()) if path.name.endswith(".gz") else buffer.getvalue())
         return path
     if name.endswith(".csv"):
         buffer = io.StringIO()
@@ -103,7 +105,7 @@ def assert_offline_knowledge(prompt: str, llm_server) -> None:
     assert "A feline, small." in cat
 
 
-@pytest.mark.parametrize("extension", ["parquet", "csv", "csv.gz", "ndjson.gz", "jsonl", "json"])
+@pytest.mark.parametrize("extension", ["parquet", "parquet.gz", "csv", "csv.gz", "ndjson.gz", "jsonl", "json"])
 def test_a_dump_folder_in_each_format(tmp_path, llm_server, danbooru, template, capsys, extension):
     dump = tmp_path / "danbooru_wikis_full"
     for table, rows in TABLES.items():
