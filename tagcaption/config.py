@@ -81,6 +81,10 @@ class TagProviderConfig(StageConfig):
     danbooru_retries: int = 3
     wiki_dump: Optional[str] = None
     tags_dump: Optional[str] = None
+    dump_dir: Optional[str] = None
+    """A folder of Danbooru's tables as downloaded (wiki_pages, tags, tag_aliases, tag_implications)."""
+    outage_minutes: float = 10.0
+    """A Danbooru that did not answer is not asked again for this long (in later runs too)."""
     cache_file: str = "tags_cache.json"
     negative_ttl_days: float = 30.0
     system_prompt: str = ""
@@ -96,6 +100,11 @@ class TagsConfig:
     combine: str = "first"
     exclude: List[str] = field(default_factory=list)
     exclude_categories: List[str] = field(default_factory=lambda: ["meta"])
+    resolve_aliases: bool = True
+    """An aliased tag (`kitty`) reaches summaries and prompts as its target (`cat`)."""
+    prune_implied: bool = True
+    """A tag implied by a more specific one of the image (`long_hair` by `very_long_hair`) is left
+    out of the prompt's tag variables (not out of `{booru_tags}`)."""
 
 
 @dataclass

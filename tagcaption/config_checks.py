@@ -25,7 +25,7 @@ RANGES: Dict[str, Dict[str, Tuple[Union[str, float], Optional[float]]]] = {
     "tag_provider": {"danbooru_rate": (ABOVE_ZERO, None), "danbooru_batch_size": (1, 1000),
                      "danbooru_concurrency": (1, 64), "danbooru_timeout": (ABOVE_ZERO, None),
                      "danbooru_retries": (0, 1000), "negative_ttl_days": (0, None), "wiki_max_chars": (0, None),
-                     "min_post_count": (0, None)},
+                     "min_post_count": (0, None), "outage_minutes": (0, None)},
     "guards": {"max_attempts": (1, 20), "repeat_limit": (2, None), "max_other_script": (0, 1)},
     "interrogator": {"jpeg_quality": (1, 100), "max_image_size": (0, None)},
     "postprocess": {"max_words": (1, None)},
@@ -89,6 +89,9 @@ def _check_tag_provider(config: Config) -> None:
     if settings.source not in TAG_SOURCES:
         raise ConfigError(f"tag_provider.source must be {_either(TAG_SOURCES)} (got {settings.source!r})")
     _check_ranges(settings, "tag_provider", "tag_provider")
+    if settings.dump_dir and settings.source != "file":
+        raise ConfigError(f"tag_provider.dump_dir is set but tag_provider.source is {settings.source!r}: "
+                          "set tag_provider.source: file to read the dump")
 
 
 def _check_tags(config: Config) -> None:

@@ -12,7 +12,10 @@ _LITERAL_BLOCKS = re.compile(
     re.DOTALL | re.IGNORECASE | re.MULTILINE)
 _WIKI_LINK = re.compile(r"\[\[([^\]|]+?)(?:\|([^\]]*))?\]\]")
 _POST_SEARCH = re.compile(r"\{\{([^}|]+?)(?:\|([^}]*))?\}\}")
-_QUOTED_LINK = re.compile(r'"([^"\n]+)":(?:\[[^\]\s]+\]|[a-z]+://[^\s<>"]*[^\s<>".,;:!?)\]])', re.IGNORECASE)
+_QUOTED_LINK = re.compile(r'"([^"\n]+)":(?:\[[^\]\s]+\]|(?:[a-z]+://|[/#])[^\s<>"]*[^\s<>".,;:!?)\]])',
+                          re.IGNORECASE)
+"""`"label":[target]`, `"label":https://…` and the relative `"label":/posts?tags=x` or `"label":#anchor`:
+the label is what the reader sees; a trailing full stop or comma stays in the sentence."""
 _MARKDOWN_LINK = re.compile(r"\[([^\]\n]+)\]\((?:[a-z]+://|/)[^)\s]*\)", re.IGNORECASE)
 _URL_TAG = re.compile(r"\[url=[^\]]*\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
 _BARE_URL_TAG = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple
 
+from tagcaption.tag_names import NAMED_CATEGORIES, display_name
 from tagcaption.tagfiles import display_tag
 from tagcaption.vocabulary import CATEGORIES, GENERAL, RATINGS
 
@@ -43,13 +44,19 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
     Placeholder("tag", "the tag being summarised, with spaces for underscores", (TAG_SUMMARY,)),
     Placeholder("wiki", "the tag's wiki page as plain text, without link lists and see-also sections",
                 (TAG_SUMMARY,)),
-    Placeholder("tags", "the image's tags after exclusions, with spaces for underscores", _IMAGE_PROMPTS),
-    Placeholder("booru_tags", "the same tags as written on Danbooru (`long_hair`)", _IMAGE_PROMPTS),
+    Placeholder("tags", "the image's tags after exclusions, with spaces for underscores, aliases as their "
+                "target (`tags.resolve_aliases`) and without tags a more specific one implies "
+                "(`tags.prune_implied`)", _IMAGE_PROMPTS),
+    Placeholder("booru_tags", "the image's own tags after exclusions, as written on Danbooru (`long_hair`)",
+                _IMAGE_PROMPTS),
     Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary", _IMAGE_PROMPTS),
     Placeholder("rating", "the image's rating as a word (general, sensitive, questionable, explicit)",
                 _IMAGE_PROMPTS),
     *(Placeholder(f"{category}_tags", f"the kept tags of the {category} category", _IMAGE_PROMPTS)
       for category in CATEGORIES),
+    *(Placeholder(f"{category}_names", f"the kept {category} tags as names (`Hatsune Miku`, "
+                  "`Kaga (Kantai Collection)`), spelled as their wiki page writes them where it does", _IMAGE_PROMPTS)
+      for category in NAMED_CATEGORIES),
     Placeholder("filename", "the image's file name", _IMAGE_PROMPTS),
     Placeholder("folder", "the image's folder inside the images folder (`.` at its top)", _IMAGE_PROMPTS),
     Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source (also added after the "
@@ -65,7 +72,8 @@ def allowed(prompt: str) -> Tuple[str, ...]:
     return tuple(name for name, entry in PLACEHOLDERS.items() if prompt in entry.prompts)
 
 
-TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)
+TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES) \
+    + tuple(f"{name}_names" for name in NAMED_CATEGORIES)
 """The values made from an image's tags (`tag_variables`)."""
 SUMMARY_PLACEHOLDERS = allowed(TAG_SUMMARY)
 INTERROGATOR_PLACEHOLDERS = allowed(INTERROGATOR_PROMPTS)
@@ -87,22 +95,42 @@ def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], cate
                   rating: Optional[str], tag_filter: "TagFilter") -> Dict[str, str]:
     """The template variables made from an image's tags, after exclusions.
 
-    `categories` are those the image's sidecar gives (they win over the source's)."""
-    kept: List[tuple] = []
+    `categories` are those the image's sidecar gives (they win over the source's). An alias
+    resolved by the tag provider appears as its target, once; `{booru_tags}` keeps the image's
+    own tags, as its tags file has them."""
+    own: List[str] = []
+    kept: Dict[str, Tuple[str, Optional["TagKnowledge"]]] = {}
     for tag in tags:
         info = knowledge.get(tag)
+        name = info.alias_of if info is not None and info.alias_of else tag
         category = categories.get(tag) or (info.category if info else None) or GENERAL
-        if not tag_filter.excluded(tag, category, info):
-            kept.append((tag, category, info.summary if info else None))
+        if tag_filter.excluded(tag, category, info) or (name != tag and tag_filter.excluded_by_name(name)):
+            continue
+        own.append(tag)
+        kept.setdefault(name, (category, info))
+    if tag_filter.prune_implied:
+        kept = _without_implied(kept)
     values = {
-        "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
-        "booru_tags": ", ".join(tag for tag, _, _ in kept),
-        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
+        "tags": ", ".join(display_tag(name) for name in kept),
+        "booru_tags": ", ".join(own),
+        "tag_descriptions": "\n".join(f"{display_tag(name)}: {info.summary}" for name, (_, info) in kept.items()
+                                      if info and info.summary),
         "rating": rating_word(rating),
     }
-    for name in CATEGORIES:
-        values[f"{name}_tags"] = ", ".join(display_tag(tag) for tag, category, _ in kept if category == name)
+    for category in CATEGORIES:
+        values[f"{category}_tags"] = ", ".join(display_tag(name) for name, (kind, _) in kept.items() if kind == category)
+    for category in NAMED_CATEGORIES:
+        values[f"{category}_names"] = ", ".join(display_name(name, info.spelling if info else None)
+                                                for name, (kind, info) in kept.items() if kind == category)
     return values
+
+
+def _without_implied(kept: Dict[str, tuple]) -> Dict[str, tuple]:
+    """Leave out each tag that another kept tag of the same category implies (`long_hair` beside
+    `very_long_hair`); a series implied by a character stays, as the name a caption should say."""
+    implied = {parent for name, (category, info) in kept.items() if info is not None
+               for parent in info.implies or () if parent != name and parent in kept and kept[parent][0] == category}
+    return {name: value for name, value in kept.items() if name not in implied}
 
 
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],

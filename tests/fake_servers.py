@@ -315,16 +315,23 @@ class FakeOpenAIServer(FakeServer):
 
 NOT_FOUND = {"success": False, "error": "ActiveRecord::RecordNotFound", "message": "That record was not found.",
              "backtrace": []}
+CHALLENGE = (403, "<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>Enable JavaScript and "
+             "cookies to continue</body></html>", "text/html; charset=UTF-8", {"cf-mitigated": "challenge"})
+"""What Cloudflare in front of Danbooru answers a challenged client (an `override` result)."""
 
 
 class FakeDanbooru(FakeServer):
     """`/tags.json` (with the wiki page nested through `only=`), `/tag_aliases.json`,
-    `/wiki_pages.json` and `/wiki_pages/<title>.json`, like danbooru.donmai.us.
+    `/tag_implications.json`, `/wiki_pages.json` and `/wiki_pages/<title>.json`, like
+    danbooru.donmai.us.
 
     `wiki` maps a title to its DText body; `tags` maps a name to its `category` and
     `post_count` (a tag with a wiki page exists as a general tag unless given here);
-    `aliases` maps an antecedent to its consequent; `deleted` holds deleted page titles.
-    `override(path) -> (status, body, content_type[, headers]) | None` injects faults.
+    `aliases` maps an antecedent to its consequent, `implications` an antecedent to its
+    consequents (active ones); `other_names` a title to its page's other names; `deleted`
+    holds deleted page titles. `override(path) -> (status, body, content_type[, headers]) | None`
+    injects faults (`CHALLENGE`: Cloudflare's); `silent = True` makes it accept requests and
+    never answer them.
     """
 
     def __init__(self, wiki: Optional[Dict[str, str]] = None, tags: Optional[Dict[str, dict]] = None):
@@ -333,7 +340,15 @@ class FakeDanbooru(FakeServer):
         self.deleted: set = set()
         self.tags = dict(tags or {})
         self.aliases: Dict[str, str] = {}
+        self.implications: Dict[str, List[str]] = {}
+        self.other_names: Dict[str, List[str]] = {}
         self.override: Callable[[str], Optional[tuple]] = lambda path: None
+        self.silent = False
+        self._released = threading.Event()
+
+    def stop(self) -> None:
+        self._released.set()
+        super().stop()
 
     def api_requests(self) -> List[Recorded]:
         return [r for r in self.requests if r.path.endswith(".json")]
@@ -346,8 +361,14 @@ class FakeDanbooru(FakeServer):
                 names += (r.query.get("search[name_comma]") or r.query.get("search[name]") or [""])[0].split(",")
         return names
 
+    def asked(self, path: str) -> List[List[str]]:
+        """The names of each request to `path` (`/tag_implications.json`…), by antecedent or name."""
+        return [(r.query.get("search[antecedent_name_comma]") or r.query.get("search[name_comma]") or [""])[0]
+                .split(",") for r in self.requests if r.path == path]
+
     def _page(self, title: str) -> dict:
-        return {"id": abs(hash(title)) % 100000, "title": title, "body": self.wiki[title], "other_names": [],
+        return {"id": abs(hash(title)) % 100000, "title": title, "body": self.wiki[title],
+                "other_names": list(self.other_names.get(title, [])),
                 "is_locked": False, "is_deleted": title in self.deleted,
                 "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
 
@@ -369,7 +390,21 @@ class FakeDanbooru(FakeServer):
                     row["wiki_page"] = {k: v for k, v in row["wiki_page"].items() if k in keep}
         return row
 
+    def _relations(self, first: dict, table: Dict[str, object]) -> list:
+        names = first.get("search[antecedent_name_comma]", "").split(",")
+        status = first.get("search[status]")
+        rows = []
+        for name in names:
+            found = table.get(name, [])
+            for consequent in ([found] if isinstance(found, str) else found):
+                rows.append({"id": len(rows), "antecedent_name": name, "consequent_name": consequent,
+                             "status": "active"})
+        return [row for row in rows if status in (None, row["status"])]
+
     def handle(self, handler, method, path, query, body) -> None:
+        if self.silent:
+            self._released.wait()
+            return
         injected = self.override(path)
         if injected:
             status, payload, content_type, *headers = injected
@@ -391,8 +426,8 @@ class FakeDanbooru(FakeServer):
             known = [name for name in names if name in self.tags or name in self.wiki or name in self.aliases]
             handler.send_body(200, [self._tag(index, name, only) for index, name in enumerate(known)])
         elif path == "/tag_aliases.json":
-            names = first.get("search[antecedent_name_comma]", "").split(",")
-            handler.send_body(200, [{"id": index, "antecedent_name": name, "consequent_name": self.aliases[name],
-                                     "status": "active"} for index, name in enumerate(names) if name in self.aliases])
+            handler.send_body(200, self._relations(first, self.aliases))
+        elif path == "/tag_implications.json":
+            handler.send_body(200, self._relations(first, self.implications))
         else:
             handler.send_body(404, NOT_FOUND)

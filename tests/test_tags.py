@@ -71,7 +71,8 @@ def test_distinct_tags_cost_batched_requests_and_a_rerun_costs_none(tmp_path, ll
     assert len(summary_requests(llm_server)) == len(used)
 
 
-def test_aliases_deleted_pages_categories_and_exclusions(tmp_path, llm_server, danbooru, template, capsys):
+@pytest.mark.parametrize("resolve", [True, False])
+def test_aliases_deleted_pages_categories_and_exclusions(tmp_path, llm_server, danbooru, template, capsys, resolve):
     danbooru.wiki = {"cat": "A [[feline]].", "absurdres": "Very large image.", "hatsune_miku": "A vocaloid.",
                      "vocaloid": "Singing software.", "gone": "Deleted text.", "long_hair": "Long hair."}
     danbooru.deleted = {"gone"}
@@ -82,22 +83,26 @@ def test_aliases_deleted_pages_categories_and_exclusions(tmp_path, llm_server, d
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "kitty, absurdres, hatsune miku, vocaloid, gone, kei_(artist), rare thing, "
                                    "my_trigger, long_hair, watermark_text"})
-    config = config_for(tmp_path, llm_server, danbooru, template,
-                        tags={"exclude": ["watermark*"]}, tag_provider={"min_post_count": 3})
+    config = config_for(tmp_path, llm_server, danbooru, template, tags={"exclude": ["watermark*"],
+                                                                        "resolve_aliases": resolve},
+                        tag_provider={"min_post_count": 3})
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0, out
     prompt = caption_prompts(llm_server)[0]
-    assert "TAGS<kitty, hatsune miku, vocaloid, gone, kei (artist), my trigger, long hair>" in prompt
-    assert "GENERAL<kitty, gone, my trigger, long hair>" in prompt
+    shown = "cat" if resolve else "kitty"  # resolved, the alias is its target: summarised once, as itself
+    assert f"TAGS<{shown}, hatsune miku, vocaloid, gone, kei (artist), my trigger, long hair>" in prompt
+    assert f"GENERAL<{shown}, gone, my trigger, long hair>" in prompt
     assert "CHARACTER<hatsune miku>" in prompt and "COPYRIGHT<vocaloid>" in prompt
     assert "ARTIST<kei (artist)>" in prompt and "META<>" in prompt
-    assert "kitty: Means kitty." in prompt  # the alias is summarised from its target's page
-    assert sorted(summary_requests(llm_server)) == ["hatsune miku", "kitty", "long hair", "vocaloid"]
-    kitty = next(user_text(r) for r in llm_server.chat_requests if 'Tag: "kitty"' in user_text(r))
-    assert "A feline." in kitty
+    assert f"{shown}: Means {shown}." in prompt
+    assert sorted(summary_requests(llm_server)) == sorted(["hatsune miku", shown, "long hair", "vocaloid"])
+    summarised = next(user_text(r) for r in llm_server.chat_requests if f'Tag: "{shown}"' in user_text(r))
+    assert "A feline." in summarised
     assert "watermark_text" not in danbooru.looked_up()
+    assert (images / "a.tags.txt").read_text().startswith("kitty, absurdres")  # the tags file is never changed
     cache = json.loads((tmp_path / "tags_cache.json").read_text())["tags"]
     assert cache["kitty"]["alias_of"] == "cat" and cache["gone"]["summary"] is None
+    assert (cache["kitty"].get("summary") is None) is resolve and ("cat" in cache) is resolve
     assert cache["absurdres"]["category"] == "meta" and cache["absurdres"]["summary"] is None
     assert cache["my_trigger"]["known"] is False
 
@@ -162,8 +167,8 @@ def test_rate_limit_429_then_success_and_request_pacing(tmp_path, llm_server, da
 
 @pytest.mark.parametrize("status, body, content_type, expected", [
     (403, "<!DOCTYPE html><html><title>Just a moment...</title></html>", "text/html",
-     "refused access (HTTP 403 with an HTML page; likely Cloudflare"),
-    (200, "<html>maintenance</html>", "text/html", "answered HTTP 200 with an HTML page"),
+     "answered HTTP 403 with an HTML page instead of its API (a Cloudflare challenge"),
+    (200, "<html>maintenance</html>", "text/html", "answered HTTP 200 with an HTML page instead of its API"),
     (200, "{not json", "application/json", "sent malformed JSON"),
 ])
 def test_danbooru_faults_are_one_clear_line_and_captions_go_on(tmp_path, llm_server, danbooru, template, capsys,
