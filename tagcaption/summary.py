@@ -10,7 +10,8 @@ from tagcaption.vocabulary import STAGES
 TAG_COUNTS = (("summarised", "{} summarised"), ("cached", "{} cached"), ("no_wiki", "{} without wiki"),
               ("resummarised", "{} summarised again (model or template changed)"), ("excluded", "{} excluded"),
               ("refused", "{} without summary (the model's replies tripped a guard)"),
-              ("lookup_failed", "{} not looked up (lookup error)"), ("failed", "{} failed"))
+              ("lookup_failed", "{} not looked up (lookup error)"), ("failed", "{} failed"),
+              ("aliased", "{} aliases resolved"))
 ALWAYS_SHOWN = ("summarised", "cached", "no_wiki")
 FAILURES_SHOWN = 20
 """Failures listed in the summary; all of them are in failures.jsonl."""

@@ -56,7 +56,9 @@ class Summariser:
                 self.tally.update("tags.failed")
                 raise
             self.tally.update("tags.refused")
-            log.warning("warning: tag '%s' has no summary: %s", tag, exc)
+            log.warning("warning: tag '%s' has no summary: %s", tag, exc, extra={
+                "group": "no_summary", "item": tag, "summary": "warning: {count} tags have no summary (the model's "
+                "replies tripped a guard; they are marked refused in the tag cache)"})
             return dict(entry, summary=None, refused=str(exc), model=self.settings.model, template=self.template_hash)
         self.tally.update("tags.resummarised" if again else "tags.summarised")
         return dict(entry, summary=summary, model=self.settings.model, template=self.template_hash,

@@ -8,7 +8,7 @@ progress bars and the exit code all read this one tally. Keys are dotted names:
   needing a caption), `.walked` (every image the walk passed), `.selected` (the count of
   names, once known)
 - `tags.found` (distinct tags of the run), `.resolved`, `.summarised`, `.resummarised`,
-  `.cached`, `.no_wiki`, `.excluded`, `.refused`, `.lookup_failed`, `.failed`
+  `.cached`, `.no_wiki`, `.excluded`, `.refused`, `.lookup_failed`, `.failed`, `.aliased`
 - `danbooru.requests`
 - `requests.<stage>`, `retries.<stage>`, `prompt_tokens.<stage>`, `completion_tokens.<stage>`
 - `guards.<guard>`: replies asked again because they tripped that guard

@@ -5,9 +5,11 @@ must be one the stage provides, and values are inserted literally: a tag or desc
 containing `{`, `}` or `{0.__class__}` can never be interpreted. `{{` and `}}` write
 literal braces. Problems are found when the template is loaded, before any request.
 
-No heading is sent with nothing under it: a paragraph (lines between blank lines) made
-only of a heading line ending with `:` and lines that are each one placeholder is left out
-when every one of those placeholders is empty. A paragraph holding any other text is kept.
+No heading is sent with nothing under it: in a paragraph (lines between blank lines) made
+only of a heading line ending with `:` and lines that are each one placeholder, alone or
+after a label (`Characters: {character_names}`), a line whose placeholder is empty is left
+out, and the whole paragraph when all of them are. A paragraph holding any other text is
+sent as written.
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 from tagcaption.errors import ConfigError, os_error_text
 
 Piece = Union[str, Tuple[str]]
 BLANK_LINES = re.compile(r"(\n[ \t]*(?:\n[ \t]*)+)")
-PLACEHOLDER_LINE = re.compile(r"[ \t]*\{([A-Za-z_]\w*)\}[ \t]*")
+PLACEHOLDER_LINE = re.compile(r"[ \t]*(?:[^{}:\n]+:[ \t]*)?\{([A-Za-z_]\w*)\}[ \t]*")
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,8 @@ class Paragraph:
     pieces: Tuple[Piece, ...]
     separator: str
     """The blank lines after it."""
-    optional: Optional[FrozenSet[str]]
-    """For a heading with placeholder lines under it: those placeholders (all empty: left out)."""
+    optional: Optional[Tuple[Tuple[Tuple[Piece, ...], str], ...]]
+    """For a heading with placeholder lines under it: each line's pieces and placeholder."""
 
 
 class Template:
@@ -41,7 +43,9 @@ class Template:
         self.paragraphs: List[Paragraph] = []
         for index in range(0, len(chunks), 2):
             body, separator = chunks[index], chunks[index + 1] if index + 1 < len(chunks) else ""
-            self.paragraphs.append(Paragraph(tuple(self._parse(body, allowed)), separator, _optional(body)))
+            lines = _optional(body)
+            optional = tuple((tuple(self._parse(line, allowed)), name) for line, name in lines) if lines else None
+            self.paragraphs.append(Paragraph(tuple(self._parse(body, allowed)), separator, optional))
 
     def _parse(self, text: str, allowed: set) -> List[Piece]:
         pieces: List[Piece] = []
@@ -79,24 +83,39 @@ class Template:
         out: List[str] = []
         dropped = False
         for paragraph in self.paragraphs:
-            if paragraph.optional and not any(str(values.get(name) or "").strip() for name in paragraph.optional):
-                dropped = True
-                continue
-            out += [piece if isinstance(piece, str) else str(values.get(piece[0], "")) for piece in paragraph.pieces]
+            pieces = paragraph.pieces
+            if paragraph.optional:
+                kept = [(line, name) for line, name in paragraph.optional[1:] if str(values.get(name) or "").strip()]
+                if not kept:
+                    dropped = True
+                    continue
+                dropped |= len(kept) < len(paragraph.optional) - 1
+                pieces = _joined([paragraph.optional[0][0]] + [line for line, _ in kept])
+            out += [piece if isinstance(piece, str) else str(values.get(piece[0], "")) for piece in pieces]
             out.append(paragraph.separator)
         text = "".join(out)
         return text.rstrip() if dropped else text
 
 
-def _optional(body: str) -> Optional[FrozenSet[str]]:
-    """The placeholders of a heading-and-placeholders paragraph, or None for any other."""
+def _joined(lines: List[Tuple[Piece, ...]]) -> List[Piece]:
+    pieces: List[Piece] = []
+    for index, line in enumerate(lines):
+        if index:
+            pieces.append("\n")
+        pieces += line
+    return pieces
+
+
+def _optional(body: str) -> Optional[List[Tuple[str, str]]]:
+    """For a heading-and-placeholders paragraph, its lines with each one's placeholder (the
+    heading's is ""); None for any other paragraph."""
     lines = body.strip("\n").split("\n")
     if len(lines) < 2 or not lines[0].rstrip().endswith(":") or "{" in lines[0].replace("{{", ""):
         return None
-    names = []
+    found = [(lines[0], "")]
     for line in lines[1:]:
         match = PLACEHOLDER_LINE.fullmatch(line)
         if not match:
             return None
-        names.append(match.group(1))
-    return frozenset(names)
+        found.append((line, match.group(1)))
+    return found
