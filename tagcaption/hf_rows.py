@@ -65,10 +65,10 @@ class RowSelection:
 
     async def walk(self) -> AsyncIterator[str]:
         """The ids of the rows that need a caption, as the walk reaches them."""
+        failed = self._failed_before() if self.retry_failed else None
         self.start()  # the output's lock, before its parts are read
         done = set() if self.overwrite else self.store.done_ids()
         recorded = {} if self.overwrite else self.store.recorded(done)
-        failed = self._failed_before() if self.retry_failed else None
         stop_counting = threading.Event()
         rows = self._sampled(failed) if self.sample is not None else self.source.rows()
         if self.sample is None:

@@ -148,6 +148,9 @@ class RowWriter:
                 self.gathered = []
             if not self.stopped():
                 self._join()
+            elif any(self.layout.parts.glob("part-*")):
+                log.warning("note: the rows captioned are saved in parts under %s; rerun the same command to go "
+                            "on, and the dataset is joined when a run finishes", self.layout.parts)
         except Exception as exc:  # the captions are in the parts and captions.jsonl: the next run goes on
             log.debug("saving the dataset failed", exc_info=True)
             log.error("error: cannot save the captioned dataset in %s (%s); what was captioned is kept, and the "

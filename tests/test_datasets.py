@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,35 @@ def test_killed_run_is_continued_from_its_parts(tmp_path, llm_server, danbooru):
     assert loaded["im_name"] == [f"im_{n:03}.png" for n in range(count)]
     assert loaded["caption"] == [f"A picture of tag{n}." for n in range(count)]
     assert not list(parts.iterdir()) and not (out / ".tagcaption" / "joining").exists()
+
+
+def test_interrupted_stream_saves_its_rows_and_the_rerun_joins_them(tmp_path, llm_server, danbooru):
+    llm_server.responder = caption_for
+    llm_server.delay = 0.05
+    count = 30
+    rows_dataset(count).to_parquet(str(tmp_path / "rows.parquet"))
+    out = tmp_path / "out"
+    config = config_for(tmp_path, llm_server, danbooru, endpoints={"default": {"concurrency": 2}},
+                        dataset={"output_path": str(out), "streaming": True, "save_interval": 100})
+    args = ["--no-progress", "--dataset", str(tmp_path / "rows.parquet"), "--config", str(config)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "caption.py"), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    journal = out / "captions.jsonl"
+    deadline = time.monotonic() + 30
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "Summary" in stdout and "Next: rerun the same command" in stdout and "saved in parts" in err
+    assert len(list((out / ".tagcaption" / "parts").glob("part-*"))) == 1 and not (out / "state.json").exists()
+
+    rerun = run_caption_process(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(caption_requests(llm_server)) <= count + 2 * 2
+    loaded = datasets.load_from_disk(str(out))
+    assert loaded["caption"] == [f"A picture of tag{n}." for n in range(count)]
+    assert loaded.features["image"] == datasets.Image() and loaded[7]["image"].size == (40, 30)
 
 
 def test_captions_already_in_the_dataset_are_kept_unless_overwrite(tmp_path, llm_server, danbooru, capsys):
