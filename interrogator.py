@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Set
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import ConfigError, LLMError, os_error_text
-from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image
+from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image, prepare_image_bytes
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
@@ -71,9 +71,13 @@ class Interrogator:
             names.add("booru_tags")
         return names
 
-    async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+    async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
+                       image_data=None) -> str:
+        """`image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
+        row's; `path` then only names it."""
         variant = pick(self.variants, key)
-        image = await off_loop(prepare_image, path, self.options, seconds=self.file_timeout, what=f"reading {path}")
+        source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
+        image = await off_loop(prepare, source, self.options, seconds=self.file_timeout, what=f"reading {path}")
         try:
             text = await self._converse(image, self.prompts[variant], values, transcript)
         except LLMError as exc:
@@ -84,7 +88,7 @@ class Interrogator:
                         extra={"group": "shrunk", "item": path.name, "summary": "warning: {count} images were too "
                                "long for the vision model's context and were sent again at half size"})
             self.tally.update("images.shrunk")
-            image = await off_loop(prepare_image, path, replace(self.options, max_size=half),
+            image = await off_loop(prepare, source, replace(self.options, max_size=half),
                                    seconds=self.file_timeout, what=f"reading {path}")
             text = await self._converse(image, self.prompts[variant], values, transcript)
         return with_tags(variant, text, values) if self.final else text

@@ -14,7 +14,7 @@ from tagcaption.deadlines import off_loop
 from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
                                os_error_text)
 from tagcaption.hints import HintInput, collect_hints
-from tagcaption.images import check_image
+from tagcaption.images import check_image, check_image_data
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.placeholders import image_values
 from tagcaption.plan import CATEGORY_VARIABLES
@@ -82,7 +82,7 @@ class Captioner:
             if self.stages.interrogator:
                 stage = "interrogator"
                 values["description"] = await self.stages.interrogator.describe(
-                    item.path, values, item.rel.as_posix(), transcript)
+                    item.path, values, item.rel.as_posix(), transcript, image_data=item.image)
             stage = "interpreter"
             caption = await self.stages.interpreter.caption(values, item.rel.as_posix(), transcript) \
                 if self.stages.interpreter else values["description"]
@@ -106,7 +106,8 @@ class Captioner:
             raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
                                    f"and {why}: nothing to caption from", stage="input")
         if not self.stages.interrogator:
-            await off_loop(check_image, item.path, seconds=self.config.file_timeout, what=f"reading {item.path}")
+            check, image = (check_image, item.path) if item.image is None else (check_image_data, item.image)
+            await off_loop(check, image, seconds=self.config.file_timeout, what=f"reading {item.path}")
         knowledge = {}
         if self.stages.tag_provider:
             knowledge = await self.stages.tag_provider.knowledge(self.to_look_up(tags))

@@ -3,6 +3,7 @@
     python caption.py [IMAGES_DIR] [--config FILE] [KEY=VALUE ...]
     python caption.py check [--config FILE] [KEY=VALUE ...]     test servers, models, tag source
     python caption.py report [IMAGES_DIR] [--config FILE]       write captions.html
+    python caption.py --dataset NAME_OR_PATH [KEY=VALUE ...]    caption a Hugging Face dataset
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ commands:
   {prog} IMAGES_DIR           caption the folder (the default command)
   {prog} check                test the servers, models and tag source a run needs; no captions
   {prog} report [IMAGES_DIR]  write captions.html, a review page of the folder's captions
+  {prog} --dataset NAME_OR_PATH   caption a Hugging Face dataset's rows (docs/datasets.md)
+  {prog} join OUT... --into DIR   join the dataset outputs of several --shard runs
 
 overrides:
   KEY=VALUE pairs change any config key for this run, with dots for nesting:
@@ -72,6 +75,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the random seed of --sample (default 0)")
     parser.add_argument("--shard", metavar="K/N",
                         help="caption only this machine's share of the folder (K of N, by path hash)")
+    parser.add_argument("--dataset", metavar="NAME_OR_PATH",
+                        help="caption a Hugging Face dataset instead of a folder: a folder written by save_to_disk, "
+                             "a parquet file, or a name on the Hub (see the dataset.* keys)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="caption only the images listed in failures.jsonl by the previous run")
     parser.add_argument("--refresh-tags", action="store_true",
@@ -101,6 +107,10 @@ def program_name() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["join"]:  # the dataset outputs of several shards joined (hf_output.py)
+        from tagcaption.hf_output import main as join
+        return join(argv[1:])
     args = parse_args(argv)
     terminal = log_to_terminal(args.debug)
     from tagcaption import tls
@@ -145,7 +155,10 @@ def _command(args: argparse.Namespace):
     from tagcaption.selection import Shard
     shard = Shard.parse(args.shard) if args.shard else Shard()
     config = load_config(args.config, args.overrides, args.images_dir)
-    if args.command != "check" and args.images_dir is None and not _is_folder(config.images_dir):
+    if args.dataset and args.command == "caption":
+        from tagcaption.config_checks import check_dataset_run
+        check_dataset_run(config, args.images_dir, args.sample, shard.count)
+    elif args.command != "check" and args.images_dir is None and not _is_folder(config.images_dir):
         say(args.usage, sys.stderr)
         where = f" and images_dir ({config.images_dir}) does not exist" if config.images_dir else ""
         raise ConfigError(f"no images folder given{where}: name the folder, as in {program_name()} path/to/images")
@@ -166,8 +179,15 @@ def _command(args: argparse.Namespace):
     options = RunOptions(progress=False if args.no_progress else None, retry_failed=args.retry_failed,
                          refresh_tags=args.refresh_tags, shard=shard, dry_run=args.dry_run,
                          debug_dir=args.debug_dir.resolve() if args.debug_dir else None, preview=args.preview,
-                         sample=args.sample, seed=args.seed)
+                         sample=args.sample, seed=args.seed, dataset=_dataset(args.dataset))
     return asyncio.run(run(config, options))
+
+
+def _dataset(name: Optional[str]) -> Optional[str]:
+    """A dataset path that exists, from where the command runs; anything else is a Hub name."""
+    if not name:
+        return None
+    return str(Path(name).expanduser().resolve()) if os.path.exists(os.path.expanduser(name)) else name
 
 
 def _is_folder(path: Optional[str]) -> bool:

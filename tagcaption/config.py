@@ -181,6 +181,28 @@ class OutputConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """`--dataset`: which columns of a Hugging Face dataset's rows are read and written, and
+    where the captioned dataset goes (hf_dataset.py reads it, hf_output.py writes it)."""
+    image_column: str = "image"
+    tags_column: Optional[str] = None
+    id_column: Optional[str] = None
+    """None: the row's index in the split."""
+    name_column: Optional[str] = None
+    caption_column: str = "caption"
+    description_column: Optional[str] = "description"
+    output_path: Optional[str] = None
+    """None: `<dataset name>-captioned` (with `-K-of-N` under --shard) in the current folder."""
+    save_interval: int = 1000
+    split: Optional[str] = None
+    """None: `train`, or the dataset's only split."""
+    config_name: Optional[str] = None
+    revision: Optional[str] = None
+    streaming: bool = False
+    push_to_hub: Optional[str] = None
+
+
+@dataclass
 class Config:
     images_dir: Optional[str] = None
     recursive: bool = False
@@ -194,6 +216,7 @@ class Config:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     stop_grace: float = 5.0
     """Seconds the images in flight get after Ctrl-C or SIGTERM."""
     file_timeout: float = 30.0
@@ -263,7 +286,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 
 
 CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
-             "tag_provider.tags_dump", "tag_provider.dump_dir")
+             "tag_provider.tags_dump", "tag_provider.dump_dir", "dataset.output_path")
 CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file")
 
 

@@ -30,6 +30,7 @@ RANGES: Dict[str, Dict[str, Tuple[Union[str, float], Optional[float]]]] = {
     "interrogator": {"jpeg_quality": (1, 100), "max_image_size": (0, None)},
     "postprocess": {"max_words": (1, None)},
     "run": {"stop_grace": (0, None), "file_timeout": (ABOVE_ZERO, None)},
+    "dataset": {"save_interval": (1, None)},
 }
 """The numbers a section's keys must lie within (lowest, highest; None: no bound), checked
 where the section's other values are. An unset optional number (null) is not checked."""
@@ -38,7 +39,7 @@ where the section's other values are. An unset optional number (null) is not che
 def check_config(config: Config) -> None:
     """Raise ConfigError for the first value the program cannot use."""
     for check in (_check_stages, _check_endpoints, _check_tag_provider, _check_tags, _check_guards,
-                  _check_variants, _check_interrogator, _check_output):
+                  _check_variants, _check_interrogator, _check_output, _check_dataset):
         check(config)
 
 
@@ -159,3 +160,56 @@ def _check_output(config: Config) -> None:
     problem = check_formats(config.output.formats)
     if problem:
         raise ConfigError(problem)
+
+
+# --- `--dataset` ---------------------------------------------------------------------------
+
+DATASET_HINTS = ("tags", "full_path")
+"""The hint sources that need no image file: a dataset row has none."""
+
+
+def _check_dataset(config: Config) -> None:
+    settings = config.dataset
+    _check_ranges(settings, "dataset", "dataset")
+    named = {key: getattr(settings, key) for key in ("image_column", "tags_column", "id_column", "name_column",
+                                                      "caption_column", "description_column")}
+    for key, value in named.items():
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"dataset.{key} must name a column (got {value!r}); null leaves it out"
+                              if key not in ("image_column", "caption_column") else
+                              f"dataset.{key} must name a column (got {value!r})")
+    written = {"caption_column": settings.caption_column, "description_column": settings.description_column}
+    for key, value in written.items():
+        read = [other for other, column in named.items() if column == value and other not in written]
+        if value is not None and read:
+            raise ConfigError(f"dataset.{key} {value!r} is also dataset.{read[0]}: the captions would replace "
+                              "what they are made from; name another column")
+    if settings.description_column is not None and settings.description_column == settings.caption_column:
+        raise ConfigError(f"dataset.description_column and dataset.caption_column are both {settings.caption_column!r}")
+
+
+def check_dataset_run(config: Config, images_dir: Optional[str], sample: Optional[int], shards: int) -> None:
+    """What a `--dataset` run cannot be asked for: refused (exit 2) before anything is read."""
+    if images_dir:
+        raise ConfigError(f"give either IMAGES_DIR ({images_dir}) or --dataset, not both")
+    if sample is not None and config.dataset.streaming:
+        raise ConfigError("--sample picks among all the rows, which a streamed dataset does not have up front: "
+                          "leave out --sample or set dataset.streaming=false")
+    if config.output.report:
+        raise ConfigError("output.report shows a folder's images and captions; with --dataset open the result "
+                          "with load_from_disk instead (set output.report=false)")
+    if config.dataset.push_to_hub and shards > 1:
+        raise ConfigError("dataset.push_to_hub with --shard would push each shard over the others: join the "
+                          "shards first (see docs/datasets.md), then push the joined dataset")
+    interpreter = config.interpreter
+    options = [config.style.extra_options] + [v.extra_options or [] for v in interpreter.prompt_variants]
+    styled = not interpreter.skip and (interpreter.style or any(v.style for v in interpreter.prompt_variants))
+    if config.dataset.name_column and styled and any("name" in listed for listed in options):
+        raise ConfigError("dataset.name_column fills {name} per row in the Interrogator's prompts and in the "
+                          "caption template, but the Interpreter's style instruction takes style.name once for "
+                          "all rows: let the Interrogator use the style (interpreter.skip=true), or put {name} in "
+                          "interpreter.prompt_template")
+    files = [name for name in config.interrogator.hint_sources if name not in DATASET_HINTS]
+    if files:
+        raise ConfigError(f"interrogator.hint_sources: {', '.join(files)} read the image's files, which a dataset "
+                          f"row does not have; with --dataset use {_either(DATASET_HINTS)}")

@@ -155,6 +155,42 @@ def _flatten(image: Image.Image, background: tuple) -> Image.Image:
     return image.convert("RGB")
 
 
+# --- images held in memory (a dataset row's image: hf_dataset.py) ---------------------------
+
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
+
+
+class _InMemory(io.BytesIO):
+    """An image's bytes standing in for its file: `Image.open` reads it, and `read_bytes`
+    gives the bytes back, as `prepare_image` asks of a path for `image_format: original`."""
+
+    def read_bytes(self) -> bytes:
+        return self.getvalue()
+
+
+def _in_memory(data) -> _InMemory:
+    """Bytes as they are; a decoded PIL image saved losslessly as PNG, to be read like a file."""
+    if not isinstance(data, Image.Image):
+        return _InMemory(bytes(data))
+    buffer = _InMemory()
+    try:
+        (data if data.mode in PNG_MODES else data.convert("RGB")).save(buffer, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise _image_error(f"cannot encode the row's image ({exc})") from None
+    buffer.seek(0)
+    return buffer
+
+
+def check_image_data(data) -> None:
+    """`check_image` for an image held in memory: bytes or a PIL image, never written to disk."""
+    check_image(_in_memory(data))
+
+
+def prepare_image_bytes(data, options: ImageOptions = ImageOptions()) -> PreparedImage:
+    """`prepare_image` for an image held in memory: bytes or a PIL image, never written to disk."""
+    return prepare_image(_in_memory(data), options)
+
+
 def parse_color(value: str) -> tuple:
     """`#rrggbb`, `rrggbb` or a colour name, as an RGB tuple."""
     from PIL import ImageColor

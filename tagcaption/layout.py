@@ -15,9 +15,9 @@ beside the images, where Hugging Face's imagefolder looks for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tagcaption.errors import ConfigError
 from tagcaption.files import read_regular
@@ -49,6 +49,8 @@ class ImageItem:
     """The shared `<stem>.txt` holds sentences, not tags: a caption from another tool."""
     ours: bool = False
     """The caption file holds a caption this program wrote, unchanged since."""
+    image: Any = field(default=None, compare=False, repr=False)
+    """The image itself (bytes or a PIL image) when it has no file: a dataset row's (hf_run.py)."""
 
     def has_caption(self) -> bool:
         """Whether a caption was already written (a crash between keeping the tags and

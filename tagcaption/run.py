@@ -39,6 +39,8 @@ log = logging.getLogger("caption")
 LOOKAHEAD = 1000
 """Images read ahead of the workers: their tags' lookups and summaries start early, and
 Danbooru gets full batches, while memory stays bounded however large the folder."""
+ROW_LOOKAHEAD = 128
+"""Dataset rows read ahead: each holds its image in memory, so far fewer than a folder's paths."""
 MAX_MESSAGE = 1000
 """Characters of a failure message kept (a message may quote a whole broken input)."""
 
@@ -56,6 +58,8 @@ class RunOptions:
     preview: int = 3
     sample: Optional[int] = None
     seed: int = 0
+    dataset: Optional[str] = None
+    """`--dataset NAME_OR_PATH`: caption a Hugging Face dataset's rows instead of a folder (hf_run.py)."""
 
 
 @dataclass
@@ -88,18 +92,27 @@ class Run:
         """`folder`: the images folder to walk (by default `images_dir` as configured)."""
         self.config, self.options = config, options
         self.tally = Tally()
-        self.layout = Layout(config, options.shard.suffix)
-        self.folder = folder or Folder(self.layout.images_root, config.recursive, skip=self.layout.output_dir)
+        self.stopping = asyncio.Event()
+        if options.dataset:  # a dataset's rows instead of a folder's images (hf_run.py)
+            from tagcaption.hf_run import DatasetRun
+            dataset = DatasetRun(config, options, self.tally)
+            self.layout = dataset.layout
+        else:
+            self.layout = Layout(config, options.shard.suffix)
+            self.folder = folder or Folder(self.layout.images_root, config.recursive, skip=self.layout.output_dir)
         self.stages = build_stages(config, self.tally, options.dry_run, options.refresh_tags)
         self.plan = self.stages.plan
         self.result = RunResult(self.plan, self.tally, captions_at=self.layout.describe_captions())
-        self.selection = Selection(self.layout, self.folder, self.tally, self._record_failure,
-                                   overwrite=config.output.overwrite, shard=options.shard,
-                                   retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)
-        self.captioner = Captioner(config, self.layout, self.stages)
-        self.writer = Writer(config, self.layout, self.folder, self.tally, dry_run=bool(options.dry_run))
+        if options.dataset:
+            self.selection, self.captioner, self.writer = dataset.parts(self.stages, self._record_failure,
+                                                                        self.stopping)
+        else:
+            self.selection = Selection(self.layout, self.folder, self.tally, self._record_failure,
+                                       overwrite=config.output.overwrite, shard=options.shard,
+                                       retry_failed=options.retry_failed, sample=options.sample, seed=options.seed)
+            self.captioner = Captioner(config, self.layout, self.stages)
+            self.writer = Writer(config, self.layout, self.folder, self.tally, dry_run=bool(options.dry_run))
         self.previews: Dict[str, dict] = {}
-        self.stopping = asyncio.Event()
         self.workers: List[asyncio.Task] = []
 
     async def execute(self) -> RunResult:
@@ -153,7 +166,8 @@ class Run:
         progress = Progress(self.tally, self.options.progress, tags=self.stages.tag_provider is not None,
                             in_flight=self.stages.llm.in_flight)
         count = self._workers()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, LOOKAHEAD))
+        lookahead = ROW_LOOKAHEAD if self.options.dataset else LOOKAHEAD
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(count * 2, lookahead))
         self.workers = [asyncio.create_task(self._work(queue)) for _ in range(count)]
         producer = asyncio.create_task(self._produce(first, walk, queue))
         try:
