@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tagcaption.config import Config
     from tagcaption.tally import Tally
 
-__all__ = ["TagInfo", "TagSource", "SourceError", "SourceUnreachable", "DanbooruSource", "FileSource",
+__all__ = ["TagInfo", "TagSource", "SourceError", "SourceUnreachable",
            "NoSource", "make_source", "normalize_title", "category_name", "implied_by", "CATEGORY_NAMES"]
 
 CATEGORY_NAMES = DANBOORU_CATEGORIES
@@ -112,17 +112,3 @@ def make_source(config: "Config", tally: Optional["Tally"] = None) -> TagSource:
     if source == "none":
         return NoSource()
     raise ConfigError(f"tag_provider.source must be danbooru, file or none (got {source!r})")
-
-
-def __getattr__(name: str):
-    """`DanbooruSource` and `FileSource` from here too (imported on first use: each module
-    imports this one)."""
-    if name == "DanbooruSource":
-        from tagcaption.danbooru import DanbooruSource
-
-        return DanbooruSource
-    if name == "FileSource":
-        from tagcaption.offline import FileSource
-
-        return FileSource
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

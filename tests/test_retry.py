@@ -17,7 +17,7 @@ from tagcaption.errors import GuardTripped, Kind, LLMError, NoVision, SourceErro
 from tagcaption.llm import LLM
 from tagcaption.retry import RetryPolicy, is_retryable, parse_retry_after, retryable_status
 from tagcaption.sinks import redact
-from tagcaption.tag_sources import DanbooruSource
+from tagcaption.danbooru import DanbooruSource
 from tagcaption.tally import Tally
 
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
