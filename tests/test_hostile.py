@@ -329,9 +329,6 @@ def test_not_a_number_is_refused_when_the_config_is_read(tmp_path, llm, booru, c
     one_error_line(err, override.split("=", 1)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="an override whose value is not valid YAML ends in 'unexpected ParserError' "
-                                       "over four lines with exit 1 (config.load_config: from_dotlist raises yaml's "
-                                       "error, not an OmegaConfBaseException)")
 @pytest.mark.parametrize("override", ["endpoints.default.concurrency=[4", "output.dir={a"])
 def test_an_override_that_does_not_parse_is_one_line_and_exit_2(tmp_path, llm, booru, capsys, override):
     images = tmp_path / "images"
