@@ -18,7 +18,7 @@ from tagcaption.images import check_image, check_image_data
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.placeholders import image_values
 from tagcaption.plan import CATEGORY_VARIABLES
-from tagcaption.postprocess import add_affixes
+from tagcaption.postprocess import add_affixes, only_text
 from tagcaption.stages import Stages
 from tagcaption.tagfiles import ImageTags, read_image_tags
 
@@ -142,5 +142,5 @@ class Captioner:
     def _record(self, item: ImageItem, caption: str, values: Dict[str, str], transcript: dict) -> dict:
         models = {name: stage.settings.model for name, stage in self.stages.named() if stage is not None}
         return {"file": item.rel.as_posix(), "caption": caption, "tags": values.get("tags", ""),
-                "description": values.get("description", ""), "models": models,
+                "description": only_text(values.get("description", "")), "models": models,
                 "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -213,10 +213,11 @@ def exit_now(code: int) -> None:
     written and fsynced every file and released its lock, and only daemon threads remain."""
     logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: let the normal exit report it
-        sys.exit(code)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said
+        os._exit(code)
     if all(thread.daemon for thread in threading.enumerate() if thread is not threading.main_thread()):
         os._exit(code)
     sys.exit(code)

@@ -319,10 +319,23 @@ def _register_raw_keys(raw: object) -> None:
     """API keys written as they are (not `${oc.env:…}`), known before anything is checked."""
     if isinstance(raw, dict):
         for key, value in raw.items():
-            if key == "api_key" and isinstance(value, str) and "${" not in value:
-                register_secret(value)
+            if key == "api_key":
+                _register_all(value)
             else:
                 _register_raw_keys(value)
+
+
+def _register_all(value: object) -> None:
+    """A key as written, and every text inside one given as a mapping or list by mistake."""
+    if isinstance(value, str):
+        if "${" not in value:
+            register_secret(value)
+    elif isinstance(value, dict):
+        for sub in value.values():
+            _register_all(sub)
+    elif isinstance(value, list):
+        for sub in value:
+            _register_all(sub)
 
 
 def _dotted(source) -> set:

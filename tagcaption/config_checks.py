@@ -3,6 +3,7 @@ is read, each with a one-line message naming the key and what it takes."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 from tagcaption.errors import ConfigError
@@ -49,7 +50,7 @@ def _check_ranges(section: object, where: str, kind: str) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue  # null, or `auto` where a key takes it (checked by its section)
         too_low = value <= 0 if low == ABOVE_ZERO else value < low
-        if too_low or (high is not None and value > high):
+        if too_low or (high is not None and value > high) or math.isnan(value):
             bounds = "more than 0" if low == ABOVE_ZERO else \
                 f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
             raise ConfigError(f"{where + '.' if where else ''}{key} must be {bounds} (got {value})")
@@ -149,6 +150,11 @@ def _check_output(config: Config) -> None:
     if not extension.startswith(".") or len(extension) < 2:
         raise ConfigError(f"output.extension must start with a dot (got {extension!r})")
     last = "." + extension.rsplit(".", 1)[-1].lower()
+    if "/" in extension or "\\" in extension or extension in (".", ".."):
+        raise ConfigError(f"output.extension {extension!r} is not a file extension: use .txt or .caption")
+    if last in (".jsonl", ".html"):
+        raise ConfigError(f"output.extension {extension} could land on the run's own files (failures.jsonl, "
+                          "captions.html): use .txt or .caption")
     if last in IMAGE_EXTENSIONS or last == ".json":
         raise ConfigError(f"output.extension {extension} would write captions over images or their .json sidecars: "
                           "use .txt or .caption")

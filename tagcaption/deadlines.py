@@ -60,5 +60,5 @@ async def off_loop(function: Callable[..., T], *args: Any, seconds: Optional[flo
     try:
         return await asyncio.wait_for(future, seconds)
     except asyncio.TimeoutError:
-        raise Stalled(f"{what or 'a file operation'} did not finish within {seconds:.0f} s "
+        raise Stalled(f"{what or 'a file operation'} did not finish within {seconds:g} s "
                       "(a stalled network share, or a special file)") from None

@@ -68,12 +68,12 @@ class Folder:
 
 
 def _is_file(entry: os.DirEntry) -> bool:
-    """A regular file, or a link (one that leads nowhere fails as its image, with a reason);
-    a FIFO or device named like an image is not one."""
+    """Anything but a folder: a link that leads nowhere, or a FIFO or device named like an
+    image, is walked and fails as its image, with the reason (images.py refuses it unopened)."""
     try:
-        return entry.is_file() or entry.is_symlink()
+        return not entry.is_dir()
     except OSError:
-        return False
+        return True
 
 
 def _is_folder(entry: os.DirEntry) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ def check_image(path: Path) -> None:
     """Fail on a file a trainer could not read either: decoded whole (JPEGs at reduced
     scale, which is cheap), so a truncated file is caught too."""
     try:
+        _regular(path)
         with Image.open(path) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (64, 64))
@@ -51,6 +54,12 @@ def check_image(path: Path) -> None:
         raise _image_error(f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise _image_error(_unreadable(exc)) from None
+
+
+def _regular(path) -> None:
+    """A FIFO, device or socket is refused before it is opened (opening one waits forever)."""
+    if isinstance(path, Path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise _image_error("not a regular file (a FIFO, device or socket)")
 
 
 def _image_error(reason: str) -> ImageError:
@@ -83,6 +92,7 @@ def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> Prepare
     animation, transparency flattened onto the background, at most `max_size` on its long
     side, encoded as JPEG or PNG with the matching MIME type."""
     try:
+        _regular(path)
         with Image.open(path) as image:
             source_format = image.format
             as_stored = max(image.size)

@@ -60,7 +60,7 @@ class ImageItem:
         if self.prose_caption or self.tags_backup is None:
             return True
         if self.tags_backup.exists():
-            return self.caption_file.read_bytes() != self.tags_backup.read_bytes()
+            return read_regular(self.caption_file) != read_regular(self.tags_backup)
         return self.ours
 
 

@@ -10,6 +10,7 @@ A closed stderr (a pipe to `head` that ended) loses lines, never prints a traceb
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import warnings
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from tagcaption.sinks import redact
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 GROUP_SHOWN = 3
 NAMES_SHOWN = 5
 
@@ -52,6 +54,7 @@ class TerminalHandler(logging.Handler):
             return group.count <= GROUP_SHOWN
 
     def _write(self, text: str) -> None:
+        text = CONTROL.sub(lambda match: repr(match.group())[1:-1], text)  # a file name cannot forge a line
         try:
             tqdm.write(redact(text), file=sys.stderr)
         except (OSError, ValueError):

@@ -79,7 +79,7 @@ def _read_jsonl(path: Path) -> List[dict]:
     for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a torn last line from a killed run
         if isinstance(value, dict):
             lines.append(value)

@@ -52,8 +52,14 @@ NOT_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u20
 marks: a caption is text a trainer reads, never a way to hide or reorder what it says."""
 
 
+ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+"""Terminal escape sequences (colours, cursor moves, titles): removed whole, not just the ESC."""
+
+
 def only_text(text: str) -> str:
-    return NOT_TEXT.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = ESCAPE_SEQUENCE.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    return NOT_TEXT.sub("", text)
 
 
 def clean_caption(text: str, settings: PostprocessConfig) -> str:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, read_regular
 from tagcaption.layout import STATE_DIR
 
 log = logging.getLogger("caption")
@@ -57,8 +57,8 @@ def recall(config, given: Iterable[str]) -> None:
         return
     path = Path(config.images_dir) / STATE_DIR / SETTINGS_FILE
     try:
-        remembered: Dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        remembered: Dict[str, Any] = json.loads(read_regular(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return
     if not isinstance(remembered, dict):
         return

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Dict
 
 from tagcaption.config import Config
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, read_regular
 from tagcaption.folder import Folder
 from tagcaption.layout import Layout
+from tagcaption.sinks import redact
 from tagcaption.outputs import read_records
 from tagcaption.tagfiles import read_image_tags
 
@@ -74,6 +75,7 @@ apply();
 
 
 def _card(entry: dict, page_dir: Path) -> str:
+    entry = {key: redact(value) if isinstance(value, str) else value for key, value in entry.items()}
     kinds = [entry["status"]] + (["guards"] if entry.get("guards") else [])
     text = " ".join(str(entry.get(key) or "") for key in ("file", "tags", "description", "caption", "failure"))
     src = os.path.relpath(entry["path"], page_dir)
@@ -102,7 +104,7 @@ def build_report(config: Config) -> Path:
     for path in sorted(layout.root.glob("failures*.jsonl")):
         for record in read_records(path):
             failures[record.get("image", "")] = record.get("message", "")
-    entries = [_entry(config, layout.item(path), records, failures)
+    entries = [_entry(config, layout, path, records, failures)
                for path in Folder(layout.images_root, config.recursive, skip=layout.output_dir).images()]
     order = {"failed": 0, "missing": 1, "captioned": 2}
     entries.sort(key=lambda entry: (order[entry["status"]], entry["file"]))
@@ -113,7 +115,14 @@ def build_report(config: Config) -> Path:
     return page
 
 
-def _entry(config: Config, item, records: Dict[str, dict], failures: Dict[str, str]) -> dict:
+def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict], failures: Dict[str, str]) -> dict:
+    """One card's facts; an image whose files cannot be read gets a card saying so."""
+    try:
+        item = layout.item(path)
+    except OSError as exc:
+        rel = path.relative_to(layout.images_root).as_posix()
+        return {"file": rel, "path": path, "tags": "", "description": "", "caption": "", "guards": [],
+                "failure": f"cannot read its files: {exc.strerror or exc}", "status": "failed"}
     rel = item.rel.as_posix()
     record = records.get(rel, {})
     try:
@@ -121,8 +130,11 @@ def _entry(config: Config, item, records: Dict[str, dict], failures: Dict[str, s
                                                                        config.tags.combine).tags)
     except (OSError, ValueError):
         tags = ""
-    captioned = item.has_caption()
-    caption = item.caption_file.read_text(encoding="utf-8", errors="replace") if captioned else ""
+    try:
+        captioned = item.has_caption()
+    except OSError:
+        captioned = False
+    caption = read_regular(item.caption_file).decode("utf-8", "replace") if captioned else ""
     failure = failures.get(str(item.path), "") if not captioned else ""
     return {"file": rel, "path": item.path, "tags": record.get("tags") or tags,
             "description": record.get("description", ""), "caption": caption,

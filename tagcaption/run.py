@@ -221,10 +221,14 @@ class Run:
             self.tally.update("images.failed")
 
     def _record_failure(self, item: ImageItem, problem: ImageProblem) -> bool:
-        if not self.layout.images_root.is_dir():  # not this image's fault: every next one would fail too
-            self._stop(f"the images folder {self.layout.images_root} is gone (moved, deleted or unmounted)",
-                       "put the folder back and rerun the same command: the captions written so far are kept")
-            return False
+        images_root = None if self.options.dataset else self.layout.images_root
+        output_dir = self.layout.output_dir if self.writer.lock.held else None  # made when the lock is taken
+        for name, folder in (("images folder", images_root), ("output.dir", output_dir)):
+            if folder is not None and not folder.is_dir():
+                # not this image's fault: every next one would fail too
+                self._stop(f"the {name} {folder} is gone (moved, deleted or unmounted)",
+                           "put the folder back and rerun the same command: the captions written so far are kept")
+                return False
         message = redact(str(problem))
         if len(message) > MAX_MESSAGE:
             message = message[:MAX_MESSAGE] + "…"

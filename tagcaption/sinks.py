@@ -57,6 +57,8 @@ def say(text: str, stream: Optional[IO[str]] = None) -> None:
     """Print a line for the user, redacted; a closed stdout or stderr (a pipe to `head` that
     ended) is no reason for a traceback."""
     stream = stream or sys.stdout
+    if stream is None:  # started with the descriptor closed (`>&-`)
+        return
     try:
         print(redact(text), file=stream, flush=True)
     except (BrokenPipeError, ValueError, OSError):

@@ -100,7 +100,7 @@ def _owner(fd: int) -> Optional[dict]:
     try:
         data = os.pread(fd, 4096, 0)
         owner = json.loads(data) if data.strip() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return owner if isinstance(owner, dict) else None
 
@@ -132,7 +132,7 @@ class CaptionRecord:
             try:
                 entry = json.loads(line)
                 self.hashes[entry["file"]] = entry["sha1"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
         if lines > 2 * len(self.hashes) + 100:
             atomic_write_text(self.path, "".join(self._line(f, h) for f, h in self.hashes.items()))
@@ -163,7 +163,7 @@ class CaptionRecord:
             try:
                 entry = json.loads(line)
                 lines.append(self._line(self._key(old_root / entry["file"]), entry["sha1"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
         atomic_write_text(self.path, "".join(lines))
         self.hashes = None
@@ -193,6 +193,6 @@ def read_failed_images(path: Path) -> List[str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             images.append(json.loads(line)["image"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue
     return images

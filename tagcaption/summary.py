@@ -17,6 +17,11 @@ FAILURES_SHOWN = 20
 """Failures listed in the summary; all of them are in failures.jsonl."""
 
 
+def _shown(text: str) -> str:
+    """One line, whatever a file name holds (a newline or ESC would forge or drive the terminal)."""
+    return "".join(repr(char)[1:-1] if char.isprintable() is False and char != " " else char for char in text)
+
+
 def plural(count: int, word: str, words: str = "") -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
 
@@ -47,7 +52,8 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  nothing to do: {result.nothing_to_do}")
     if result.failures:
         lines.append("Failures:")
-        lines.extend(f"  {failure.image}: {failure.message}" for failure in result.failures[:FAILURES_SHOWN])
+        lines.extend(f"  {_shown(failure.image)}: {_shown(failure.message)}"
+                     for failure in result.failures[:FAILURES_SHOWN])
         if len(result.failures) > FAILURES_SHOWN:
             lines.append(f"  … and {len(result.failures) - FAILURES_SHOWN} more (all in {result.failures_file})")
     if result.tally["images.captioned"]:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from tagcaption.deadlines import FILE_READ_SECONDS, Stalled, off_loop
 from tagcaption.errors import ConfigError, os_error_text
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, read_regular
 from tagcaption.vocabulary import CATEGORIES
 
 log = logging.getLogger("caption")
@@ -131,7 +131,7 @@ class TagCache:
     def _read(self) -> Tuple[Entries, Dict[str, dict]]:
         try:
             self._disk_mtime = self.path.stat().st_mtime
-            data = self.path.read_bytes()
+            data = read_regular(self.path)
         except OSError as exc:
             raise ConfigError(os_error_text(exc, self.path, "tag cache")) from None
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
 from tagcaption.errors import ConfigError, os_error_text
+from tagcaption.files import read_regular
 
 Piece = Union[str, Tuple[str]]
 BLANK_LINES = re.compile(r"(\n[ \t]*(?:\n[ \t]*)+)")
@@ -70,9 +71,11 @@ class Template:
     @classmethod
     def load(cls, path: Path, allowed: Iterable[str]) -> "Template":
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = read_regular(path).decode("utf-8-sig")
         except OSError as exc:
             raise ConfigError(os_error_text(exc, path, "template")) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"template {path} is not UTF-8 text") from None
         return cls(text, allowed, str(path))
 
     @property

@@ -58,7 +58,11 @@ class Writer:
         if note:
             log.warning("warning: %s", note)
         if self.layout.output_dir is not None:
-            self.layout.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.layout.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"output.dir {self.layout.output_dir} cannot be made a folder: "
+                                  f"{exc.strerror or exc}") from None
         self.remove_leftover_temps()
         self._adopt_old_state()
         self.outputs.merge()

@@ -197,9 +197,6 @@ def test_an_image_whose_caption_is_anothers_kept_tags_fails_alone(tmp_path, llm,
     assert (images / "a.txt").read_text() == "A picture of cat, long hair."
 
 
-@pytest.mark.xfail(strict=True, reason="output.extension=.jsonl is accepted and failures.png's caption "
-                                       "failures.jsonl is replaced by the run's failures list at the end "
-                                       "(config_checks._check_output / layout: the run's own files are not checked)")
 def test_a_caption_is_never_replaced_by_the_runs_own_files(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"failures.png": "cat", "b.png": "dog"})
@@ -214,9 +211,6 @@ def test_a_caption_is_never_replaced_by_the_runs_own_files(tmp_path, llm, booru,
     assert (images / "failures.jsonl").read_text() == "A picture of cat."
 
 
-@pytest.mark.xfail(strict=True, reason="an output.extension holding a path separator is accepted (config_checks."
-                                       "_check_output only checks the leading dot): the caption path a./../../escaped "
-                                       "leaves the image's folder and the image fails at the write, exit 1")
 def test_an_extension_with_a_path_separator_is_refused(tmp_path, llm, booru, capsys):
     images = tmp_path / "data" / "images"
     make_dataset(images, {"a.png": "cat"})
@@ -228,8 +222,6 @@ def test_an_extension_with_a_path_separator_is_refused(tmp_path, llm, booru, cap
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="output.dir naming an existing file ends in 'unexpected FileExistsError' "
-                                       "with exit 1 after the lock is taken (writer.start mkdir), not a setup error")
 def test_output_dir_that_is_a_file_is_a_setup_error(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})
@@ -317,8 +309,6 @@ def test_a_number_out_of_range_is_refused_when_the_config_is_read(tmp_path, llm,
     assert snapshot(images) == before and llm.chat_requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="nan passes every range check (comparisons with NaN are false: "
-                                       "config_checks._check_ranges)")
 @pytest.mark.parametrize("override", NOT_A_NUMBER)
 def test_not_a_number_is_refused_when_the_config_is_read(tmp_path, llm, booru, capsys, override):
     images = tmp_path / "images"
@@ -455,8 +445,6 @@ def test_control_and_bidi_characters_never_reach_a_caption(tmp_path, llm, booru,
             assert not NOT_TEXT.search(record.get("caption", record.get("text", ""))), record
 
 
-@pytest.mark.xfail(strict=True, reason="only the ESC byte is removed: the rest of an ANSI sequence ('[31m') stays "
-                                       "in the caption (postprocess.NOT_TEXT)")
 def test_an_ansi_colour_sequence_is_removed_whole(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})
@@ -481,8 +469,6 @@ def test_newline_and_tab_are_kept_only_where_whitespace_is_kept(tmp_path, llm, b
     assert (images / "a.txt").read_text(encoding="utf-8") == expected
 
 
-@pytest.mark.xfail(strict=True, reason="U+2028/U+2029 (line and paragraph separators) are kept in a caption when "
-                                       "whitespace is kept (postprocess.NOT_TEXT does not cover them)")
 def test_unicode_line_separators_do_not_reach_a_caption_that_keeps_whitespace(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})
@@ -506,9 +492,6 @@ def test_a_description_saved_as_the_caption_is_text(tmp_path, llm, booru, capsys
     assert not NOT_TEXT.search((images / "a.txt").read_text(encoding="utf-8"))
 
 
-@pytest.mark.xfail(strict=True, reason="the vision model's description is saved in captions.jsonl and "
-                                       "metadata.jsonl with its control and bidi characters (only captions go "
-                                       "through postprocess.only_text)")
 def test_a_description_saved_beside_the_caption_is_text(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})
@@ -542,9 +525,6 @@ def test_cleaning_hostile_replies_takes_linear_time(tmp_path, llm, booru):
     assert code in (0, 1) and "Summary" in out
 
 
-@pytest.mark.xfail(strict=True, reason="file names are printed as they are: a name holding a newline forges a "
-                                       "second 'failed:' line and one holding ESC drives the terminal "
-                                       "(run._record_failure's log line and the summary's Failures list)")
 def test_a_file_name_cannot_forge_lines_or_drive_the_terminal(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"b.png": "dog"})
