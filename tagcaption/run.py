@@ -221,8 +221,11 @@ class Run:
             self.tally.update("images.failed")
 
     def _record_failure(self, item: ImageItem, problem: ImageProblem) -> bool:
-        images_root = None if self.options.dataset else self.layout.images_root
-        output_dir = self.layout.output_dir if self.writer.lock.held else None  # made when the lock is taken
+        if self.options.dataset:  # rows, not files: nothing of the folder's can go away
+            images_root = output_dir = None
+        else:
+            images_root = self.layout.images_root
+            output_dir = self.layout.output_dir if self.writer.lock.held else None  # made when the lock is taken
         for name, folder in (("images folder", images_root), ("output.dir", output_dir)):
             if folder is not None and not folder.is_dir():
                 # not this image's fault: every next one would fail too
