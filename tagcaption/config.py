@@ -105,7 +105,7 @@ class InterrogatorConfig(StageConfig):
     style: Optional[str] = None
     prompt_variants: List[VariantConfig] = field(default_factory=list)
     max_image_size: int = 1536
-    image_format: str = "jpeg"
+    image_format: str = "auto"
     jpeg_quality: int = 90
     background: str = "#ffffff"
 

@@ -28,7 +28,7 @@ def config_file(tmp_path):
     ("guards.retry_mode=again", "guards.retry_mode must be fresh or corrective (got 'again')"),
     ("guards.expected_script=runic",
      "guards.expected_script must be one of any, latin, cyrillic, greek, cjk, arabic, hebrew"),
-    ("interrogator.image_format=gif", "interrogator.image_format must be jpeg, png or original (got 'gif')"),
+    ("interrogator.image_format=gif", "interrogator.image_format must be auto, jpeg, png or original (got 'gif')"),
     ("endpoints.default.token_limit_param=limit",
      "endpoints.default.token_limit_param must be max_tokens or max_completion_tokens"),
 ])
