@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
@@ -29,6 +30,36 @@ class Stalled(ImageProblem):
     """A file operation did not finish within its deadline."""
 
     kind = Kind.TIMEOUT
+
+
+class _Workers:
+    """Daemon threads kept for `off_loop`: starting a thread waits until it runs, which
+    under a busy GIL stalls the event loop for milliseconds, so each call reuses an idle
+    one and only starts a new thread when none is idle (a read stuck for good keeps its
+    thread and costs no other call its turn)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._serve, name="file-io", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_WORKERS = _Workers()
 
 
 async def off_loop(function: Callable[..., T], *args: Any, seconds: Optional[float] = FILE_READ_SECONDS,
@@ -55,7 +86,7 @@ async def off_loop(function: Callable[..., T], *args: Any, seconds: Optional[flo
         except RuntimeError:  # the run is over and its loop closed
             pass
 
-    threading.Thread(target=work, name="file-io", daemon=True).start()
+    _WORKERS.submit(work)
     try:
         return await asyncio.wait_for(future, seconds)
     except asyncio.TimeoutError:
