@@ -26,12 +26,18 @@ class EndpointConfig:
     base_url: Any = "http://localhost:1234/v1"
     """One URL, or a list of replicas of the same model."""
     api_key: str = ""
-    concurrency: int = 4
+    concurrency: Any = 4
+    """Requests in flight per replica: a number, or `auto` (the server's slots, see slots.py)."""
     timeout: float = 300.0
+    request_timeout: float = 600.0
+    """Seconds for a whole reply, stream included, from when the request leaves."""
+    max_reply_bytes: int = 1048576
     max_retries: int = 3
     retry_backoff: float = 1.0
     retry_max_backoff: float = 60.0
     down_after: float = 120.0
+    stop_after_failures: int = 3
+    """Connection attempts in a row that reach no replica before the run stops."""
     rest_after: int = 3
     rest_seconds: float = 30.0
     stream: bool = True

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 RANGES: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = {
     "stage": {"max_tokens": (1, None)},
-    "endpoint": {"concurrency": (1, None)},
+    "endpoint": {"max_reply_bytes": (1, None), "stop_after_failures": (1, None)},
     "guards": {"max_attempts": (1, None)},
     "interrogator": {"jpeg_quality": (1, 100)},
 }
@@ -60,6 +60,9 @@ def _check_stages(config: Config) -> None:
 def _check_endpoints(config: Config) -> None:
     for name, endpoint in config.endpoints.items():
         _check_ranges(endpoint, f"endpoints.{name}", "endpoint")
+        _check_concurrency(endpoint.concurrency, f"endpoints.{name}.concurrency")
+        if not endpoint.request_timeout > 0:
+            raise ConfigError(f"endpoints.{name}.request_timeout must be more than 0 seconds")
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
         urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
@@ -68,6 +71,18 @@ def _check_endpoints(config: Config) -> None:
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {url!r})")
+
+
+def _check_concurrency(value: object, where: str) -> None:
+    """A whole number from 1 to MAX_CONCURRENCY, or `auto`."""
+    from tagcaption.slots import AUTO, MAX_CONCURRENCY
+
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number or {AUTO} (got {value!r})")
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigError(f"{where} must be between 1 and {MAX_CONCURRENCY}, or {AUTO} (got {value})")
 
 
 def _check_tag_provider(config: Config) -> None:

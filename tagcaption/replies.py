@@ -32,15 +32,17 @@ FINAL_STATUSES = (400, 404, 413, 422, 500)
 
 class Fault(Exception):
     """One failed attempt, classified: its kind (and status) for the records, whether a
-    retry may help, and how long the server asked to wait."""
+    retry may help, how long the server asked to wait, and whether the server could not
+    be reached at all (`unreachable`: what `stop_after_failures` counts)."""
 
     def __init__(self, kind: Kind, message: str, status: Optional[int] = None,
-                 retry_after: Optional[float] = None):
+                 retry_after: Optional[float] = None, unreachable: bool = False):
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retryable = is_retryable(kind, status)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 def clean_reply(text: str) -> str:
@@ -56,10 +58,10 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
         detail = message_from_body(exc.body) or exc.message
         return f"HTTP {exc.status_code}: {one_line(detail)}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
         return "request timed out"
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
+        cause = exc.__cause__ or exc if isinstance(exc, openai.APIConnectionError) else exc
         return f"connection failed ({one_line(str(cause)) or type(cause).__name__})"
     if isinstance(exc, openai.APIError):
         return one_line(message_from_body(exc.body) or exc.message)
@@ -67,26 +69,38 @@ def error_message(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> Fault:
-    """The fault behind anything a request can raise."""
+    """The fault behind anything a request can raise (the SDK's errors or httpx2's)."""
     message = error_message(exc)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status in FINAL_STATUSES:
-            # Answers that will be the same for every retry, whatever the status says.
-            if NO_VISION.search(message):
-                return Fault(Kind.NO_VISION, message)
-            if CONTEXT_OVERFLOW.search(message) or status == 413:
-                return Fault(Kind.CONTEXT_OVERFLOW, message)
-        return Fault(Kind.HTTP, message, status, parse_retry_after(exc.response.headers))
-    if isinstance(exc, openai.APITimeoutError):
-        return Fault(Kind.TIMEOUT, message)
+        return status_fault(exc.status_code, message, parse_retry_after(exc.response.headers))
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+        return Fault(Kind.TIMEOUT, message, unreachable=isinstance(exc, httpx2.ConnectTimeout))
     if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
-        return Fault(Kind.CONNECTION, message)
+        cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) else exc
+        return Fault(Kind.CONNECTION, message, unreachable=isinstance(cause, (httpx2.ConnectError,
+                                                                                httpx2.ConnectTimeout)))
     if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
         return Fault(Kind.MALFORMED_REPLY, f"malformed reply ({message})")
     if isinstance(exc, openai.APIError):  # an error object inside a 200 stream
         return Fault(Kind.STREAM_ERROR, f"error in the reply stream: {message}")
     return Fault(Kind.ERROR, message)
+
+
+def status_fault(status: int, message: str, retry_after: Optional[float] = None) -> Fault:
+    """The fault of an HTTP error answer; `message` is its one line (`HTTP 400: …`)."""
+    if status in FINAL_STATUSES:
+        # Answers that will be the same for every retry, whatever the status says.
+        if NO_VISION.search(message):
+            return Fault(Kind.NO_VISION, message)
+        if CONTEXT_OVERFLOW.search(message) or status == 413:
+            return Fault(Kind.CONTEXT_OVERFLOW, message)
+    return Fault(Kind.HTTP, message, status, retry_after)
+
+
+def status_message(status: int, body: str, reason: str = "") -> str:
+    """`HTTP 502: Bad Gateway` from an error answer's status and body, in any server's shape."""
+    detail = message_from_body(body) if body.strip() else None
+    return f"HTTP {status}: {one_line(detail or body or reason or 'no message')}"
 
 
 def message_from_body(body: Any) -> Optional[str]:

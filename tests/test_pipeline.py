@@ -239,10 +239,10 @@ def test_config_typo_names_key_and_suggestion(tmp_path, llm_server, danbooru):
 
 def test_wrong_type_names_key_and_type(tmp_path, llm_server, danbooru, capsys):
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
-    code, _, err = run_caption([str(tmp_path), "--config", str(config), "endpoints.default.concurrency=many"],
+    code, _, err = run_caption([str(tmp_path), "--config", str(config), "endpoints.default.max_retries=many"],
                                capsys)
     assert code == 2
-    assert "endpoints.default.concurrency" in err and "Integer" in err
+    assert "endpoints.default.max_retries" in err and "Integer" in err
 
 
 def test_unreachable_server_stops_with_exit_2_before_touching_files(tmp_path, danbooru):
