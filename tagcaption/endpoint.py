@@ -46,6 +46,9 @@ SERVER_HINTS = (
 TLS_HINT = ("the server's TLS certificate is not trusted: set SSL_CERT_FILE to a PEM file holding it "
             "(or the authority that signed it)")
 
+CLIENT_SLOTS = 4
+"""Requests in flight per HTTP client of a replica (see Replica)."""
+
 Count = Callable[[str, int], None]
 """Hears `("requests", 1)` before each attempt and `("retries", 1)` before each retry."""
 
@@ -62,27 +65,52 @@ def is_loopback(url: str) -> bool:
 
 class Replica:
     """One server behind an endpoint: its clients, how busy it is, whether it is resting,
-    and how many times in a row it could not be reached."""
+    and how many times in a row it could not be reached.
+
+    Its chat requests are spread over several HTTP clients of CLIENT_SLOTS requests each:
+    httpx2's connection pool probes every idle connection's socket whenever a request comes
+    or goes, which with 32 connections in one pool cost more CPU than the request itself."""
 
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
-        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        self.http = openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url),
-                                                   verify=tls.context_for(self.base_url), timeout=config.timeout)
+        self._timeout = config.timeout
+        self.http = self._http_client()
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
                                          timeout=config.timeout, max_retries=0, http_client=self.http)
         self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
         self.chat_url = f"{self.base_url}/chat/completions"
-        self.limit = config.concurrency if config.concurrency != AUTO else DEFAULT_CONCURRENCY
+        self.chat_clients = [self.http]
+        self.limit = 0
+        self.free: List[int] = []
+        self.set_limit(config.concurrency if config.concurrency != AUTO else DEFAULT_CONCURRENCY)
         self.slots: Optional[Slots] = None
         """What the server said about its slots, once asked."""
-        self.in_flight = 0
         self.failures = 0
         self.rested_until = 0.0
         self.unreached = 0
         """Connection attempts in a row that could not reach it."""
         self.last_unreached = float("-inf")
+
+    def _http_client(self):
+        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
+        return openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url),
+                                              verify=tls.context_for(self.base_url), timeout=self._timeout)
+
+    def set_limit(self, limit: int) -> None:
+        """Carry `limit` requests at once (before the first request, or with none in flight)."""
+        self.limit = limit
+        while len(self.chat_clients) * CLIENT_SLOTS < limit:
+            self.chat_clients.append(self._http_client())
+        self.free = list(range(limit - 1, -1, -1))
+
+    @property
+    def in_flight(self) -> int:
+        return self.limit - len(self.free)
+
+    async def close(self) -> None:
+        await self.client.close()
+        await asyncio.gather(*(client.aclose() for client in self.chat_clients[1:]), return_exceptions=True)
 
 
 class Endpoint:
@@ -147,7 +175,7 @@ class Endpoint:
         """Ask the replica how many requests it runs at once; with `auto`, use the answer."""
         replica.slots = await probe_slots(replica.http, replica.base_url, replica.headers, owners)
         if self.auto:
-            replica.limit = replica.slots.concurrency
+            replica.set_limit(replica.slots.concurrency)
             self._publish_concurrency()
         return replica.slots
 
@@ -158,10 +186,11 @@ class Endpoint:
         while True:
             attempt += 1
             count("requests", 1)
-            replica = await self._take_replica()
+            replica, slot = await self._take_replica()
             started = time.monotonic()
             try:
-                result = await exchange(replica.http, replica.chat_url, replica.headers, body, self.bounds)
+                result = await exchange(replica.chat_clients[slot // CLIENT_SLOTS], replica.chat_url,
+                                        replica.headers, body, self.bounds)
             except Exception as exc:  # classified below: anything the server or transport can throw
                 fault = exc if isinstance(exc, Fault) else classify(exc)
             else:
@@ -169,7 +198,7 @@ class Endpoint:
                 self._failing_since = None
                 return result
             finally:
-                await self._give_back(replica)
+                await self._give_back(replica, slot)
             self._note_replica_failure(replica, fault)
             self._note_failure(replica, fault, started, attempt)
             if not self.policy.should_retry(attempt, fault.retryable):
@@ -185,20 +214,19 @@ class Endpoint:
             streamed["stream_options"] = {"include_usage": True}
         return encode_body(streamed)
 
-    async def _take_replica(self) -> Replica:
-        """The replica with the most free slots among those not resting (a resting
-        replica's share is not piled onto the others: its slots wait instead)."""
+    async def _take_replica(self) -> Tuple[Replica, int]:
+        """The replica with the most free slots among those not resting, and one of its
+        slots (a resting replica's share is not piled onto the others: its slots wait instead)."""
         async with self._freed:
             while True:
                 replica = self._pick()
-                if replica.in_flight < replica.limit:
-                    replica.in_flight += 1
-                    return replica
+                if replica.free:
+                    return replica, replica.free.pop()
                 await self._freed.wait()
 
-    async def _give_back(self, replica: Replica) -> None:
+    async def _give_back(self, replica: Replica, slot: int) -> None:
         async with self._freed:
-            replica.in_flight -= 1
+            replica.free.append(slot)
             self._freed.notify()
 
     def _pick(self) -> Replica:
@@ -206,7 +234,7 @@ class Endpoint:
         ready = [replica for replica in self.replicas if replica.rested_until <= now]
         if not ready:
             return min(self.replicas, key=lambda replica: replica.rested_until)
-        return max(ready, key=lambda replica: replica.limit - replica.in_flight)
+        return max(ready, key=lambda replica: len(replica.free))
 
     def _note_replica_failure(self, replica: Replica, fault: Fault) -> None:
         if not fault.retryable or len(self.replicas) == 1:
