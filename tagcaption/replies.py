@@ -139,3 +139,14 @@ def token_count(usage: object, key: str) -> int:
     """A token count from a reply's `usage`; a malformed one counts 0 rather than costing the caption."""
     value = usage.get(key) if isinstance(usage, dict) else None
     return value if isinstance(value, int) else 0
+
+
+def prompt_detail(usage: object, key: str) -> int:
+    """`image_tokens` or `cached_tokens` of a reply's `usage.prompt_tokens_details` (OpenAI's
+    shape, which vLLM and llama.cpp follow), or for cached tokens llama.cpp's `timings.cache_n`;
+    0 where the server does not report it."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    value = token_count(details, key)
+    if not value and key == "cached_tokens" and isinstance(usage, dict):
+        value = token_count(usage.get("timings"), "cache_n")
+    return value

@@ -73,3 +73,17 @@ async def probe_slots(http: httpx2.AsyncClient, base_url: str, headers: Dict[str
 def _total_slots(props: Any) -> Optional[int]:
     value = props.get("total_slots") if isinstance(props, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def advice(name: str, configured: object, limit: int, slots: Slots) -> Optional[str]:
+    """A warning when the endpoint would send a server fewer requests than it runs at once."""
+    if not slots.count or limit >= slots.count:
+        return None
+    return (f"warning: endpoints.{name}.concurrency is {configured}, but the server runs {slots.count} requests at "
+            f"once: {slots.count - limit} of its slots would stay idle (set it to {slots.concurrency}, or {AUTO})")
+
+
+def table_cell(configured: object, limit: int, slots: Optional[Slots]) -> str:
+    """`slots/concurrency` for `check`'s table: `4/5`, `?/4`, `4/auto=5`."""
+    shown = f"{AUTO}={limit}" if configured == AUTO else str(limit)
+    return f"{slots.count if slots and slots.count else '?'}/{shown}"
