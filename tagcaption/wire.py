@@ -123,8 +123,9 @@ async def _read(response: httpx2.Response, limit: int, cut: bool = False) -> byt
 
 
 def _too_large(limit: int, size: Optional[int] = None) -> Fault:
-    said = f" ({size:,} bytes)" if size else ""
-    return Fault(Kind.TOO_LARGE, f"reply larger than max_reply_bytes ({limit:,} bytes){said}: refused")
+    said = f"{size:,} bytes, more than max_reply_bytes ({limit:,})" if size else \
+        f"more than max_reply_bytes ({limit:,} bytes)"
+    return Fault(Kind.TOO_LARGE, f"reply refused: {said}")
 
 
 def completion_reply(data: bytes) -> Tuple[Reply, dict]:
@@ -178,7 +179,7 @@ class _Stream:
                                            f"{one_line(message_from_body(chunk) or str(chunk))}")
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
             raise Fault(Kind.MALFORMED_REPLY, "malformed reply stream")
-        self.usage = _usage(chunk) or self.usage
+        self.usage.update(_usage(chunk))  # llama.cpp sends `timings` with the last choice, `usage` after it
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 raise Fault(Kind.MALFORMED_REPLY, "malformed reply stream")

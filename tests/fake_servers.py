@@ -85,6 +85,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 256  # the default 5 drops connections when a client opens dozens at once
 
 
 class FakeServer:
@@ -138,6 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a client that closed its connection, say after refusing a reply
 
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
