@@ -122,6 +122,8 @@ class InterpreterConfig(StageConfig):
     prompt_template: str = "templates/interpreter_prompt_template_short_no_description.txt"
     style: Optional[str] = None
     prompt_variants: List[VariantConfig] = field(default_factory=list)
+    max_tag_descriptions: Optional[int] = 30
+    """Tag summaries in `{tag_descriptions}` at most, the rarest tags kept (None: all)."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ section's other values are."""
 def check_config(config: Config) -> None:
     """Raise ConfigError for the first value the program cannot use."""
     for check in (_check_stages, _check_endpoints, _check_tag_provider, _check_tags, _check_guards,
-                  _check_variants, _check_interrogator, _check_output):
+                  _check_variants, _check_interrogator, _check_interpreter, _check_output):
         check(config)
 
 
@@ -138,6 +138,12 @@ def _check_interrogator(config: Config) -> None:
     problem = sources_problem(settings.hint_sources)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_interpreter(config: Config) -> None:
+    limit = config.interpreter.max_tag_descriptions
+    if limit is not None and limit < 0:
+        raise ConfigError("interpreter.max_tag_descriptions must be 0 or more (null: every summary)")
 
 
 def _check_output(config: Config) -> None:

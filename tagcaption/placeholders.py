@@ -45,7 +45,8 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
                 (TAG_SUMMARY,)),
     Placeholder("tags", "the image's tags after exclusions, with spaces for underscores", _IMAGE_PROMPTS),
     Placeholder("booru_tags", "the same tags as written on Danbooru (`long_hair`)", _IMAGE_PROMPTS),
-    Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary", _IMAGE_PROMPTS),
+    Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary, at most "
+                "`interpreter.max_tag_descriptions` (the rarest tags kept)", _IMAGE_PROMPTS),
     Placeholder("rating", "the image's rating as a word (general, sensitive, questionable, explicit)",
                 _IMAGE_PROMPTS),
     *(Placeholder(f"{category}_tags", f"the kept tags of the {category} category", _IMAGE_PROMPTS)
@@ -64,6 +65,9 @@ def allowed(prompt: str) -> Tuple[str, ...]:
     """The placeholders a prompt of that kind may hold."""
     return tuple(name for name, entry in PLACEHOLDERS.items() if prompt in entry.prompts)
 
+
+MAX_TAG_DESCRIPTIONS = 30
+"""`interpreter.max_tag_descriptions`'s default: summaries in `{tag_descriptions}` at most."""
 
 TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES)
 """The values made from an image's tags (`tag_variables`)."""
@@ -84,20 +88,23 @@ def rating_word(rating: Optional[str]) -> str:
 
 
 def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
-                  rating: Optional[str], tag_filter: "TagFilter") -> Dict[str, str]:
+                  rating: Optional[str], tag_filter: "TagFilter",
+                  max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
     """The template variables made from an image's tags, after exclusions.
 
-    `categories` are those the image's sidecar gives (they win over the source's)."""
+    `categories` are those the image's sidecar gives (they win over the source's);
+    `max_descriptions` caps `{tag_descriptions}` (see `described`)."""
     kept: List[tuple] = []
     for tag in tags:
         info = knowledge.get(tag)
         category = categories.get(tag) or (info.category if info else None) or GENERAL
         if not tag_filter.excluded(tag, category, info):
             kept.append((tag, category, info.summary if info else None))
+    shown = described([tag for tag, _, summary in kept if summary], knowledge, max_descriptions)
     values = {
         "tags": ", ".join(display_tag(tag) for tag, _, _ in kept),
         "booru_tags": ", ".join(tag for tag, _, _ in kept),
-        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if summary),
+        "tag_descriptions": "\n".join(f"{display_tag(tag)}: {summary}" for tag, _, summary in kept if tag in shown),
         "rating": rating_word(rating),
     }
     for name in CATEGORIES:
@@ -105,10 +112,25 @@ def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], cate
     return values
 
 
+def described(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], limit: Optional[int]) -> Set[str]:
+    """Which of the tags that have a summary get their line in `{tag_descriptions}`: at most
+    `limit` (None: all), the rarest first — fewest posts, by the count the tag source gave;
+    tags without one last, in the image's order. A common tag (`1girl`, `solo`) tells the
+    model least, and 60 summaries would cost about 3,000 prompt tokens."""
+    if limit is None or len(tags) <= limit:
+        return set(tags)
+
+    def rarity(position: int) -> tuple:
+        info = knowledge.get(tags[position])
+        count = info.post_count if info is not None else None
+        return (count is None, count or 0, position)
+    return {tags[position] for position in sorted(range(len(tags)), key=rarity)[:limit]}
+
+
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                  rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
-                 hints: str) -> Dict[str, str]:
+                 hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
     """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
     return {"filename": filename, "folder": folder, "name": name,
-            **tag_variables(tags, knowledge, categories, rating, tag_filter),
+            **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions),
             "hints": hints, "description": ""}

@@ -3,11 +3,12 @@ the token counts of item 4, over real HTTP against loopback servers."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from conftest import make_dataset, run_caption, write_config
-from fake_servers import FakeOpenAIServer, Text
+from fake_servers import FakeOpenAIServer, Text, user_text
 from tagcaption.config import Config, EndpointConfig, StageConfig
 from tagcaption.llm import LLM
 from tagcaption.tally import Tally
@@ -108,3 +109,25 @@ def test_image_and_cached_tokens_are_counted_where_the_server_reports_them(visio
     assert tally["requests.interrogator"] == 3
     assert tally["image_tokens.interrogator"] == 256 and tally["cached_tokens.interrogator"] == 70
     assert 0 < tally["prompt_tokens.interrogator"] and 0 < tally["completion_tokens.interrogator"]
+
+
+def test_a_60_tag_image_gets_the_30_rarest_summaries_by_default(tmp_path, llm_server, danbooru, capsys):
+    """Post counts come from Danbooru through the tag cache; the shipped template is used."""
+    tags = [f"tag_{n:02}" for n in range(60)]
+    danbooru.wiki = {tag: f"The wiki page of {tag}." for tag in tags}
+    danbooru.tags = {tag: {"post_count": 100 + n} for n, tag in enumerate(tags)}  # tag_00 is the rarest
+
+    def respond(request):
+        asked = re.search(r'Tag: "([^"]+)"', user_text(request))
+        return Text(f"Summary of {asked.group(1)}." if asked else "A caption.")
+    llm_server.responder = respond
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": ", ".join(reversed(tags))})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          output={"extension": ".caption"})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    prompt = next(user_text(r) for r in llm_server.chat_requests if "Tags attached to the image" in user_text(r))
+    lines = [line for line in prompt.splitlines() if line.startswith("tag ") and ": Summary of" in line]
+    assert [line.split(":")[0] for line in lines] == [f"tag {n:02}" for n in reversed(range(30))]
+    assert all(f"tag_{n:02}".replace("_", " ") in prompt for n in range(60))  # every tag is still listed

@@ -25,6 +25,7 @@ def config_file(tmp_path):
     ("endpoints.default.request_timeout=0", "endpoints.default.request_timeout must be more than 0 seconds"),
     ("endpoints.default.max_reply_bytes=0", "endpoints.default.max_reply_bytes must be at least 1"),
     ("endpoints.default.stop_after_failures=0", "endpoints.default.stop_after_failures must be at least 1"),
+    ("interpreter.max_tag_descriptions=-1", "interpreter.max_tag_descriptions must be 0 or more (null: every summary)"),
     ("guards.max_attempts=0", "guards.max_attempts must be at least 1"),
     ("interrogator.jpeg_quality=101", "interrogator.jpeg_quality must be between 1 and 100"),
     ("tag_provider.source=booru", "tag_provider.source must be danbooru, file or none (got 'booru')"),
