@@ -1,8 +1,9 @@
 """One configured endpoint: its servers, how many requests each may carry, and the one
 retry loop every request goes through.
 
-Every retry goes through `RetryPolicy` and is counted (the OpenAI SDK, used here only to
-list models, has its own retries turned off; chat requests go out through wire.py). Each
+Every retry goes through `RetryPolicy` and is counted. Requests go out on each replica's
+own httpx2 clients (chat requests through wire.py); the OpenAI SDK is not imported for a
+run (importing it costs a quarter of a second before the first request), only by `check`. Each
 attempt goes to the replica with the most free slots; a replica that fails `rest_after`
 times in a row rests for `rest_seconds` while the others carry on. When every replica has
 failed to connect `stop_after_failures` times in a row, or every request has failed to
@@ -21,13 +22,13 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-import openai
+import httpx2
 
 from tagcaption import tls
 from tagcaption.config import EndpointConfig
 from tagcaption.deadlines import MODELS_SECONDS
 from tagcaption.errors import Kind, LLMError, NoVision, ServerDown, ServerUnreachable
-from tagcaption.replies import Fault, classify, error_message
+from tagcaption.replies import Fault, classify, error_message, status_message
 from tagcaption.retry import RetryPolicy
 from tagcaption.sinks import redact, register_secret
 from tagcaption.slots import AUTO, DEFAULT_CONCURRENCY, Slots, probe_slots
@@ -74,9 +75,9 @@ class Replica:
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
         self._timeout = config.timeout
+        self._api_key = config.api_key
+        self._client = None
         self.http = self._http_client()
-        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
-                                         timeout=config.timeout, max_retries=0, http_client=self.http)
         self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
         self.chat_url = f"{self.base_url}/chat/completions"
@@ -92,10 +93,21 @@ class Replica:
         """Connection attempts in a row that could not reach it."""
         self.last_unreached = float("-inf")
 
-    def _http_client(self):
+    def _http_client(self) -> httpx2.AsyncClient:
         # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        return openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url),
-                                              verify=tls.context_for(self.base_url), timeout=self._timeout)
+        return httpx2.AsyncClient(trust_env=not is_loopback(self.base_url), verify=tls.context_for(self.base_url),
+                                  timeout=httpx2.Timeout(self._timeout), follow_redirects=True,
+                                  limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100))
+
+    @property
+    def client(self):
+        """An OpenAI SDK client on this replica's first HTTP client, for `check` (made when first asked)."""
+        if self._client is None:
+            import openai
+
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "no-key",
+                                              timeout=self._timeout, max_retries=0, http_client=self.http)
+        return self._client
 
     def set_limit(self, limit: int) -> None:
         """Carry `limit` requests at once (before the first request, or with none in flight)."""
@@ -109,8 +121,7 @@ class Replica:
         return self.limit - len(self.free)
 
     async def close(self) -> None:
-        await self.client.close()
-        await asyncio.gather(*(client.aclose() for client in self.chat_clients[1:]), return_exceptions=True)
+        await asyncio.gather(*(client.aclose() for client in self.chat_clients), return_exceptions=True)
 
 
 class Endpoint:
@@ -147,29 +158,46 @@ class Endpoint:
 
     async def list_models(self, timeout: float = MODELS_SECONDS) -> List[str]:
         """Model ids from `/models` (and with `concurrency: auto`, each replica's slots);
-        raises ServerUnreachable when no replica answers."""
+        raises ServerUnreachable when no replica answers or one refuses the API key. A server
+        that answers but lists nothing usable costs a warning."""
         listed: List[str] = []
         unreachable = []
         for replica in self.replicas:
             try:
-                page = await replica.client.with_options(timeout=timeout).models.list()
-            except openai.APIConnectionError as exc:
+                models = await self._models(replica, timeout)
+            except httpx2.TransportError as exc:
                 unreachable.append(f"cannot reach {self.describe(replica)}: {error_message(exc)}")
                 replica.rested_until = time.monotonic() + self.config.rest_seconds
                 replica.unreached = self.config.stop_after_failures
                 continue
-            except openai.AuthenticationError as exc:
-                raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
-                                               f"{error_message(exc)}. Set endpoints.{self.name}.api_key")) from None
-            listed += [model.id for model in page.data]
+            listed += [str(model.get("id")) for model in models if model.get("id")]
             if self.auto:
-                await self.probe_slots(replica, [getattr(model, "owned_by", "") for model in page.data])
+                await self.probe_slots(replica, [model.get("owned_by", "") for model in models])
         if len(unreachable) == len(self.replicas):
             hint = TLS_HINT if any("CERTIFICATE_VERIFY_FAILED" in line for line in unreachable) else SERVER_HINTS
             raise ServerUnreachable(redact(f"{'; '.join(unreachable)}. {hint}"))
         for line in unreachable:
             log.warning("warning: %s; resting it, the other replicas carry on", line)
         return listed
+
+    async def _models(self, replica: Replica, timeout: float) -> List[dict]:
+        response = await replica.http.get(f"{replica.base_url}/models", headers=replica.headers, timeout=timeout)
+        body = response.text
+        if response.status_code == 401:
+            raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
+                                           f"{status_message(401, body, response.reason_phrase)}. "
+                                           f"Set endpoints.{self.name}.api_key"))
+        try:
+            models = response.json().get("data") if response.status_code < 400 else None
+        except (ValueError, AttributeError):
+            models = None
+        if not isinstance(models, list):
+            problem = status_message(response.status_code, body, response.reason_phrase) \
+                if response.status_code >= 400 else "not a list of models"
+            log.warning("warning: %s could not list its models (%s); going on", self.describe(replica),
+                        redact(problem))
+            return []
+        return [model for model in models if isinstance(model, dict)]
 
     async def probe_slots(self, replica: Replica, owners: List[str] = ()) -> Slots:
         """Ask the replica how many requests it runs at once; with `auto`, use the answer."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any, Optional
 
 import httpx2
-import openai
 
 from tagcaption.errors import Kind
 from tagcaption.retry import is_retryable, parse_retry_after
@@ -53,35 +53,43 @@ def clean_reply(text: str) -> str:
     return text.strip()
 
 
+def _sdk():
+    """The OpenAI SDK if it is loaded: only `check` uses it, and when it is not loaded no
+    exception can be one of its (a run never imports it: a quarter of a second)."""
+    return sys.modules.get("openai")
+
+
 def error_message(exc: BaseException) -> str:
     """One line from any server's error shape (OpenAI, LM Studio, vLLM, llama.cpp, Gemini)."""
-    if isinstance(exc, openai.APIStatusError):
+    sdk = _sdk()
+    if sdk and isinstance(exc, sdk.APIStatusError):
         detail = message_from_body(exc.body) or exc.message
         return f"HTTP {exc.status_code}: {one_line(detail)}"
-    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+    if isinstance(exc, httpx2.TimeoutException) or (sdk and isinstance(exc, sdk.APITimeoutError)):
         return "request timed out"
-    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
-        cause = exc.__cause__ or exc if isinstance(exc, openai.APIConnectionError) else exc
+    if isinstance(exc, httpx2.TransportError) or (sdk and isinstance(exc, sdk.APIConnectionError)):
+        cause = exc if isinstance(exc, httpx2.TransportError) else exc.__cause__ or exc
         return f"connection failed ({one_line(str(cause)) or type(cause).__name__})"
-    if isinstance(exc, openai.APIError):
+    if sdk and isinstance(exc, sdk.APIError):
         return one_line(message_from_body(exc.body) or exc.message)
     return one_line(str(exc)) or type(exc).__name__
 
 
 def classify(exc: BaseException) -> Fault:
-    """The fault behind anything a request can raise (the SDK's errors or httpx2's)."""
+    """The fault behind anything a request can raise (httpx2's errors, or the SDK's)."""
     message = error_message(exc)
-    if isinstance(exc, openai.APIStatusError):
+    sdk = _sdk()
+    if sdk and isinstance(exc, sdk.APIStatusError):
         return status_fault(exc.status_code, message, parse_retry_after(exc.response.headers))
-    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+    if isinstance(exc, httpx2.TimeoutException) or (sdk and isinstance(exc, sdk.APITimeoutError)):
         return Fault(Kind.TIMEOUT, message, unreachable=isinstance(exc, httpx2.ConnectTimeout))
-    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
-        cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) else exc
+    if isinstance(exc, httpx2.TransportError) or (sdk and isinstance(exc, sdk.APIConnectionError)):
+        cause = exc if isinstance(exc, httpx2.TransportError) else exc.__cause__
         return Fault(Kind.CONNECTION, message, unreachable=isinstance(cause, (httpx2.ConnectError,
                                                                                 httpx2.ConnectTimeout)))
-    if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
+    if isinstance(exc, ValueError) or (sdk and isinstance(exc, sdk.APIResponseValidationError)):
         return Fault(Kind.MALFORMED_REPLY, f"malformed reply ({message})")
-    if isinstance(exc, openai.APIError):  # an error object inside a 200 stream
+    if sdk and isinstance(exc, sdk.APIError):  # an error object inside a 200 stream
         return Fault(Kind.STREAM_ERROR, f"error in the reply stream: {message}")
     return Fault(Kind.ERROR, message)
 
