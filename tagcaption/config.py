@@ -38,6 +38,8 @@ class EndpointConfig:
     down_after: float = 120.0
     stop_after_failures: int = 3
     """Connection attempts in a row that reach no replica before the run stops."""
+    auto_concurrency: bool = field(default=False, metadata={"internal": True})
+    """`concurrency` was `auto`: the endpoint has put the number it chose there (see endpoint.py)."""
     rest_after: int = 3
     rest_seconds: float = 30.0
     stream: bool = True

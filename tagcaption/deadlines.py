@@ -1,11 +1,12 @@
 """Every wait of a run has a bound, and this module holds them.
 
-- Model servers: `endpoints.<name>.timeout` bounds connecting and each read (see
-  endpoint.py); `list_models` at the start waits at most MODELS_SECONDS.
-- Files: every file read runs off the event loop in a thread of its own through
-  `off_loop`, so a read that stalls (a FIFO, a dead network share) fails its own image after
-  FILE_READ_SECONDS instead of holding up the run. The thread is a daemon: a read stuck in
-  the kernel is left behind, and the process can still exit.
+- Model servers: `endpoints.<name>.timeout` bounds connecting and each read,
+  `request_timeout` a whole reply from when the request leaves (see wire.py);
+  `list_models` at the start waits at most MODELS_SECONDS.
+- Files: every file read runs off the event loop in a daemon thread through `off_loop`, so
+  a read that stalls (a FIFO, a dead network share) fails its own image after
+  FILE_READ_SECONDS instead of holding up the run. A read stuck in the kernel keeps its
+  thread, which is left behind, and the process can still exit.
 - Stopping: after Ctrl-C or SIGTERM, the images in flight get STOP_GRACE_SECONDS; a run that
   stopped early waits COUNT_SECONDS for the count of names, to say how many it left.
 """

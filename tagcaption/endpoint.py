@@ -2,8 +2,9 @@
 retry loop every request goes through.
 
 Every retry goes through `RetryPolicy` and is counted. Requests go out on each replica's
-own httpx2 clients (chat requests through wire.py); the OpenAI SDK is not imported for a
-run (importing it costs a quarter of a second before the first request), only by `check`. Each
+own httpx2 clients (chat requests through wire.py); this module does not import the OpenAI
+SDK, which costs a quarter of a second before the first request: `check` makes an SDK
+client when it asks for one. Each
 attempt goes to the replica with the most free slots; a replica that fails `rest_after`
 times in a row rests for `rest_seconds` while the others carry on. When every replica has
 failed to connect `stop_after_failures` times in a row, or every request has failed to
@@ -84,7 +85,8 @@ class Replica:
         self.chat_clients = [self.http]
         self.limit = 0
         self.free: List[int] = []
-        self.set_limit(config.concurrency if config.concurrency != AUTO else DEFAULT_CONCURRENCY)
+        self.set_limit(DEFAULT_CONCURRENCY if config.concurrency == AUTO or config.auto_concurrency
+                       else config.concurrency)
         self.slots: Optional[Slots] = None
         """What the server said about its slots, once asked."""
         self.failures = 0
@@ -116,10 +118,6 @@ class Replica:
             self.chat_clients.append(self._http_client())
         self.free = list(range(limit - 1, -1, -1))
 
-    @property
-    def in_flight(self) -> int:
-        return self.limit - len(self.free)
-
     async def close(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self.chat_clients), return_exceptions=True)
 
@@ -131,7 +129,8 @@ class Endpoint:
     def __init__(self, name: str, config: EndpointConfig):
         self.name = name
         self.config = config
-        self.auto = config.concurrency == AUTO
+        self.auto = config.concurrency == AUTO or config.auto_concurrency
+        config.auto_concurrency = self.auto
         urls = [config.base_url] if isinstance(config.base_url, str) else list(config.base_url)
         self.replicas = [Replica(url, config) for url in urls]
         self.base_url = self.replicas[0].base_url
@@ -149,7 +148,9 @@ class Endpoint:
 
     def _publish_concurrency(self) -> None:
         """Put the number in force into the config in place of `auto`, so that whatever reads
-        `concurrency` (the number of workers) sees it: per replica, rounded up."""
+        `concurrency` (the number of workers) sees it: per replica, rounded up. The config
+        remembers that it was `auto` (`auto_concurrency`), so an endpoint built from it again
+        asks the server again."""
         if self.auto:
             self.config.concurrency = math.ceil(self.capacity / len(self.replicas))
 

@@ -131,3 +131,22 @@ def test_a_60_tag_image_gets_the_30_rarest_summaries_by_default(tmp_path, llm_se
     lines = [line for line in prompt.splitlines() if line.startswith("tag ") and ": Summary of" in line]
     assert [line.split(":")[0] for line in lines] == [f"tag {n:02}" for n in reversed(range(30))]
     assert all(f"tag_{n:02}".replace("_", " ") in prompt for n in range(60))  # every tag is still listed
+
+
+def test_auto_is_asked_again_by_every_client_built_from_the_same_config():
+    server = busy_server(props={"total_slots": 6})
+    try:
+        config = Config(endpoints={"default": EndpointConfig(base_url=server.base_url, concurrency="auto")})
+
+        async def limits():
+            llm = LLM.from_config(config)
+            try:
+                await llm.endpoints["default"].list_models()
+                return llm.endpoints["default"].capacity, config.endpoints["default"].concurrency
+            finally:
+                await llm.close()
+        assert asyncio.run(limits()) == (7, 7)
+        assert asyncio.run(limits()) == (7, 7)
+        assert [r.path for r in server.requests].count("/props") == 2
+    finally:
+        server.stop()
