@@ -83,15 +83,19 @@ async def exchange(http: httpx2.AsyncClient, url: str, headers: Dict[str, str], 
     """POST `body` and read the reply (JSON or a stream) within `bounds`; raises Fault for
     an answer that is not a usable reply, httpx2's errors for the transport's."""
     try:
-        async with asyncio.timeout(bounds.request_timeout):
-            response = await http.send(http.build_request("POST", url, content=body, headers=headers),
-                                       stream=True)
-            try:
-                return await _read_reply(response, bounds.max_reply_bytes)
-            finally:
-                await response.aclose()
-    except TimeoutError:
+        return await asyncio.wait_for(_exchange(http, url, headers, body, bounds.max_reply_bytes),
+                                      bounds.request_timeout)
+    except asyncio.TimeoutError:
         raise Fault(Kind.TIMEOUT, f"no whole reply within request_timeout ({bounds.request_timeout:g} s)") from None
+
+
+async def _exchange(http: httpx2.AsyncClient, url: str, headers: Dict[str, str], body: bytes,
+                    limit: int) -> Tuple[Reply, dict]:
+    response = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
+    try:
+        return await _read_reply(response, limit)
+    finally:
+        await response.aclose()
 
 
 async def _read_reply(response: httpx2.Response, limit: int) -> Tuple[Reply, dict]:
