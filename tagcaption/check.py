@@ -145,13 +145,14 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
 
 async def _check_slots(llm: LLM, row: Row, settings: StageConfig, replica: Replica, owners: List[str]) -> None:
     """The server's parallel slots beside the concurrency that would be used, and a warning
-    when that leaves slots idle."""
+    when that leaves slots idle (asked once per server, however many stages use it)."""
     endpoint = llm.endpoints[settings.endpoint]
     configured = AUTO if endpoint.auto else endpoint.config.concurrency
-    server = await endpoint.probe_slots(replica, owners)
+    asked = replica.slots is not None
+    server = replica.slots if asked else await endpoint.probe_slots(replica, owners)
     row.slots = table_cell(configured, replica.limit, server)
     warning = advice(settings.endpoint, configured, replica.limit, server)
-    if warning and warning not in row.fixes:
+    if warning and not asked:
         row.fixes.append(warning)
 
 
