@@ -48,11 +48,13 @@ def encode_body(params: Dict[str, Any]) -> bytes:
     caller's messages are not changed: only the image parts are copied."""
     urls: List[bytes] = []
     messages = params.get("messages")
-    if isinstance(messages, list):
-        params = dict(params, messages=[_marked(message, urls) for message in messages])
-    text = json.dumps(params, separators=(",", ":")).encode()
+    marked = dict(params, messages=[_marked(message, urls) for message in messages]) \
+        if isinstance(messages, list) else params
+    text = json.dumps(marked, separators=(",", ":")).encode()
     if not urls:
         return text
+    if text.count(b'"\\u0000') != len(urls):  # some text of the request starts with a NUL of its own
+        return json.dumps(params, separators=(",", ":")).encode()
     pieces = text.split(b'"\\u0000')
     out = [pieces[0]]
     for piece in pieces[1:]:

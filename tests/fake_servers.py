@@ -44,10 +44,12 @@ class Fault:
     malformed (invalid JSON), empty_choices, stream_error (an error object inside a 200
     stream), hang (answer after `seconds`); hostile: endless (a stream that never ends, an
     event every `seconds`), trickle (a whole JSON reply, one byte every `seconds`), huge (a
-    reply of `size` characters, streamed or not, sent at once)."""
+    reply of `size` characters, streamed or not, sent at once); raw (`data` as an event
+    stream, in pieces of `size` bytes)."""
     kind: str
     seconds: float = 0.0
     size: int = 0
+    data: bytes = b""
 
 
 Reply = Union[Text, Error, Fault]
@@ -260,7 +262,7 @@ class FakeOpenAIServer(FakeServer):
                 self.in_flight -= 1
 
     def _fault(self, handler, request: dict, fault: Fault) -> None:
-        if fault.kind in ("endless", "trickle", "huge"):
+        if fault.kind in ("endless", "trickle", "huge", "raw"):
             try:
                 self._hostile(handler, request, fault)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up on it, as it should
@@ -303,7 +305,12 @@ class FakeOpenAIServer(FakeServer):
             raise ValueError(f"unknown fault {fault.kind}")
 
     def _hostile(self, handler, request: dict, fault: Fault) -> None:
-        if fault.kind == "trickle":
+        if fault.kind == "raw":
+            handler.start_chunked("text/event-stream")
+            for start in range(0, len(fault.data), fault.size or len(fault.data)):
+                handler.write_chunk(fault.data[start:start + (fault.size or len(fault.data))])
+            handler.write_chunk(b"")
+        elif fault.kind == "trickle":
             data = json.dumps(self._completion(request, Text("Slowly, slowly."))).encode()
             handler.send_response(200)
             handler.send_header("Content-Type", "application/json")

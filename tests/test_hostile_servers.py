@@ -3,12 +3,20 @@
 loopback servers that misbehave on purpose, with short timeouts."""
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import os
 import threading
 import time
 
+import pytest
+
 from conftest import make_dataset, run_caption, write_config
 from fake_servers import Fault, FakeOpenAIServer, Text, user_text
+from tagcaption.errors import LLMError
+from tagcaption.wire import encode_body
+from test_retry import complete, llm_for
 
 QUICK = {"max_retries": 1, "retry_backoff": 0.01, "retry_max_backoff": 0.02}
 
@@ -165,3 +173,48 @@ def test_a_single_dead_replica_is_rested_while_the_other_carries_on(tmp_path, ll
     assert code == 0, out + err
     assert "30 captioned" in out and "has not answered" not in err
     assert f"({dead_url}) failed 1 times in a row" in err and "resting it" in err
+
+
+def chunk(content: str = "", finish=None) -> str:
+    return json.dumps({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
+
+
+@pytest.mark.parametrize("piece", [0, 3, 1])
+def test_event_streams_in_every_servers_shape_are_read_whole(llm_server, piece):
+    """CRLF lines (some proxies), comment lines (OpenRouter), an event split across reads,
+    a `data:` without its space, and llama.cpp's usage after the last choice."""
+    events = (f": OPENROUTER PROCESSING\r\n\r\ndata: {chunk('A ')}\r\n\r\ndata:{chunk('red square')}\n\n"
+              f"data: {chunk('.', 'stop')}\n\n"
+              'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}\n\ndata: [DONE]\n\n')
+    llm_server.responder = lambda request: Fault("raw", data=events.encode(), size=piece)
+    llm, tally = llm_for(llm_server, stream=True)
+    assert asyncio.run(complete(llm)) == "A red square."
+    assert tally["prompt_tokens.interpreter"] == 9 and tally["completion_tokens.interpreter"] == 4
+
+
+@pytest.mark.parametrize("events, kind", [
+    ('event: error\ndata: {"message": "model crashed"}\n\n', "stream_error"),
+    (f"data: {chunk('Half a')}\n\ndata: [DONE]\n\n", "stream_cut"),
+    ("data: {not json\n\n", "malformed_reply"),
+])
+def test_a_stream_that_goes_wrong_is_a_retryable_fault(llm_server, events, kind):
+    llm_server.responder = lambda request: Fault("raw", data=events.encode())
+    llm, tally = llm_for(llm_server, stream=True)
+    with pytest.raises(LLMError) as raised:
+        asyncio.run(complete(llm))
+    assert raised.value.record_kind == kind and raised.value.attempts == 3 == tally["requests.interpreter"]
+
+
+def test_the_request_body_is_the_json_of_the_request_with_the_image_as_it_is():
+    image = "data:image/jpeg;base64," + base64.b64encode(os.urandom(6000)).decode()
+    quoted = 'data:image/png;base64,"' + "A" * 5000  # not spliced: it needs escaping
+    for text in ("What is it?", "\x00starts with NUL", 'a "quote" and \\ and \u00e9'):
+        params = {"model": "m", "messages": [
+            {"role": "system", "content": text},
+            {"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image, "detail": "low"}},
+                                         {"type": "image_url", "image_url": {"url": quoted}},
+                                         {"type": "image_url", "image_url": {"url": image}}]}]}
+        before = json.dumps(params)
+        assert json.loads(encode_body(params)) == params
+        assert json.dumps(params) == before  # the caller's messages are left as they were
