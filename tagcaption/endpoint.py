@@ -81,7 +81,7 @@ class Replica:
         self.http = self._http_client()
         self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
-        self.chat_url = f"{self.base_url}/chat/completions"
+        self.chat_url = httpx2.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self.chat_clients = [self.http]
         self.limit = 0
         self.free: List[int] = []

@@ -80,7 +80,7 @@ def _marked(message: Any, urls: List[bytes]) -> Any:
     return dict(message, content=parts)
 
 
-async def exchange(http: httpx2.AsyncClient, url: str, headers: Dict[str, str], body: bytes,
+async def exchange(http: httpx2.AsyncClient, url: httpx2.URL, headers: Dict[str, str], body: bytes,
                    bounds: Bounds) -> Tuple[Reply, dict]:
     """POST `body` and read the reply (JSON or a stream) within `bounds`; raises Fault for
     an answer that is not a usable reply, httpx2's errors for the transport's."""
@@ -91,7 +91,7 @@ async def exchange(http: httpx2.AsyncClient, url: str, headers: Dict[str, str], 
         raise Fault(Kind.TIMEOUT, f"no whole reply within request_timeout ({bounds.request_timeout:g} s)") from None
 
 
-async def _exchange(http: httpx2.AsyncClient, url: str, headers: Dict[str, str], body: bytes,
+async def _exchange(http: httpx2.AsyncClient, url: httpx2.URL, headers: Dict[str, str], body: bytes,
                     limit: int) -> Tuple[Reply, dict]:
     response = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
     try:
