@@ -81,7 +81,7 @@ class Replica:
         self.http = self._http_client()
         self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
-        self.chat_url = httpx2.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
+        self.chat_url = self.url("/chat/completions")
         self.chat_clients = [self.http]
         self.limit = 0
         self.free: List[int] = []
@@ -100,6 +100,11 @@ class Replica:
         return httpx2.AsyncClient(trust_env=not is_loopback(self.base_url), verify=tls.context_for(self.base_url),
                                   timeout=httpx2.Timeout(self._timeout), follow_redirects=True,
                                   limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100))
+
+    def url(self, path: str) -> httpx2.URL:
+        """`path` under the base URL, its query (`?api-version=…`) kept; parsed once, not per request."""
+        base = httpx2.URL(self.base_url)
+        return base.copy_with(path=base.path.rstrip("/") + path)
 
     @property
     def client(self):
@@ -182,7 +187,7 @@ class Endpoint:
         return listed
 
     async def _models(self, replica: Replica, timeout: float) -> List[dict]:
-        response = await replica.http.get(f"{replica.base_url}/models", headers=replica.headers, timeout=timeout)
+        response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
         body = response.text
         if response.status_code == 401:
             raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
