@@ -218,3 +218,16 @@ def test_the_request_body_is_the_json_of_the_request_with_the_image_as_it_is():
         before = json.dumps(params)
         assert json.loads(encode_body(params)) == params
         assert json.dumps(params) == before  # the caller's messages are left as they were
+
+
+def test_a_base_url_with_a_query_keeps_it_on_every_request(tmp_path, llm_server, danbooru, capsys):
+    llm_server.responder = caption_for
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm_server, danbooru)
+    config.write_text(config.read_text().replace(f"base_url: {llm_server.base_url}",
+                                                 f"base_url: {llm_server.base_url}?api-version=2024-06-01"))
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and (images / "a.caption").read_text() == "A picture of cat."
+    assert {(r.path, r.query["api-version"][0]) for r in llm_server.requests} == {
+        ("/v1/models", "2024-06-01"), ("/v1/chat/completions", "2024-06-01")}
