@@ -111,12 +111,15 @@ class Captioner:
         knowledge = {}
         if self.stages.tag_provider:
             knowledge = await self.stages.tag_provider.knowledge(self.to_look_up(tags))
-        hints = await off_loop(collect_hints, self.config.interrogator.hint_sources,
-                               HintInput(item.path, item.rel, tags.tags), seconds=self.config.file_timeout,
-                               what=f"the hints of {item.path}")
+        hints = ""
+        if self.config.interrogator.hint_sources:
+            hints = await off_loop(collect_hints, self.config.interrogator.hint_sources,
+                                   HintInput(item.path, item.rel, tags.tags), seconds=self.config.file_timeout,
+                                   what=f"the hints of {item.path}")
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
-                              name=self.config.style.name, hints=hints)
+                              name=self.config.style.name, hints=hints,
+                              max_descriptions=self.config.interpreter.max_tag_descriptions)
         if not self._carries_description() and not any(values.get(name) for name in TAG_NAMES & self.consumed):
             raise NothingToCaption(f"none of its tags reach the caption prompt ({', '.join(sorted(TAG_NAMES & self.consumed))}"
                                    " empty after tags.exclude and tags.exclude_categories), and no description "

@@ -2,7 +2,9 @@
 
 For every endpoint a stage uses: reach `/models`, see whether the model is listed (a
 warning only: some servers list placeholder names), send a one-token text request, and
-for the Interrogator's model a tiny image; then try the tag source. Nothing is written.
+for the Interrogator's model a tiny image, and ask the server how many requests it runs at
+once (shown beside the concurrency that would be used); then try the tag source. Nothing
+is written.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from tagcaption.plan import RunPlan, plan_run
 from tagcaption.sinks import say
 from tagcaption.templates import Template
 from tagcaption.replies import error_message
+from tagcaption.slots import AUTO, advice, table_cell
 from tagcaption.tag_sources import make_source
 from tagcaption.vocabulary import INTERPRETER, INTERROGATOR, TAG_PROVIDER
 
@@ -45,6 +48,7 @@ class Row:
     text: str = "-"
     vision: str = "-"
     latency: str = "-"
+    slots: str = "-"
     fixes: List[str] = field(default_factory=list)
 
     @property
@@ -98,10 +102,12 @@ def _fix_for(exc: BaseException, row: Row, url: str) -> str:
 
 async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Replica, vision: bool) -> None:
     started = time.monotonic()
+    owners: List[str] = []
     try:
         page = await replica.client.with_options(timeout=10).models.list()
         row.reachable = "yes"
         listed = [model.id for model in page.data]
+        owners = [getattr(model, "owned_by", "") for model in page.data]
         row.listed = "yes" if settings.model in listed else "no"
         if row.listed == "no":
             row.fixes.append(f"warning: '{settings.model}' is not among the models listed ({', '.join(listed[:6])})")
@@ -120,6 +126,7 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
             row.fixes.append(_fix_for(exc, row, replica.base_url))
             return
     row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
+    await _check_slots(llm, row, settings, replica, owners)
     body = {"model": settings.model, "messages": [{"role": "user", "content": "Say OK."}],
             llm.endpoints[settings.endpoint].config.token_limit_param: 1}
     try:
@@ -140,6 +147,19 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
             row.fixes.append(f"the model cannot see images ({message}): load a vision model; for llama.cpp start "
                              "llama-server with --mmproj" if "image" in message.lower() or "multimodal" in
                              message.lower() else _fix_for(exc, row, replica.base_url))
+
+
+async def _check_slots(llm: LLM, row: Row, settings: StageConfig, replica: Replica, owners: List[str]) -> None:
+    """The server's parallel slots beside the concurrency that would be used, and a warning
+    when that leaves slots idle (asked once per server, however many stages use it)."""
+    endpoint = llm.endpoints[settings.endpoint]
+    configured = AUTO if endpoint.auto else endpoint.config.concurrency
+    asked = replica.slots is not None
+    server = replica.slots if asked else await endpoint.probe_slots(replica, owners)
+    row.slots = table_cell(configured, replica.limit, server)
+    warning = advice(settings.endpoint, configured, replica.limit, server)
+    if warning and not asked:
+        row.fixes.append(warning)
 
 
 def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str]]:
@@ -213,8 +233,9 @@ async def _check_tags(config: Config):
 
 
 def _table(rows: List[Row]) -> str:
-    header = ("stage", "endpoint", "model", "reachable", "listed", "text OK", "vision OK", "latency")
-    lines = [header] + [(r.stage, r.endpoint, r.model, r.reachable, r.listed, r.text, r.vision, r.latency)
+    header = ("stage", "endpoint", "model", "reachable", "listed", "text OK", "vision OK", "latency",
+              "slots/concurrency")
+    lines = [header] + [(r.stage, r.endpoint, r.model, r.reachable, r.listed, r.text, r.vision, r.latency, r.slots)
                         for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(value).ljust(width) for value, width in zip(line, widths)) for line in lines)

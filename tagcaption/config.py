@@ -29,12 +29,20 @@ class EndpointConfig:
     base_url: Any = "http://localhost:1234/v1"
     """One URL, or a list of replicas of the same model."""
     api_key: str = ""
-    concurrency: int = 4
+    concurrency: Any = 4
+    """Requests in flight per replica: a number, or `auto` (the server's slots, see slots.py)."""
     timeout: float = 300.0
+    request_timeout: float = 600.0
+    """Seconds for a whole reply, stream included, from when the request leaves."""
+    max_reply_bytes: int = 1048576
     max_retries: int = 3
     retry_backoff: float = 1.0
     retry_max_backoff: float = 60.0
     down_after: float = 120.0
+    stop_after_failures: int = 3
+    """Connection attempts in a row that reach no replica before the run stops."""
+    auto_concurrency: bool = field(default=False, metadata={"internal": True})
+    """`concurrency` was `auto`: the endpoint has put the number it chose there (see endpoint.py)."""
     rest_after: int = 3
     rest_seconds: float = 30.0
     stream: bool = True
@@ -117,7 +125,7 @@ class InterrogatorConfig(StageConfig):
     style: Optional[str] = None
     prompt_variants: List[VariantConfig] = field(default_factory=list)
     max_image_size: int = 1536
-    image_format: str = "jpeg"
+    image_format: str = "auto"
     jpeg_quality: int = 90
     background: str = "#ffffff"
 
@@ -128,6 +136,8 @@ class InterpreterConfig(StageConfig):
     prompt_template: str = "auto"
     style: Optional[str] = None
     prompt_variants: List[VariantConfig] = field(default_factory=list)
+    max_tag_descriptions: Optional[int] = 30
+    """Tag summaries in `{tag_descriptions}` at most, the rarest tags kept (None: all)."""
 
 
 @dataclass

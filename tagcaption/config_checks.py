@@ -20,9 +20,10 @@ ABOVE_ZERO = ">0"
 """As a lowest value: more than 0 (a timeout or a rate of 0 means nothing useful)."""
 RANGES: Dict[str, Dict[str, Tuple[Union[str, float], Optional[float]]]] = {
     "stage": {"max_tokens": (1, None)},
-    "endpoint": {"concurrency": (1, 1024), "timeout": (ABOVE_ZERO, None), "max_retries": (0, 1000),
+    "endpoint": {"timeout": (ABOVE_ZERO, None), "max_retries": (0, 1000),
                  "retry_backoff": (0, None), "retry_max_backoff": (0, None), "down_after": (ABOVE_ZERO, None),
-                 "rest_after": (1, None), "rest_seconds": (0, None)},
+                 "rest_after": (1, None), "rest_seconds": (0, None),
+                 "max_reply_bytes": (1, None), "stop_after_failures": (1, None)},
     "tag_provider": {"danbooru_rate": (ABOVE_ZERO, None), "danbooru_batch_size": (1, 1000),
                      "danbooru_concurrency": (1, 64), "danbooru_timeout": (ABOVE_ZERO, None),
                      "danbooru_retries": (0, 1000), "negative_ttl_days": (0, None), "wiki_max_chars": (0, None),
@@ -40,7 +41,7 @@ where the section's other values are. An unset optional number (null) is not che
 def check_config(config: Config) -> None:
     """Raise ConfigError for the first value the program cannot use."""
     for check in (_check_stages, _check_endpoints, _check_tag_provider, _check_tags, _check_guards,
-                  _check_variants, _check_interrogator, _check_output, _check_dataset):
+                  _check_variants, _check_interrogator, _check_interpreter, _check_output, _check_dataset):
         check(config)
 
 
@@ -76,6 +77,9 @@ def _check_stages(config: Config) -> None:
 def _check_endpoints(config: Config) -> None:
     for name, endpoint in config.endpoints.items():
         _check_ranges(endpoint, f"endpoints.{name}", "endpoint")
+        _check_concurrency(endpoint.concurrency, f"endpoints.{name}.concurrency")
+        if not endpoint.request_timeout > 0:
+            raise ConfigError(f"endpoints.{name}.request_timeout must be more than 0 seconds")
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
         urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
@@ -84,6 +88,18 @@ def _check_endpoints(config: Config) -> None:
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {url!r})")
+
+
+def _check_concurrency(value: object, where: str) -> None:
+    """A whole number from 1 to MAX_CONCURRENCY, or `auto`."""
+    from tagcaption.slots import AUTO, MAX_CONCURRENCY
+
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number or {AUTO} (got {value!r})")
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigError(f"{where} must be between 1 and {MAX_CONCURRENCY}, or {AUTO} (got {value})")
 
 
 def _check_tag_provider(config: Config) -> None:
@@ -141,6 +157,12 @@ def _check_interrogator(config: Config) -> None:
     problem = sources_problem(settings.hint_sources)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_interpreter(config: Config) -> None:
+    limit = config.interpreter.max_tag_descriptions
+    if limit is not None and limit < 0:
+        raise ConfigError("interpreter.max_tag_descriptions must be 0 or more (null: every summary)")
 
 
 def _check_output(config: Config) -> None:

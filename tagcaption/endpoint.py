@@ -1,32 +1,42 @@
 """One configured endpoint: its servers, how many requests each may carry, and the one
 retry loop every request goes through.
 
-The SDK's own retries are turned off (`max_retries=0`) so that every retry, including
-those for faults the SDK does not retry (a stream cut in the middle, malformed JSON, an
-empty `choices`, an error object inside a 200 stream), goes through `RetryPolicy` and is
-counted. Each attempt goes to the replica with the fewest requests in flight; a replica
-that fails `rest_after` times in a row rests for `rest_seconds` while the others carry on.
+Every retry goes through `RetryPolicy` and is counted. Requests go out on each replica's
+own httpx2 clients (chat requests through wire.py); this module does not import the OpenAI
+SDK, which costs a quarter of a second before the first request: `check` makes an SDK
+client when it asks for one. Each
+attempt goes to the replica with the most free slots; a replica that fails `rest_after`
+times in a row rests for `rest_seconds` while the others carry on. When every replica has
+failed to connect `stop_after_failures` times in a row, or every request has failed to
+connect for `down_after` seconds, the server is gone: `ServerDown` stops the run.
+
+`concurrency: auto` is settled per replica when the models are listed at the start (see
+slots.py); until then, and where the server does not say, the documented default holds.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
+import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import httpx2
-import openai
 
 from tagcaption import tls
 from tagcaption.config import EndpointConfig
 from tagcaption.deadlines import MODELS_SECONDS
 from tagcaption.errors import Kind, LLMError, NoVision, ServerDown, ServerUnreachable
-from tagcaption.replies import Fault, classify, content_text, error_message, message_from_body, one_line
+from tagcaption.replies import Fault, classify, error_message, status_message
 from tagcaption.retry import RetryPolicy
 from tagcaption.sinks import redact, register_secret
+from tagcaption.slots import AUTO, DEFAULT_CONCURRENCY, Slots, probe_slots
+from tagcaption.version import USER_AGENT
+from tagcaption.wire import Bounds, Reply, encode_body, exchange
+
+__all__ = ["Endpoint", "Replica", "Reply", "is_loopback"]
 
 log = logging.getLogger("caption")
 
@@ -38,14 +48,11 @@ SERVER_HINTS = (
 TLS_HINT = ("the server's TLS certificate is not trusted: set SSL_CERT_FILE to a PEM file holding it "
             "(or the authority that signed it)")
 
+CLIENT_SLOTS = 4
+"""Requests in flight per HTTP client of a replica (see Replica)."""
+
 Count = Callable[[str, int], None]
 """Hears `("requests", 1)` before each attempt and `("retries", 1)` before each retry."""
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: Optional[str]
 
 
 def is_loopback(url: str) -> bool:
@@ -59,54 +66,119 @@ def is_loopback(url: str) -> bool:
 
 
 class Replica:
-    """One server behind an endpoint: its client, how busy it is, and whether it is resting."""
+    """One server behind an endpoint: its clients, how busy it is, whether it is resting,
+    and how many times in a row it could not be reached.
+
+    Its chat requests are spread over several HTTP clients of CLIENT_SLOTS requests each:
+    httpx2's connection pool probes every idle connection's socket whenever a request comes
+    or goes, which with 32 connections in one pool cost more CPU than the request itself."""
 
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
-        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
-        http_client = openai.DefaultAsyncHttpxClient(trust_env=not is_loopback(self.base_url),
-                                                     verify=tls.context_for(self.base_url))
-        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=config.api_key or "no-key",
-                                         timeout=config.timeout, max_retries=0, http_client=http_client)
-        self.in_flight = 0
+        self._timeout = config.timeout
+        self._api_key = config.api_key
+        self._client = None
+        self.http = self._http_client()
+        self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
+                        "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
+        self.chat_url = self.url("/chat/completions")
+        self.chat_clients = [self.http]
+        self.limit = 0
+        self.free: List[int] = []
+        self.set_limit(DEFAULT_CONCURRENCY if config.concurrency == AUTO or config.auto_concurrency
+                       else config.concurrency)
+        self.slots: Optional[Slots] = None
+        """What the server said about its slots, once asked."""
         self.failures = 0
         self.rested_until = 0.0
+        self.unreached = 0
+        """Connection attempts in a row that could not reach it."""
+        self.last_unreached = float("-inf")
+
+    def _http_client(self) -> httpx2.AsyncClient:
+        # A system proxy must not intercept a server on this machine (a classic mysterious 502).
+        return httpx2.AsyncClient(trust_env=not is_loopback(self.base_url), verify=tls.context_for(self.base_url),
+                                  timeout=httpx2.Timeout(self._timeout), follow_redirects=True,
+                                  limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100))
+
+    def url(self, path: str) -> httpx2.URL:
+        """`path` under the base URL, its query (`?api-version=…`) kept; parsed once, not per request."""
+        base = httpx2.URL(self.base_url)
+        return base.copy_with(path=base.path.rstrip("/") + path)
+
+    @property
+    def client(self):
+        """An OpenAI SDK client on this replica's first HTTP client, for `check` (made when first asked)."""
+        if self._client is None:
+            import openai
+
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "no-key",
+                                              timeout=self._timeout, max_retries=0, http_client=self.http)
+        return self._client
+
+    def set_limit(self, limit: int) -> None:
+        """Carry `limit` requests at once (before the first request, or with none in flight)."""
+        self.limit = limit
+        while len(self.chat_clients) * CLIENT_SLOTS < limit:
+            self.chat_clients.append(self._http_client())
+        self.free = list(range(limit - 1, -1, -1))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.chat_clients), return_exceptions=True)
 
 
 class Endpoint:
-    """One named endpoint: one server or several replicas of it, a concurrency limit, and
-    the retry loop for its requests."""
+    """One named endpoint: one server or several replicas of it, a concurrency limit per
+    replica, and the retry loop for its requests."""
 
     def __init__(self, name: str, config: EndpointConfig):
         self.name = name
         self.config = config
+        self.auto = config.concurrency == AUTO or config.auto_concurrency
+        config.auto_concurrency = self.auto
         urls = [config.base_url] if isinstance(config.base_url, str) else list(config.base_url)
         self.replicas = [Replica(url, config) for url in urls]
         self.base_url = self.replicas[0].base_url
         register_secret(config.api_key)
         self.policy = RetryPolicy(config.max_retries, config.retry_backoff, config.retry_max_backoff)
-        self.slots = asyncio.Semaphore(config.concurrency * len(self.replicas))
+        self.bounds = Bounds(config.request_timeout, config.max_reply_bytes)
         self._freed = asyncio.Condition()
         self._failing_since: Optional[float] = None
+        self._publish_concurrency()
+
+    @property
+    def capacity(self) -> int:
+        """Requests this endpoint carries at once, every replica together."""
+        return sum(replica.limit for replica in self.replicas)
+
+    def _publish_concurrency(self) -> None:
+        """Put the number in force into the config in place of `auto`, so that whatever reads
+        `concurrency` (the number of workers) sees it: per replica, rounded up. The config
+        remembers that it was `auto` (`auto_concurrency`), so an endpoint built from it again
+        asks the server again."""
+        if self.auto:
+            self.config.concurrency = math.ceil(self.capacity / len(self.replicas))
 
     def describe(self, replica: Optional[Replica] = None) -> str:
         return f"endpoint '{self.name}' ({(replica or self.replicas[0]).base_url})"
 
     async def list_models(self, timeout: float = MODELS_SECONDS) -> List[str]:
-        """Model ids from `/models`; raises ServerUnreachable when no replica answers."""
+        """Model ids from `/models` (and with `concurrency: auto`, each replica's slots);
+        raises ServerUnreachable when no replica answers or one refuses the API key. A server
+        that answers but lists nothing usable costs a warning."""
         listed: List[str] = []
         unreachable = []
         for replica in self.replicas:
             try:
-                page = await replica.client.with_options(timeout=timeout).models.list()
-            except openai.APIConnectionError as exc:
+                models = await self._models(replica, timeout)
+            except httpx2.TransportError as exc:
                 unreachable.append(f"cannot reach {self.describe(replica)}: {error_message(exc)}")
                 replica.rested_until = time.monotonic() + self.config.rest_seconds
+                replica.unreached = self.config.stop_after_failures
                 continue
-            except openai.AuthenticationError as exc:
-                raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
-                                               f"{error_message(exc)}. Set endpoints.{self.name}.api_key")) from None
-            listed += [model.id for model in page.data]
+            listed += [str(model.get("id")) for model in models if model.get("id")]
+            if self.auto:
+                await self.probe_slots(replica, [model.get("owned_by", "") for model in models])
         if len(unreachable) == len(self.replicas):
             hint = TLS_HINT if any("CERTIFICATE_VERIFY_FAILED" in line for line in unreachable) else SERVER_HINTS
             raise ServerUnreachable(redact(f"{'; '.join(unreachable)}. {hint}"))
@@ -114,45 +186,81 @@ class Endpoint:
             log.warning("warning: %s; resting it, the other replicas carry on", line)
         return listed
 
-    async def chat(self, params: Dict[str, Any], count: Count) -> tuple[Reply, Any]:
+    async def _models(self, replica: Replica, timeout: float) -> List[dict]:
+        response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
+        body = response.text
+        if response.status_code == 401:
+            raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
+                                           f"{status_message(401, body, response.reason_phrase)}. "
+                                           f"Set endpoints.{self.name}.api_key"))
+        try:
+            models = response.json().get("data") if response.status_code < 400 else None
+        except (ValueError, AttributeError):
+            models = None
+        if not isinstance(models, list):
+            problem = status_message(response.status_code, body, response.reason_phrase) \
+                if response.status_code >= 400 else "not a list of models"
+            log.warning("warning: %s could not list its models (%s); going on", self.describe(replica),
+                        redact(problem))
+            return []
+        return [model for model in models if isinstance(model, dict)]
+
+    async def probe_slots(self, replica: Replica, owners: List[str] = ()) -> Slots:
+        """Ask the replica how many requests it runs at once; with `auto`, use the answer."""
+        replica.slots = await probe_slots(replica.http, replica.base_url, replica.headers, owners)
+        if self.auto:
+            replica.set_limit(replica.slots.concurrency)
+            self._publish_concurrency()
+        return replica.slots
+
+    async def chat(self, params: Dict[str, Any], count: Count) -> Tuple[Reply, Any]:
         """Send a chat request, retrying transient faults as `self.policy` says."""
+        body = self._body(params)
         attempt = 0
         while True:
             attempt += 1
             count("requests", 1)
-            async with self.slots:
-                replica = await self._take_replica()
-                try:
-                    result = await self._attempt(replica, params)
-                except Exception as exc:  # classified below: anything the server or transport can throw
-                    fault = exc if isinstance(exc, Fault) else classify(exc)
-                else:
-                    replica.failures = 0
-                    self._failing_since = None
-                    return result
-                finally:
-                    await self._give_back(replica)
+            replica, slot = await self._take_replica()
+            started = time.monotonic()
+            try:
+                result = await exchange(replica.chat_clients[slot // CLIENT_SLOTS], replica.chat_url,
+                                        replica.headers, body, self.bounds)
+            except Exception as exc:  # classified below: anything the server or transport can throw
+                fault = exc if isinstance(exc, Fault) else classify(exc)
+            else:
+                replica.failures = replica.unreached = 0
+                self._failing_since = None
+                return result
+            finally:
+                await self._give_back(replica, slot)
             self._note_replica_failure(replica, fault)
-            self._note_failure(fault, attempt)
+            self._note_failure(replica, fault, started, attempt)
             if not self.policy.should_retry(attempt, fault.retryable):
                 raise _final_error(f"{self.describe(replica)}: {fault}", fault, attempt)
             count("retries", 1)
             await asyncio.sleep(self.policy.delay(attempt, fault.retry_after))
 
-    async def _take_replica(self) -> Replica:
-        """The least busy replica that has a free slot (a resting replica's share is not
-        piled onto the others: its slots wait instead)."""
+    def _body(self, params: Dict[str, Any]) -> bytes:
+        if not self.config.stream:
+            return encode_body(params)
+        streamed: Dict[str, Any] = {**params, "stream": True}
+        if self.config.stream_usage:
+            streamed["stream_options"] = {"include_usage": True}
+        return encode_body(streamed)
+
+    async def _take_replica(self) -> Tuple[Replica, int]:
+        """The replica with the most free slots among those not resting, and one of its
+        slots (a resting replica's share is not piled onto the others: its slots wait instead)."""
         async with self._freed:
             while True:
                 replica = self._pick()
-                if replica.in_flight < self.config.concurrency:
-                    replica.in_flight += 1
-                    return replica
+                if replica.free:
+                    return replica, replica.free.pop()
                 await self._freed.wait()
 
-    async def _give_back(self, replica: Replica) -> None:
+    async def _give_back(self, replica: Replica, slot: int) -> None:
         async with self._freed:
-            replica.in_flight -= 1
+            replica.free.append(slot)
             self._freed.notify()
 
     def _pick(self) -> Replica:
@@ -160,7 +268,7 @@ class Endpoint:
         ready = [replica for replica in self.replicas if replica.rested_until <= now]
         if not ready:
             return min(self.replicas, key=lambda replica: replica.rested_until)
-        return min(ready, key=lambda replica: replica.in_flight)
+        return max(ready, key=lambda replica: len(replica.free))
 
     def _note_replica_failure(self, replica: Replica, fault: Fault) -> None:
         if not fault.retryable or len(self.replicas) == 1:
@@ -172,66 +280,29 @@ class Endpoint:
                         self.describe(replica), replica.failures, redact(str(fault)), self.config.rest_seconds)
             replica.failures = 0
 
-    def _note_failure(self, fault: Fault, attempt: int) -> None:
-        """Raise ServerDown once every request has failed to connect for `down_after` seconds."""
+    def _note_failure(self, replica: Replica, fault: Fault, started: float, attempt: int) -> None:
+        """Raise ServerDown once every replica has failed to connect `stop_after_failures`
+        times in a row, or every request has failed to connect for `down_after` seconds.
+        Attempts in flight together fail together: only one that left after the replica's
+        last such failure adds to its count, so a blip that fails them all counts once."""
         if fault.kind not in (Kind.CONNECTION, Kind.TIMEOUT):
             self._failing_since = None  # the server answered: it is up
+            replica.unreached = 0
             return
         now = time.monotonic()
+        if fault.unreachable and started >= replica.last_unreached:
+            replica.unreached += 1
+            replica.last_unreached = now
+        limit = self.config.stop_after_failures
+        if all(other.unreached >= limit for other in self.replicas):
+            which = "no replica" if len(self.replicas) > 1 else "it"
+            raise ServerDown(redact(f"{self.describe()} has not answered for {limit} connection attempts in a "
+                                    f"row ({which} could be reached: {fault}); stopping. {SERVER_HINTS}"), attempt)
         if self._failing_since is None:
             self._failing_since = now
         elif now - self._failing_since >= self.config.down_after:
             raise ServerDown(redact(f"{self.describe()} has not answered for {now - self._failing_since:.0f} s "
                                     f"({fault}); stopping. {SERVER_HINTS}"), attempt)
-
-    async def _attempt(self, replica: Replica, params: Dict[str, Any]) -> tuple[Reply, dict]:
-        """One request. The SDK's generic `post` is used with plain dicts: building typed
-        objects for every request and stream chunk costs more CPU than the rest of a run."""
-        if self.config.stream:
-            return await self._chat_streamed(replica, params)
-        response = await replica.client.post("/chat/completions", cast_to=httpx2.Response, body=params)
-        try:
-            completion = response.json()
-        except ValueError:
-            raise Fault(Kind.MALFORMED_REPLY, f"malformed reply (not JSON: {one_line(response.text, 80)})") from None
-        if not isinstance(completion, dict):
-            raise Fault(Kind.MALFORMED_REPLY, f"malformed reply ({one_line(str(completion), 80)})")
-        if completion.get("error"):
-            raise Fault(Kind.REPLY_ERROR, f"error in the reply: {message_from_body(completion)}")
-        choices = completion.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise Fault(Kind.EMPTY_CHOICES, "reply had no choices")
-        message = choices[0].get("message") or {}
-        return Reply(content_text(message.get("content")), choices[0].get("finish_reason")), \
-            completion.get("usage") or {}
-
-    async def _chat_streamed(self, replica: Replica, params: Dict[str, Any]) -> tuple[Reply, dict]:
-        body = dict(params, stream=True)
-        if self.config.stream_usage:
-            body["stream_options"] = {"include_usage": True}
-        stream = await replica.client.post("/chat/completions", cast_to=object, body=body, stream=True,
-                                           stream_cls=openai.AsyncStream[object])
-        parts: List[str] = []
-        finish_reason = None
-        usage: dict = {}
-        saw_choice = False
-        async for chunk in stream:
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
-                raise Fault(Kind.MALFORMED_REPLY, "malformed reply stream")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or ():
-                saw_choice = True
-                content = content_text((choice.get("delta") or {}).get("content"))
-                if content:
-                    parts.append(content)
-                finish_reason = choice.get("finish_reason") or finish_reason
-        if not saw_choice:
-            raise Fault(Kind.EMPTY_CHOICES, "reply stream had no choices")
-        if finish_reason is None:
-            raise Fault(Kind.STREAM_CUT, "reply stream ended before the model finished")
-        if finish_reason == "error":
-            raise Fault(Kind.STREAM_ERROR, "the server reported an error inside the reply stream")
-        return Reply("".join(parts), finish_reason), usage
 
 
 def _final_error(where: str, fault: Fault, attempts: int) -> LLMError:

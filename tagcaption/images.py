@@ -1,8 +1,10 @@
 """Turning an image file into what a vision model is sent: a base64 data URL.
 
 Servers ignore EXIF rotation, LM Studio cannot read WebP and large pictures cost
-thousands of tokens, so every image is oriented, flattened to RGB, downscaled and
-re-encoded as JPEG (or PNG) here. This is CPU work: call it in a thread. AVIF is read by
+thousands of tokens, so an image is oriented, flattened to RGB, downscaled and re-encoded
+as JPEG (or PNG) here — unless it already is an upright JPEG or PNG within the size limit,
+which is sent as it is (`image_format: auto`, the default): decoding and re-encoding such a
+file costs the client more than the rest of its request and gives the server nothing. This is CPU work: call it in a thread. AVIF is read by
 Pillow itself; HEIC/HEIF when the `pillow-heif` package is installed.
 """
 from __future__ import annotations
@@ -78,32 +80,37 @@ def _unreadable(exc: BaseException) -> str:
 class ImageOptions:
     max_size: int = 1536
     """Longest side in pixels; 0 = never resize. Never upscaled."""
-    image_format: str = "jpeg"
-    """jpeg | png | original (the file's own bytes, when it needs no rotation or resize)."""
+    image_format: str = "auto"
+    """auto (the file's own bytes when every server reads them as they are, else JPEG) | jpeg |
+    png | original (the file's own bytes whenever it needs no rotation or resize)."""
     jpeg_quality: int = 90
     background: tuple = BACKGROUND
 
 
 ORIGINAL_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+AUTO_MODES = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L")}
+"""What `auto` sends as it is: JPEG and PNG (LM Studio cannot read WebP), 8-bit RGB or grey."""
+AUTO_MAX_BYTES = 4 * 1024 * 1024
+"""Above this, `auto` re-encodes even a file it could send as it is (servers refuse big bodies)."""
+FILE_ENDS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+"""How a whole JPEG (EOI) or PNG (IEND) ends: a file sent as it is must end so, or be re-encoded
+(which fails a truncated one here, not on the server)."""
 
 
 def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> PreparedImage:
     """The picture as the user sees it: EXIF orientation applied, first frame of an
     animation, transparency flattened onto the background, at most `max_size` on its long
-    side, encoded as JPEG or PNG with the matching MIME type."""
+    side, encoded as JPEG or PNG with the matching MIME type — or the file's own bytes
+    when they already are that (`auto`, `original`). The file is read once."""
     try:
         _regular(path)
-        with Image.open(path) as image:
-            source_format = image.format
-            as_stored = max(image.size)
-            untouched = _orientation(image) in (None, 1)
-            if options.image_format == "original" and untouched and source_format in ORIGINAL_MIME \
-                    and not getattr(image, "is_animated", False) \
-                    and not (options.max_size and as_stored > options.max_size):
-                image.load()  # a damaged file must fail here, not on the server
-                return _prepared(path.read_bytes(), ORIGINAL_MIME[source_format], image.size)
-            if options.max_size and source_format == "JPEG":
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            if _sendable(image, data, options):
+                return _prepared(data, ORIGINAL_MIME[image.format], image.size)
+            if options.max_size and image.format == "JPEG":
                 _draft(image, options.max_size)
+            untouched = _orientation(image) in (None, 1)
             image.seek(0)
             image.load()
             if not untouched:
@@ -124,6 +131,28 @@ def prepare_image(path: Path, options: ImageOptions = ImageOptions()) -> Prepare
         image.save(buffer, format="JPEG", quality=options.jpeg_quality)
         mime = "image/jpeg"
     return _prepared(buffer.getvalue(), mime, image.size)
+
+
+def _sendable(image: Image.Image, data: bytes, options: ImageOptions) -> bool:
+    """Whether the file's own bytes can go as they are: no rotation, no resize, one frame,
+    and for `auto` a JPEG or PNG in a mode every server reads, not too big, whole. This
+    reads headers only: the bytes are checked by how they end, not decoded."""
+    if options.image_format not in ("auto", "original") or image.format not in ORIGINAL_MIME:
+        return False
+    if _orientation(image) not in (None, 1) or getattr(image, "is_animated", False) \
+            or (options.max_size and max(image.size) > options.max_size):
+        return False
+    if options.image_format == "original":
+        if image.format not in FILE_ENDS:
+            image.load()  # a damaged file must fail here, not on the server
+        return image.format not in FILE_ENDS or data.endswith(FILE_ENDS[image.format])
+    return (image.mode in AUTO_MODES.get(image.format, ()) and len(data) <= AUTO_MAX_BYTES
+            and "transparency" not in image.info and _eight_bit(image) and data.endswith(FILE_ENDS[image.format]))
+
+
+def _eight_bit(image: Image.Image) -> bool:
+    """A PNG's samples are 8-bit (Pillow shows a 48-bit PNG as RGB, read from `RGB;16B`)."""
+    return image.format != "PNG" or all(tile.args == image.mode for tile in image.tile)
 
 
 DRAFT_SLACK = 0.75

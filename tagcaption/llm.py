@@ -16,7 +16,7 @@ from tagcaption.config import Config, StageConfig
 from tagcaption.endpoint import Endpoint, Reply
 from tagcaption.errors import GuardTripped
 from tagcaption.guards import Guards, Trip
-from tagcaption.replies import clean_reply, token_count
+from tagcaption.replies import clean_reply, prompt_detail, token_count
 from tagcaption.sinks import redact
 from tagcaption.tally import Tally
 
@@ -47,7 +47,9 @@ class LLM:
         return params
 
     def _counter(self, stage: str) -> Callable[[str, int], None]:
-        """Counts `requests`, `retries`, `prompt_tokens`, `completion_tokens` of `stage`."""
+        """Counts `requests`, `retries`, `prompt_tokens`, `completion_tokens`, and where the
+        server reports them `image_tokens` and `cached_tokens` (both part of the prompt tokens)
+        of `stage`."""
         def count(key: str, n: int) -> None:
             if n:
                 self.tally.update(f"{key}.{stage}", n)
@@ -63,6 +65,8 @@ class LLM:
         reply, usage = await endpoint.chat(params, count)
         count("prompt_tokens", token_count(usage, "prompt_tokens"))
         count("completion_tokens", token_count(usage, "completion_tokens"))
+        count("image_tokens", prompt_detail(usage, "image_tokens"))
+        count("cached_tokens", prompt_detail(usage, "cached_tokens"))
         return reply
 
     async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
@@ -100,10 +104,11 @@ class LLM:
 
     def in_flight(self) -> int:
         """Requests under way to every server of the run."""
-        return sum(replica.in_flight for endpoint in self.endpoints.values() for replica in endpoint.replicas)
+        return sum(replica.limit - len(replica.free) for endpoint in self.endpoints.values()
+                   for replica in endpoint.replicas)
 
     async def close(self) -> None:
-        await asyncio.gather(*(replica.client.close() for endpoint in self.endpoints.values()
+        await asyncio.gather(*(replica.close() for endpoint in self.endpoints.values()
                                for replica in endpoint.replicas), return_exceptions=True)
 
 

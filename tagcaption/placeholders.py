@@ -49,7 +49,8 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
                 "(`tags.prune_implied`)", _IMAGE_PROMPTS),
     Placeholder("booru_tags", "the image's own tags after exclusions, as written on Danbooru (`long_hair`)",
                 _IMAGE_PROMPTS),
-    Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary", _IMAGE_PROMPTS),
+    Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary, at most "
+                "`interpreter.max_tag_descriptions` (the rarest tags kept)", _IMAGE_PROMPTS),
     Placeholder("rating", "the image's rating as a word (general, sensitive, questionable, explicit)",
                 _IMAGE_PROMPTS),
     *(Placeholder(f"{category}_tags", f"the kept tags of the {category} category", _IMAGE_PROMPTS)
@@ -72,6 +73,9 @@ def allowed(prompt: str) -> Tuple[str, ...]:
     return tuple(name for name, entry in PLACEHOLDERS.items() if prompt in entry.prompts)
 
 
+MAX_TAG_DESCRIPTIONS = 30
+"""`interpreter.max_tag_descriptions`'s default: summaries in `{tag_descriptions}` at most."""
+
 TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES) \
     + tuple(f"{name}_names" for name in NAMED_CATEGORIES)
 """The values made from an image's tags (`tag_variables`)."""
@@ -92,12 +96,14 @@ def rating_word(rating: Optional[str]) -> str:
 
 
 def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
-                  rating: Optional[str], tag_filter: "TagFilter") -> Dict[str, str]:
+                  rating: Optional[str], tag_filter: "TagFilter",
+                  max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
     """The template variables made from an image's tags, after exclusions.
 
     `categories` are those the image's sidecar gives (they win over the source's). An alias
     resolved by the tag provider appears as its target, once; `{booru_tags}` keeps the image's
-    own tags, as its tags file has them."""
+    own tags, as its tags file has them; `max_descriptions` caps `{tag_descriptions}` (see
+    `described`)."""
     own: List[str] = []
     kept: Dict[str, Tuple[str, Optional["TagKnowledge"]]] = {}
     for tag in tags:
@@ -110,11 +116,13 @@ def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], cate
         kept.setdefault(name, (category, info))
     if tag_filter.prune_implied:
         kept = _without_implied(kept)
+    shown = described([name for name, (_, info) in kept.items() if info and info.summary], knowledge,
+                      max_descriptions)
     values = {
         "tags": ", ".join(display_tag(name) for name in kept),
         "booru_tags": ", ".join(own),
         "tag_descriptions": "\n".join(f"{display_tag(name)}: {info.summary}" for name, (_, info) in kept.items()
-                                      if info and info.summary),
+                                      if name in shown),
         "rating": rating_word(rating),
     }
     for category in CATEGORIES:
@@ -133,10 +141,25 @@ def _without_implied(kept: Dict[str, tuple]) -> Dict[str, tuple]:
     return {name: value for name, value in kept.items() if name not in implied}
 
 
+def described(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], limit: Optional[int]) -> Set[str]:
+    """Which of the tags that have a summary get their line in `{tag_descriptions}`: at most
+    `limit` (None: all), the rarest first — fewest posts, by the count the tag source gave;
+    tags without one last, in the image's order. A common tag (`1girl`, `solo`) tells the
+    model least, and 60 summaries would cost about 3,000 prompt tokens."""
+    if limit is None or len(tags) <= limit:
+        return set(tags)
+
+    def rarity(position: int) -> tuple:
+        info = knowledge.get(tags[position])
+        count = info.post_count if info is not None else None
+        return (count is None, count or 0, position)
+    return {tags[position] for position in sorted(range(len(tags)), key=rarity)[:limit]}
+
+
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                  rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
-                 hints: str) -> Dict[str, str]:
+                 hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
     """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
     return {"filename": filename, "folder": folder, "name": name,
-            **tag_variables(tags, knowledge, categories, rating, tag_filter),
+            **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions),
             "hints": hints, "description": ""}

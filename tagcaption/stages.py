@@ -10,8 +10,6 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
-import openai
-
 from tagcaption.config import Config
 from tagcaption.dry_run import DryRunLLM, DryRunSource
 from tagcaption.errors import ConfigError, ServerUnreachable
@@ -71,9 +69,6 @@ async def check_servers(stages: Stages, plan: RunPlan) -> None:
             listed = await endpoint.list_models()
         except ServerUnreachable as exc:
             raise ConfigError(str(exc)) from None
-        except openai.OpenAIError as exc:
-            log.warning("warning: %s could not list its models (%s); going on", endpoint.describe(), exc)
-            continue
         for model in models:
             if listed and model not in listed:
                 log.warning("warning: model '%s' is not listed by %s (it lists: %s)",

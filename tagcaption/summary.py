@@ -88,6 +88,16 @@ def _usage(tally: Tally) -> List[str]:
         requests = tally[f"requests.{stage}"]
         if requests:
             retries = f" ({plural(tally[f'retries.{stage}'], 'retry', 'retries')})" if tally[f"retries.{stage}"] else ""
+            parts = [f"{tally[f'{kind}_tokens.{stage}']:,} {kind}" for kind in ("image", "cached")
+                     if tally[f"{kind}_tokens.{stage}"]]
+            detail = f" ({', '.join(parts)})" if parts else ""
             lines.append(f"  {stage + ':':<13} {plural(requests, 'request')}{retries}, {tally[f'prompt_tokens.{stage}']:,} "
-                         f"prompt + {tally[f'completion_tokens.{stage}']:,} completion tokens")
+                         f"prompt{detail} + {tally[f'completion_tokens.{stage}']:,} completion tokens")
+    captioned = tally["images.captioned"]
+    if lines and captioned:
+        prompt = sum(tally[f"prompt_tokens.{stage}"] for stage in STAGES)
+        completion = sum(tally[f"completion_tokens.{stage}"] for stage in STAGES)
+        if prompt + completion:
+            lines.append(f"  tokens:   {(prompt + completion) // captioned:,} per caption on average "
+                         f"({prompt // captioned:,} prompt + {completion // captioned:,} completion)")
     return lines

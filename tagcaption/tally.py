@@ -10,7 +10,9 @@ progress bars and the exit code all read this one tally. Keys are dotted names:
 - `tags.found` (distinct tags of the run), `.resolved`, `.summarised`, `.resummarised`,
   `.cached`, `.no_wiki`, `.excluded`, `.refused`, `.lookup_failed`, `.failed`, `.aliased`
 - `danbooru.requests`
-- `requests.<stage>`, `retries.<stage>`, `prompt_tokens.<stage>`, `completion_tokens.<stage>`
+- `requests.<stage>`, `retries.<stage>`, `prompt_tokens.<stage>`, `completion_tokens.<stage>`,
+  and where the server reports them `image_tokens.<stage>` and `cached_tokens.<stage>` (parts
+  of the prompt tokens)
 - `guards.<guard>`: replies asked again because they tripped that guard
 
 `notes` keeps the few facts that are text rather than numbers (why Danbooru was given up).

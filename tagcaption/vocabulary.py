@@ -38,7 +38,7 @@ TAG_COMBINE = ("first", "all")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                               ".avif", ".heic", ".heif"})
-IMAGE_FORMATS = ("jpeg", "png", "original")
+IMAGE_FORMATS = ("auto", "jpeg", "png", "original")
 """`interrogator.image_format`: how an image is sent to the vision model."""
 
 TXT = "txt"

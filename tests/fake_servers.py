@@ -24,6 +24,10 @@ class Text:
     content: str
     finish_reason: str = "stop"
     reasoning_content: Optional[str] = None
+    usage: Optional[dict] = None
+    """Added to the reply's `usage` (`prompt_tokens_details`…)."""
+    timings: Optional[dict] = None
+    """llama.cpp's `timings` (`cache_n`: prompt tokens taken from its cache), beside `usage`."""
 
 
 @dataclass
@@ -38,9 +42,14 @@ class Error:
 class Fault:
     """A misbehaving reply. kind: drop (close without answering), cut (stream stops mid-way),
     malformed (invalid JSON), empty_choices, stream_error (an error object inside a 200
-    stream), hang (answer after `seconds`)."""
+    stream), hang (answer after `seconds`); hostile: endless (a stream that never ends, an
+    event every `seconds`), trickle (a whole JSON reply, one byte every `seconds`), huge (a
+    reply of `size` characters, streamed or not, sent at once); raw (`data` as an event
+    stream, in pieces of `size` bytes)."""
     kind: str
     seconds: float = 0.0
+    size: int = 0
+    data: bytes = b""
 
 
 Reply = Union[Text, Error, Fault]
@@ -78,6 +87,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 256  # the default 5 drops connections when a client opens dozens at once
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away mid-reply (a run that stopped, a cancelled request) is no
+        error of the server's; printing a traceback would end up in the output tests read."""
 
 
 class FakeServer:
@@ -132,6 +146,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a client that closed its connection, say after refusing a reply
+
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
@@ -181,9 +201,13 @@ class FakeOpenAIServer(FakeServer):
     """`GET /v1/models` and `POST /v1/chat/completions`, streamed (SSE) or not."""
 
     def __init__(self, models=("local-model",), responder: Callable[[dict], Reply] = default_responder,
-                 delay: float = 0.0, slots: Optional[int] = None):
+                 delay: float = 0.0, slots: Optional[int] = None, props: Optional[dict] = None,
+                 owned_by: str = "fake"):
         super().__init__()
         self.models = list(models)
+        self.props = props
+        """What `GET /props` answers, like llama.cpp's llama-server (`{"total_slots": 4}`); None: 404."""
+        self.owned_by = owned_by
         self.responder = responder
         self.delay = delay
         self.slots = threading.Semaphore(slots) if slots else None
@@ -203,7 +227,9 @@ class FakeOpenAIServer(FakeServer):
     def handle(self, handler, method, path, query, body) -> None:
         if method == "GET" and path == "/v1/models":
             handler.send_body(200, {"object": "list", "data": [
-                {"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in self.models]})
+                {"id": model, "object": "model", "created": 0, "owned_by": self.owned_by} for model in self.models]})
+        elif method == "GET" and path == "/props" and self.props is not None:
+            handler.send_body(200, self.props)
         elif method == "POST" and path == "/v1/chat/completions":
             self._chat(handler, body)
         else:
@@ -240,6 +266,12 @@ class FakeOpenAIServer(FakeServer):
                 self.in_flight -= 1
 
     def _fault(self, handler, request: dict, fault: Fault) -> None:
+        if fault.kind in ("endless", "trickle", "huge", "raw"):
+            try:
+                self._hostile(handler, request, fault)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up on it, as it should
+                handler.close_connection = True
+            return
         stream = bool(request.get("stream"))
         if fault.kind == "drop":
             handler.close_connection = True
@@ -276,21 +308,53 @@ class FakeOpenAIServer(FakeServer):
         else:
             raise ValueError(f"unknown fault {fault.kind}")
 
+    def _hostile(self, handler, request: dict, fault: Fault) -> None:
+        if fault.kind == "raw":
+            handler.start_chunked("text/event-stream")
+            for start in range(0, len(fault.data), fault.size or len(fault.data)):
+                handler.write_chunk(fault.data[start:start + (fault.size or len(fault.data))])
+            handler.write_chunk(b"")
+        elif fault.kind == "trickle":
+            data = json.dumps(self._completion(request, Text("Slowly, slowly."))).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            for byte in data:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(fault.seconds)
+        elif fault.kind == "huge" and not request.get("stream"):
+            handler.send_body(200, self._completion(request, Text("x" * fault.size)))
+        elif fault.kind == "huge":
+            self._stream(handler, request, Text("x" * fault.size), piece=max(7, fault.size // 50))
+        else:
+            handler.start_chunked("text/event-stream")
+            event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                     "model": request.get("model"), "choices": [{"index": 0, "delta": {"content": "and on "}}]}
+            while True:
+                handler.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
+                time.sleep(fault.seconds)
+
     @staticmethod
     def _usage(request: dict, reply: Text) -> dict:
         prompt = len(json.dumps(request["messages"])) // 4
         completion = max(1, len(reply.content) // 4)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                **(reply.usage or {})}
 
     def _completion(self, request: dict, reply: Text) -> dict:
         message = {"role": "assistant", "content": reply.content}
         if reply.reasoning_content is not None:
             message["reasoning_content"] = reply.reasoning_content
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                "model": request.get("model"), "usage": self._usage(request, reply),
-                "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}]}
+        completion = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                      "model": request.get("model"), "usage": self._usage(request, reply),
+                      "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}]}
+        if reply.timings is not None:
+            completion["timings"] = reply.timings
+        return completion
 
-    def _stream(self, handler, request: dict, reply: Text) -> None:
+    def _stream(self, handler, request: dict, reply: Text, piece: int = 7) -> None:
         def chunk(delta: dict, finish: Optional[str] = None) -> dict:
             return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": request.get("model"),
@@ -300,8 +364,10 @@ class FakeOpenAIServer(FakeServer):
         if reply.reasoning_content:
             events.append(chunk({"reasoning_content": reply.reasoning_content}))
         text = reply.content
-        events += [chunk({"content": text[i:i + 7]}) for i in range(0, len(text), 7)]
+        events += [chunk({"content": text[i:i + piece]}) for i in range(0, len(text), piece)]
         events.append(chunk({}, reply.finish_reason))
+        if reply.timings is not None:
+            events[-1]["timings"] = reply.timings
         if (request.get("stream_options") or {}).get("include_usage"):
             usage = chunk({})
             usage.update(choices=[], usage=self._usage(request, reply))

@@ -78,7 +78,7 @@ def corpus(tmp_path):
     bad["huge.png"] = "too large for a tags file"
 
     make_image(images / "tiny.png", size=(1, 1))
-    good["tiny.png"] = "data:image/jpeg;base64 JPEG RGB 1x1"
+    good["tiny.png"] = "data:image/png;base64 PNG RGB 1x1"  # image_format auto: sent as it is
     make_image(images / "wide.png", size=(20000, 100))
     good["wide.png"] = "data:image/jpeg;base64 JPEG RGB 1536x8"
     make_image(images / "cmyk.jpg", mode="CMYK", color=(0, 255, 255, 0))
@@ -95,11 +95,11 @@ def corpus(tmp_path):
     exif_rotated_jpeg(images / "rotated.jpg")
     good["rotated.jpg"] = "data:image/jpeg;base64 JPEG RGB 30x60"
     make_image(images / "café au lait ☕.png")
-    good["café au lait ☕.png"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    good["café au lait ☕.png"] = "data:image/png;base64 PNG RGB 64x48"
     (images / "sub").mkdir()
     os.symlink(images, images / "sub" / "loop")
     make_image(images / "sub" / "inner.png")
-    good["sub/inner.png"] = "data:image/jpeg;base64 JPEG RGB 64x48"
+    good["sub/inner.png"] = "data:image/png;base64 PNG RGB 64x48"
 
     tag_files = {
         "latin1.png": ("café, crème brûlée".encode("latin-1"), "café, crème brûlée"),
@@ -112,7 +112,7 @@ def corpus(tmp_path):
     for name, (data, shown) in tag_files.items():
         make_image(images / name)
         (images / name).with_suffix(".txt").write_bytes(data)
-        good[name] = "data:image/jpeg;base64 JPEG RGB 64x48"
+        good[name] = "data:image/png;base64 PNG RGB 64x48"
     assert len((images / "big.txt").read_bytes()) > 100_000
     return images, good, bad, {name: shown for name, (_, shown) in tag_files.items()}
 

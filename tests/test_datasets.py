@@ -115,7 +115,7 @@ def test_parquet_streamed_through_vision_keeps_descriptions(tmp_path, llm_server
     vision = [r for r in llm_server.chat_requests if r["model"] == "vision-model"]
     assert len(vision) == 4
     url = vision[0]["messages"][-1]["content"][1]["image_url"]["url"]
-    assert url.startswith("data:image/jpeg;base64,")
+    assert url.startswith(("data:image/jpeg;base64,", "data:image/png;base64,"))
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (40, 30)
     loaded = datasets.load_from_disk(str(out))
     assert loaded.column_names == ["image", "tags", "im_name", "caption", "description"]

@@ -170,8 +170,6 @@ def test_a_template_that_is_a_fifo_is_refused(tmp_path, llm, booru, fifo):
     assert (images / "a.txt").read_text() == "cat"
 
 
-@pytest.mark.xfail(strict=True, reason="endpoints.<name>.request_timeout does not exist: a reply that streams "
-                                       "forever is bounded by nothing (each read arrives within timeout)")
 @pytest.mark.parametrize("reply", [Endless(interval=0.2), Trickle(interval=0.2)], ids=["endless-stream", "trickle"])
 def test_a_reply_that_never_ends_fails_after_request_timeout(tmp_path, llm, booru, reply):
     images = tmp_path / "images"
@@ -186,8 +184,6 @@ def test_a_reply_that_never_ends_fails_after_request_timeout(tmp_path, llm, boor
     assert (images / "a.txt").read_text() == "cat"
 
 
-@pytest.mark.xfail(strict=True, reason="endpoints.<name>.max_reply_bytes does not exist: a reply of any size is "
-                                       "read whole")
 def test_a_reply_over_max_reply_bytes_is_refused(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})

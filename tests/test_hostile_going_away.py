@@ -127,9 +127,6 @@ def test_the_output_folder_going_away_stops_the_run_once(tmp_path, llm, booru, c
 # === the model server ============================================================================
 
 
-@pytest.mark.xfail(strict=True, reason="there is no endpoints.<name>.stop_after_failures: a server killed mid-run "
-                                       "fails each remaining image with a connection error until down_after (120 s) "
-                                       "has passed (endpoint._note_failure)")
 def test_a_server_killed_mid_run_stops_the_run_once(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     count = 40

@@ -76,12 +76,12 @@ def test_three_stages_two_endpoints_one_run(tmp_path, llm_server, vision_server,
     summaries = [r for r in llm_server.chat_requests if SUMMARY_ASK.search(user_text(r))]
     assert sorted(SUMMARY_ASK.search(user_text(r)).group(1) for r in summaries) == ["1girl", "long hair"]
     assert "Hair that reaches the back." in user_text(next(r for r in summaries if "long hair" in user_text(r)))
-    # The vision model got each image, as a JPEG data URL, downscaled, on its own endpoint.
+    # The vision model got each image on its own endpoint: the small PNG as it is, the big JPEG downscaled.
     assert len(vision_server.chat_requests) == 2 and all(r["model"] == "vision-model"
                                                          for r in vision_server.chat_requests)
-    sizes = sorted(decode_data_url(image_in(r))[1].size for r in vision_server.chat_requests)
-    assert sizes == [(64, 48), (512, 171)]
-    assert all(image_in(r).startswith("data:image/jpeg;base64,") for r in vision_server.chat_requests)
+    sent = sorted((decode_data_url(image_in(r))[1].size, image_in(r).split(",")[0])
+                  for r in vision_server.chat_requests)
+    assert sent == [((64, 48), "data:image/png;base64"), ((512, 171), "data:image/jpeg;base64")]
     # The interpreter saw tags, their summaries and this image's own description.
     for name, color_probe in (("red", lambda c: c[0] > 200), ("blue", lambda c: c[2] > 200)):
         description = reply_for(vision_server, lambda r: color_probe(decode_data_url(image_in(r))[1].getpixel((0, 0))))
@@ -239,10 +239,10 @@ def test_config_typo_names_key_and_suggestion(tmp_path, llm_server, danbooru):
 
 def test_wrong_type_names_key_and_type(tmp_path, llm_server, danbooru, capsys):
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)
-    code, _, err = run_caption([str(tmp_path), "--config", str(config), "endpoints.default.concurrency=many"],
+    code, _, err = run_caption([str(tmp_path), "--config", str(config), "endpoints.default.max_retries=many"],
                                capsys)
     assert code == 2
-    assert "endpoints.default.concurrency: expected a whole number, got 'many'" in err
+    assert "endpoints.default.max_retries: expected a whole number" in err
 
 
 def test_unreachable_server_stops_with_exit_2_before_touching_files(tmp_path, danbooru):

@@ -45,3 +45,29 @@ def test_used_by_names_the_values_a_prompt_consumes():
 def test_a_prompt_naming_a_value_of_a_later_stage_is_refused():
     with pytest.raises(ConfigError, match=r"unknown placeholder \{description\}"):
         Template("{description}", INTERROGATOR_PLACEHOLDERS, "interrogator prompt 1")
+
+
+def test_tag_descriptions_keep_the_rarest_tags_up_to_the_cap():
+    from tagcaption.config import InterpreterConfig
+    from tagcaption.placeholders import MAX_TAG_DESCRIPTIONS, tag_variables
+
+    assert InterpreterConfig().max_tag_descriptions == MAX_TAG_DESCRIPTIONS == 30
+    tags = [f"tag_{n:02}" for n in range(60)]
+    knowledge = {tag: TagKnowledge(f"Meaning {n}.", "general", 1000 * (60 - n) if n % 10 else None, True)
+                 for n, tag in enumerate(tags)}
+    knowledge["tag_05"] = TagKnowledge(None, "general", 1, True)  # no summary: never a line, whatever its count
+    lines = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()))["tag_descriptions"].splitlines()
+    assert len(lines) == 30
+    # Fewest posts first (tag_59 has 1,000), in the image's own order; tags without a count come last.
+    shown = [int(line.split(":")[0][4:]) for line in lines]
+    assert shown == sorted(shown) and shown[0] == 27 and shown[-1] == 59 and 5 not in shown
+    assert not {0, 10, 20, 30, 40, 50} & set(shown)
+    few = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()), max_descriptions=3)["tag_descriptions"]
+    assert few.splitlines() == ["tag 57: Meaning 57.", "tag 58: Meaning 58.", "tag 59: Meaning 59."]
+    everything = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()), max_descriptions=None)
+    assert len(everything["tag_descriptions"].splitlines()) == 59
+    none = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()), max_descriptions=0)
+    assert none["tag_descriptions"] == "" and none["tags"].count(",") == 59
+    counts_unknown = {tag: TagKnowledge(f"Meaning {n}.", "general", None, True) for n, tag in enumerate(tags)}
+    first = tag_variables(tags, counts_unknown, {}, None, TagFilter(TagsConfig()))["tag_descriptions"]
+    assert first.splitlines()[-1] == "tag 29: Meaning 29."  # no counts at all: the first 30, in order

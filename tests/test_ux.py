@@ -99,7 +99,7 @@ def test_dry_run_shows_every_prompt_and_sends_nothing(tmp_path, llm_server, visi
     assert out.count("=== ") == 3 and "=== 0.png ===" in out and "=== 1.png ===" in out
     assert "=== tag summary request (one of them) ===" in out and "[the wiki page of 'cat' would be here]" in out
     assert "[system]\nLook closely." in out
-    assert "What is in 0.png?\n\nFile path: 0.png\n<image [image: image/jpeg 64x48," in out
+    assert "What is in 0.png?\n\nFile path: 0.png\n<image [image: image/png 64x48," in out
     assert "[user]\nNow in one sentence." in out
     assert "Tags attached to the image:\ncat, outdoors" in out
     assert "interrogator: 10 requests" in out and "and 10 images" in out and "interpreter:  5 requests" in out

@@ -46,7 +46,7 @@ def test_every_format_arrives_as_a_decodable_jpeg_of_the_right_size(tmp_path, vi
     for name, fmt in formats.items():
         make_image(images / name, size=(800, 400), format=fmt)
     make_image(images / "small.png", size=(100, 50))
-    config = vision_config(tmp_path, vision_server, danbooru, max_image_size=256)
+    config = vision_config(tmp_path, vision_server, danbooru, max_image_size=256, image_format="jpeg")
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0, out
     for name in formats:
@@ -181,7 +181,7 @@ def test_debug_dir_writes_each_conversation_without_images_or_keys(tmp_path, vis
     record = json.loads((debug / "sub%2Fone.png.json").read_text())
     turns = record["interrogator"]
     assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant"]
-    assert turns[0]["content"][1]["image_url"] == "[image: image/jpeg 64x48, 0 KB]"
+    assert turns[0]["content"][1]["image_url"] == "[image: image/png 64x48, 0 KB]"
     assert record["interpreter"][-1]["role"] == "assistant"
     assert record["interpreter"][-1]["content"] == (images / "sub" / "one.caption").read_text()
     for path in debug.iterdir():
