@@ -109,6 +109,8 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
         listed = [model.id for model in page.data]
         owners = [getattr(model, "owned_by", "") for model in page.data]
         row.listed = "yes" if settings.model in listed else "no"
+        if row.listed == "no" and "llamacpp" in owners:  # llama.cpp answers to any model name
+            row.listed = "any name"
         if row.listed == "no":
             row.fixes.append(f"warning: '{settings.model}' is not among the models listed ({', '.join(listed[:6])})")
     except openai.APIConnectionError as exc:
@@ -227,7 +229,9 @@ async def _check_tags(config: Config):
         return (f"tag source: {source.describe()}: ok, {(time.monotonic() - started) * 1000:.0f} ms"
                 + ("" if known else " (it does not know the tag '1girl')")), True
     except SourceError as exc:
-        return f"tag source: {source.describe()}: failed: {exc} (captions would be made with tags only)", False
+        return (f"tag source: {source.describe()}: failed: {exc} (captions would be made with tags only). To stop "
+                "asking it: tag_provider.source=none, or a local dump: tag_provider.source=file "
+                "tag_provider.dump_dir=… (docs/tag-knowledge.md)"), False
     finally:
         await source.close()
 

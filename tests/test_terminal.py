@@ -107,3 +107,18 @@ def test_config_errors_are_one_line_in_the_users_words(tmp_path, override, line,
     make_dataset(tmp_path / "images", {"a.png": "cat"})
     code, _, err = run_caption([str(tmp_path / "images"), override], capsys)
     assert code == 2 and err.strip().startswith(line) and len(err.strip().splitlines()) == 1, err
+
+
+def test_check_names_no_model_warning_for_llama_cpp_and_suggests_a_way_off_danbooru(tmp_path, capsys):
+    from fake_servers import FakeOpenAIServer
+
+    server = FakeOpenAIServer(models=["model.gguf"]).start()
+    server.owned_by = "llamacpp"
+    try:
+        config = write_config(tmp_path / "config.yaml", server.base_url, "http://127.0.0.1:9",
+                              tag_provider={"danbooru_retries": 0, "model": "local"}, interpreter={"model": "local"})
+        code, out, _ = run_caption(["check", "--config", str(config)], capsys)
+    finally:
+        server.stop()
+    assert "is not among the models listed" not in out and "any name" in out
+    assert code == 2 and "tag_provider.source=none" in out and "tag_provider.dump_dir" in out
