@@ -177,7 +177,10 @@ class TagProvider:
             return False
         if "checked" not in entry:
             return True
-        return time.time() - float(entry["checked"]) < self.settings.negative_ttl_days * 86400
+        checked = entry["checked"]
+        if not isinstance(checked, (int, float)) or isinstance(checked, bool):  # damaged: ask again
+            return False
+        return time.time() - float(checked) < self.settings.negative_ttl_days * 86400
 
     def _alias_is_fresh(self, entry: dict) -> bool:
         """An alias found by a lookup is asked again after `negative_ttl_days`, like a missing page

@@ -211,6 +211,9 @@ class DanbooruSource(TagSource):
             except httpx2.TimeoutException as exc:
                 raise _Fault(f"{self.describe()} did not answer within {self.settings.danbooru_timeout:g} s "
                              f"({type(exc).__name__})", Kind.TIMEOUT, "did not answer") from None
+            except httpx2.TooManyRedirects:
+                raise SourceError(f"{self.describe()} sent the request round in redirects (check "
+                                  "tag_provider.danbooru_url)") from None
             except httpx2.TransportError as exc:
                 raise _Fault(f"cannot reach {self.describe()} ({type(exc).__name__}: {exc or 'no detail'})",
                              Kind.CONNECTION, "could not be reached") from None
@@ -238,7 +241,7 @@ class DanbooruSource(TagSource):
             raise SourceError(f"{self.describe()} answered HTTP {status} {_kind(content_type)} for {path}")
         try:
             data = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SourceError(f"{self.describe()} sent malformed JSON for {path}") from None
         if not isinstance(data, list):  # e.g. {"success": false, "error": "RateLimiter::RateLimitError"}
             message = data.get("message") or data.get("error") if isinstance(data, dict) else None

@@ -123,9 +123,16 @@ class Run:
             if first is None:
                 self.result.nothing_to_do = self.selection.why_empty()
             else:
-                await self._start()
                 with self._signals_handled():
-                    await self._caption_all(first, walk)
+                    starting = asyncio.ensure_future(self._start())
+                    self.workers = [starting]  # a signal during the server check cancels it like a worker
+                    try:
+                        await starting
+                    except asyncio.CancelledError:
+                        if not self.stopping.is_set():
+                            raise
+                    if not self.stopping.is_set():
+                        await self._caption_all(first, walk)
                 await self._count_what_is_left()
             if self.options.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.stages.llm,

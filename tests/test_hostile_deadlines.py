@@ -274,9 +274,7 @@ def test_sigterm_ends_a_run_waiting_for_a_hanging_danbooru(tmp_path, llm, booru)
 
 @pytest.mark.parametrize("signum", [
     pytest.param(signal.SIGINT, id="ctrl-c"),
-    pytest.param(signal.SIGTERM, id="sigterm", marks=pytest.mark.xfail(
-        strict=True, reason="SIGTERM before the first image (a server's /models still answering) kills the process "
-                            "without a line or exit 130: the handlers are installed only in Run._caption_all")),
+    pytest.param(signal.SIGTERM, id="sigterm"),
 ])
 def test_a_signal_while_the_servers_are_checked_ends_the_run_cleanly(tmp_path, llm, booru, signum):
     llm.models_reply = Hang()
@@ -327,12 +325,7 @@ BROKEN_ENTRIES = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="an entry whose 'checked' is null passes "
-                                                                 "tag_cache._well_formed and then float(None) fails "
-                                                                 "every image with that tag (TagProvider."
-                                                                 "_negative_is_fresh)"))
-    if name == "nulls" else name for name in BROKEN_ENTRIES])
+@pytest.mark.parametrize("name", list(BROKEN_ENTRIES))
 def test_a_damaged_cache_entry_never_costs_a_caption(tmp_path, llm, booru, capsys, name):
     booru.wiki = {"cat": "A small feline."}
     images = tmp_path / "images"
