@@ -9,7 +9,6 @@ the event loop: a streamed dataset may wait on the network.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import threading
 from pathlib import Path
@@ -19,7 +18,7 @@ from tagcaption.deadlines import off_loop
 from tagcaption.errors import CaptionCollision, ConfigError
 from tagcaption.hf_dataset import DatasetSource, Row
 from tagcaption.hf_output import DatasetLayout, PartStore
-from tagcaption.selection import Shard
+from tagcaption.selection import Shard, count_in_background
 from tagcaption.state import read_failed_images
 from tagcaption.tally import Tally
 
@@ -115,24 +114,8 @@ class RowSelection:
             self.tally.set("images.selected", (self.source.num_rows or 0) if every_row else 0)
             self.counted.set()
             return
-        loop = asyncio.get_running_loop()
-
-        def count() -> None:
-            found = 0
-            try:
-                for row in self.source.rows():
-                    if stop.is_set():
-                        return
-                    found += self._selected(row, failed)
-            except Exception:  # the walk meets the same problem and reports it
-                return
-            with contextlib.suppress(RuntimeError):  # the run is over and its loop closed
-                loop.call_soon_threadsafe(self._counted, found)
-        threading.Thread(target=count, name="count-rows", daemon=True).start()
-
-    def _counted(self, total: int) -> None:
-        self.tally.set("images.selected", total)
-        self.counted.set()
+        count_in_background((self._selected(row, failed) for row in self.source.rows()), stop, self.tally,
+                            self.counted, "count-rows")
 
     def _sampled(self, failed: Optional[set]) -> Iterator[Row]:
         """`--sample N`: the same N rows of the selection for a seed, whatever is done since."""

@@ -100,26 +100,8 @@ class Selection:
             stop_counting.set()
 
     def _start_count(self, stop: threading.Event) -> None:
-        """Count the images this run is asked for, in a daemon thread that stops with the
-        walk: a slow file server must not hold up the end of the run."""
-        loop = asyncio.get_running_loop()
-
-        def count() -> None:
-            total = 0
-            try:
-                for selected in self._selected(ordered=False):
-                    if stop.is_set():
-                        return
-                    total += selected is not None
-            except Exception:  # the walk meets the same problem and reports it
-                return
-            with contextlib.suppress(RuntimeError):  # the run is over and its loop closed
-                loop.call_soon_threadsafe(self._counted, total)
-        threading.Thread(target=count, name="count-images", daemon=True).start()
-
-    def _counted(self, total: int) -> None:
-        self.tally.set("images.selected", total)
-        self.counted.set()
+        count_in_background((entry is not None for entry in self._selected(ordered=False)), stop,
+                            self.tally, self.counted, "count-images")
 
     def _selected(self, ordered: bool = True) -> Iterator[Optional[Tuple[Path, str, str]]]:
         """(folder, name, path inside the images folder) of each image this run is asked for;
@@ -229,6 +211,30 @@ class Selection:
         if not self.layout.failures.exists():
             raise ConfigError(f"--retry-failed: no {self.layout.failures} from an earlier run")
         return set(read_failed_images(self.layout.failures))
+
+
+def count_in_background(selected: Iterable[bool], stop: threading.Event, tally: Tally, counted: asyncio.Event,
+                        name: str) -> None:
+    """Count what this run is asked for (`images.selected`, then `counted` set) in a daemon
+    thread that stops with the walk: a slow file server must not hold up the end of the run."""
+    loop = asyncio.get_running_loop()
+
+    def done(total: int) -> None:
+        tally.set("images.selected", total)
+        counted.set()
+
+    def count() -> None:
+        total = 0
+        try:
+            for chosen in selected:
+                if stop.is_set():
+                    return
+                total += bool(chosen)
+        except Exception:  # the walk meets the same problem and reports it
+            return
+        with contextlib.suppress(RuntimeError):  # the run is over and its loop closed
+            loop.call_soon_threadsafe(done, total)
+    threading.Thread(target=count, name=name, daemon=True).start()
 
 
 def _images(count: int) -> str:
