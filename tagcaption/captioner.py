@@ -119,7 +119,8 @@ class Captioner:
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints,
-                              max_descriptions=self.config.interpreter.max_tag_descriptions)
+                              max_descriptions=self.config.interpreter.max_tag_descriptions,
+                              max_tokens=self.config.interpreter.tag_descriptions_tokens)
         if not self._carries_description() and not any(values.get(name) for name in TAG_NAMES & self.consumed):
             raise NothingToCaption(f"none of its tags reach the caption prompt ({', '.join(sorted(TAG_NAMES & self.consumed))}"
                                    " empty after tags.exclude and tags.exclude_categories), and no description "

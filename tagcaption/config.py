@@ -138,6 +138,8 @@ class InterpreterConfig(StageConfig):
     prompt_variants: List[VariantConfig] = field(default_factory=list)
     max_tag_descriptions: Optional[int] = 30
     """Tag summaries in `{tag_descriptions}` at most, the rarest tags kept (None: all)."""
+    tag_descriptions_tokens: Optional[int] = 800
+    """The prompt tokens `{tag_descriptions}` may take, at 4 characters a token (None: no budget)."""
 
 
 @dataclass

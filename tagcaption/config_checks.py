@@ -163,6 +163,9 @@ def _check_interpreter(config: Config) -> None:
     limit = config.interpreter.max_tag_descriptions
     if limit is not None and limit < 0:
         raise ConfigError("interpreter.max_tag_descriptions must be 0 or more (null: every summary)")
+    budget = config.interpreter.tag_descriptions_tokens
+    if budget is not None and (isinstance(budget, bool) or budget < 0):
+        raise ConfigError("interpreter.tag_descriptions_tokens must be 0 or more (null: no budget)")
 
 
 def _check_output(config: Config) -> None:

@@ -50,7 +50,8 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
     Placeholder("booru_tags", "the image's own tags after exclusions, as written on Danbooru (`long_hair`)",
                 _IMAGE_PROMPTS),
     Placeholder("tag_descriptions", "one `tag: summary` line per kept tag that has a summary, at most "
-                "`interpreter.max_tag_descriptions` (the rarest tags kept)", _IMAGE_PROMPTS),
+                "`interpreter.max_tag_descriptions` lines in `interpreter.tag_descriptions_tokens` tokens "
+                "(the rarest tags kept)", _IMAGE_PROMPTS),
     Placeholder("rating", "the image's rating as a word (general, sensitive, questionable, explicit)",
                 _IMAGE_PROMPTS),
     *(Placeholder(f"{category}_tags", f"the kept tags of the {category} category", _IMAGE_PROMPTS)
@@ -75,6 +76,11 @@ def allowed(prompt: str) -> Tuple[str, ...]:
 
 MAX_TAG_DESCRIPTIONS = 30
 """`interpreter.max_tag_descriptions`'s default: summaries in `{tag_descriptions}` at most."""
+TAG_DESCRIPTIONS_TOKENS = 800
+"""`interpreter.tag_descriptions_tokens`'s default: the tokens `{tag_descriptions}` may take,
+estimated at 4 characters a token, so that the default caption prompt for 40 tags stays under
+1,200 tokens however long the summaries are (bench/prompt_size.py)."""
+CHARACTERS_PER_TOKEN = 4
 
 TAG_VARIABLES = ("tags", "booru_tags", "tag_descriptions", "rating") + tuple(f"{name}_tags" for name in CATEGORIES) \
     + tuple(f"{name}_names" for name in NAMED_CATEGORIES)
@@ -97,13 +103,14 @@ def rating_word(rating: Optional[str]) -> str:
 
 def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                   rating: Optional[str], tag_filter: "TagFilter",
-                  max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
+                  max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS,
+                  max_tokens: Optional[int] = TAG_DESCRIPTIONS_TOKENS) -> Dict[str, str]:
     """The template variables made from an image's tags, after exclusions.
 
     `categories` are those the image's sidecar gives (they win over the source's). An alias
     resolved by the tag provider appears as its target, once; `{booru_tags}` keeps the image's
-    own tags, as its tags file has them; `max_descriptions` caps `{tag_descriptions}` (see
-    `described`)."""
+    own tags, as its tags file has them; `max_descriptions` and `max_tokens` cap
+    `{tag_descriptions}` (see `described`)."""
     own: List[str] = []
     kept: Dict[str, Tuple[str, Optional["TagKnowledge"]]] = {}
     for tag in tags:
@@ -116,13 +123,12 @@ def tag_variables(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], cate
         kept.setdefault(name, (category, info))
     if tag_filter.prune_implied:
         kept = _without_implied(kept)
-    shown = described([name for name, (_, info) in kept.items() if info and info.summary], knowledge,
-                      max_descriptions)
+    lines = {name: f"{display_tag(name)}: {info.summary}" for name, (_, info) in kept.items() if info and info.summary}
+    shown = described(lines, knowledge, max_descriptions, max_tokens)
     values = {
         "tags": ", ".join(display_tag(name) for name in kept),
         "booru_tags": ", ".join(own),
-        "tag_descriptions": "\n".join(f"{display_tag(name)}: {info.summary}" for name, (_, info) in kept.items()
-                                      if name in shown),
+        "tag_descriptions": "\n".join(line for name, line in lines.items() if name in shown),
         "rating": rating_word(rating),
     }
     for category in CATEGORIES:
@@ -141,25 +147,40 @@ def _without_implied(kept: Dict[str, tuple]) -> Dict[str, tuple]:
     return {name: value for name, value in kept.items() if name not in implied}
 
 
-def described(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], limit: Optional[int]) -> Set[str]:
-    """Which of the tags that have a summary get their line in `{tag_descriptions}`: at most
-    `limit` (None: all), the rarest first — fewest posts, by the count the tag source gave;
-    tags without one last, in the image's order. A common tag (`1girl`, `solo`) tells the
-    model least, and 60 summaries would cost about 3,000 prompt tokens."""
-    if limit is None or len(tags) <= limit:
+def described(lines: Mapping[str, str], knowledge: Mapping[str, "TagKnowledge"], limit: Optional[int],
+              max_tokens: Optional[int] = None) -> Set[str]:
+    """Which tags get their summary line (`lines`, by tag) in `{tag_descriptions}`: the rarest
+    first — fewest posts, by the count the tag source gave; tags without one last, in the
+    image's order — at most `limit` lines (None: all) within `max_tokens` (None: no budget; a
+    line that no longer fits is left out, a shorter one after it may still fit). A common tag
+    (`1girl`, `solo`) tells the model least, and 60 summaries would cost about 3,000 prompt tokens."""
+    tags = list(lines)
+    if (limit is None or len(tags) <= limit) and max_tokens is None:
         return set(tags)
 
     def rarity(position: int) -> tuple:
         info = knowledge.get(tags[position])
         count = info.post_count if info is not None else None
         return (count is None, count or 0, position)
-    return {tags[position] for position in sorted(range(len(tags)), key=rarity)[:limit]}
+    budget = max_tokens * CHARACTERS_PER_TOKEN if max_tokens is not None else None
+    shown: Set[str] = set()
+    for position in sorted(range(len(tags)), key=rarity):
+        if limit is not None and len(shown) >= limit:
+            break
+        cost = len(lines[tags[position]]) + 1
+        if budget is not None:
+            if cost > budget:
+                continue
+            budget -= cost
+        shown.add(tags[position])
+    return shown
 
 
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                  rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
-                 hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS) -> Dict[str, str]:
+                 hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS,
+                 max_tokens: Optional[int] = TAG_DESCRIPTIONS_TOKENS) -> Dict[str, str]:
     """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
     return {"filename": filename, "folder": folder, "name": name,
-            **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions),
+            **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions, max_tokens),
             "hints": hints, "description": ""}

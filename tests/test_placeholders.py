@@ -71,3 +71,24 @@ def test_tag_descriptions_keep_the_rarest_tags_up_to_the_cap():
     counts_unknown = {tag: TagKnowledge(f"Meaning {n}.", "general", None, True) for n, tag in enumerate(tags)}
     first = tag_variables(tags, counts_unknown, {}, None, TagFilter(TagsConfig()))["tag_descriptions"]
     assert first.splitlines()[-1] == "tag 29: Meaning 29."  # no counts at all: the first 30, in order
+
+
+def test_tag_descriptions_stay_within_their_token_budget_rarest_first():
+    from tagcaption.config import InterpreterConfig
+    from tagcaption.placeholders import TAG_DESCRIPTIONS_TOKENS, tag_variables
+
+    assert InterpreterConfig().tag_descriptions_tokens == TAG_DESCRIPTIONS_TOKENS == 800
+    tags = [f"tag_{n:02}" for n in range(40)]
+    long_summary = "A long summary of thirty words " + "that goes on and on " * 5 + "until its end."
+    knowledge = {tag: TagKnowledge(long_summary, "general", 100 + n, True) for n, tag in enumerate(tags)}
+    knowledge["tag_39"] = TagKnowledge("Short.", "general", 10_000, True)  # the most common, but short
+    text = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()))["tag_descriptions"]
+    assert len(text) <= TAG_DESCRIPTIONS_TOKENS * 4
+    lines = text.splitlines()
+    assert lines[0].startswith("tag 00:") and 20 < len(lines) < 30
+    assert lines[-1] == "tag 39: Short."  # a line that fits after the long ones stopped fitting is kept
+    tight = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()), max_tokens=5)["tag_descriptions"]
+    assert tight == "tag 39: Short."
+    unbounded = tag_variables(tags, knowledge, {}, None, TagFilter(TagsConfig()), max_descriptions=None,
+                              max_tokens=None)["tag_descriptions"]
+    assert len(unbounded.splitlines()) == 40
