@@ -24,15 +24,24 @@ def is_leftover_temp(name: str) -> bool:
     return bool(TEMP_NAME.match(name))
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+"""Read once, at import, while one thread runs: reading it sets it for a moment, and a file
+another thread created in that moment would get the wrong permissions."""
+
+
 def _mode_for(path: Path) -> int:
     """The permissions the file has, or a new file would get (mkstemp's 0600 is too private
     for a dataset folder shared with a trainer or other users)."""
     try:
         return os.stat(path).st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tagcaption.errors import ImageError
+from tagcaption.wire import DataURL
 
 BACKGROUND = (255, 255, 255)
 
@@ -169,8 +170,8 @@ def _draft(image: Image.Image, max_size: int) -> None:
 
 
 def _prepared(data: bytes, mime: str, size) -> PreparedImage:
-    return PreparedImage(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size[0], size[1],
-                         mime, len(data))
+    raw = b"data:" + mime.encode("ascii") + b";base64," + base64.b64encode(data)
+    return PreparedImage(DataURL.of(raw), size[0], size[1], mime, len(data))
 
 
 def _orientation(image: Image.Image):

@@ -121,6 +121,7 @@ class CaptionRecord:
         self.hashes: Optional[Dict[str, str]] = None
         """Read only when a caption is about to be replaced, so a first run holds none of it."""
         self._lock = threading.Lock()  # captions are written from several threads
+        self._folder_made = False
 
     def load(self) -> None:
         self.hashes = {}
@@ -179,7 +180,9 @@ class CaptionRecord:
         with self._lock:
             if self.hashes is not None:
                 self.hashes[key] = digest
-            self.path.parent.mkdir(exist_ok=True)
+            if not self._folder_made:
+                self.path.parent.mkdir(exist_ok=True)
+                self._folder_made = True
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(self._line(key, digest))
 

@@ -44,6 +44,8 @@ class Writer:
         formats = list(config.output.formats) + (["jsonl"] if config.output.report else [])  # the page reads it
         self.outputs = DatasetOutputs(formats, layout)
         self._writes: Set[asyncio.Future] = set()
+        self._folders: Set[Path] = set()
+        """Folders of output.dir made (or found) for captions: asked of the disk once each."""
 
     # --- start and end -------------------------------------------------------------------
 
@@ -167,8 +169,10 @@ class Writer:
 
     def _write_caption(self, captioned: Captioned) -> None:
         item = captioned.item
-        if self.layout.output_dir is not None and self.layout.output_dir.is_dir():
-            item.caption_file.parent.mkdir(parents=True, exist_ok=True)
+        folder = item.caption_file.parent
+        if self.layout.output_dir is not None and folder not in self._folders and self.layout.output_dir.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
         if item.tags_file is not None and item.tags_file == item.caption_file:
             # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
             write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)
