@@ -48,6 +48,8 @@ class EndpointConfig:
     stream: bool = True
     stream_usage: bool = True
     token_limit_param: str = "max_tokens"
+    transport: str = "auto"
+    """`auto`: chat requests to an `http://` server without a proxy go through http1.py; `httpx`: all through httpx2."""
 
 
 @dataclass

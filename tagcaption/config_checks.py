@@ -10,7 +10,7 @@ from tagcaption.errors import ConfigError
 from tagcaption.outputs import check_formats
 from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, IMAGE_EXTENSIONS, IMAGE_FORMATS, INTERPRETER,
                                    INTERROGATOR, PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES, TAG_COMBINE, TAG_INPUTS,
-                                   TAG_SOURCES, TOKEN_LIMIT_PARAMS)
+                                   TAG_SOURCES, TOKEN_LIMIT_PARAMS, TRANSPORTS)
 
 if TYPE_CHECKING:
     from tagcaption.config import Config
@@ -82,6 +82,8 @@ def _check_endpoints(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.request_timeout must be more than 0 seconds")
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
+        if endpoint.transport not in TRANSPORTS:
+            raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)}")
         urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
         if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
             raise ConfigError(f"endpoints.{name}.base_url must be a URL or a list of URLs")

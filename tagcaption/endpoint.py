@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
+import urllib.request
 from urllib.parse import urlsplit
 
 import httpx2
@@ -28,6 +29,7 @@ import httpx2
 from tagcaption import tls
 from tagcaption.config import EndpointConfig
 from tagcaption.deadlines import MODELS_SECONDS
+from tagcaption.http1 import Pool
 from tagcaption.errors import Kind, LLMError, NoVision, ServerDown, ServerUnreachable
 from tagcaption.replies import Fault, classify, error_message, status_message
 from tagcaption.retry import RetryPolicy
@@ -53,6 +55,18 @@ CLIENT_SLOTS = 4
 
 Count = Callable[[str, int], None]
 """Hears `("requests", 1)` before each attempt and `("retries", 1)` before each retry."""
+
+
+def builtin_transport(url: str, config: EndpointConfig) -> bool:
+    """Whether chat requests to `url` go over http1.py: plain HTTP, `transport: auto`, and no
+    proxy from the environment that httpx2 would have used (none is used for this machine)."""
+    if config.transport != "auto" or not url.startswith("http://"):
+        return False
+    if is_loopback(url):
+        return True
+    proxies = urllib.request.getproxies_environment()
+    host = urlsplit(url).hostname or ""
+    return not (proxies.get("http") or proxies.get("all")) or bool(urllib.request.proxy_bypass_environment(host))
 
 
 def is_loopback(url: str) -> bool:
@@ -83,6 +97,8 @@ class Replica:
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
         self.chat_url = self.url("/chat/completions")
         self.chat_clients = [self.http]
+        self.pool = Pool(self.chat_url, config.timeout, self.http) if builtin_transport(base_url, config) else None
+        """Chat requests over http1.py (None: over httpx2, `chat_clients`)."""
         self.limit = 0
         self.free: List[int] = []
         self.set_limit(DEFAULT_CONCURRENCY if config.concurrency == AUTO or config.auto_concurrency
@@ -119,12 +135,17 @@ class Replica:
     def set_limit(self, limit: int) -> None:
         """Carry `limit` requests at once (before the first request, or with none in flight)."""
         self.limit = limit
-        while len(self.chat_clients) * CLIENT_SLOTS < limit:
+        while self.pool is None and len(self.chat_clients) * CLIENT_SLOTS < limit:
             self.chat_clients.append(self._http_client())
         self.free = list(range(limit - 1, -1, -1))
 
+    def sender(self, slot: int):
+        """What carries the chat request in `slot`: the pool, or one of the httpx2 clients."""
+        return self.pool or self.chat_clients[slot // CLIENT_SLOTS]
+
     async def close(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self.chat_clients), return_exceptions=True)
+        closing = [client.aclose() for client in self.chat_clients] + ([self.pool.aclose()] if self.pool else [])
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 class Endpoint:
@@ -223,8 +244,7 @@ class Endpoint:
             replica, slot = await self._take_replica()
             started = time.monotonic()
             try:
-                result = await exchange(replica.chat_clients[slot // CLIENT_SLOTS], replica.chat_url,
-                                        replica.headers, body, self.bounds)
+                result = await exchange(replica.sender(slot), replica.chat_url, replica.headers, body, self.bounds)
             except Exception as exc:  # classified below: anything the server or transport can throw
                 fault = exc if isinstance(exc, Fault) else classify(exc)
             else:

@@ -60,3 +60,4 @@ ANY_SCRIPT = "any"
 SCRIPTS = (ANY_SCRIPT,) + tuple(SCRIPT_PREFIXES)
 RETRY_MODES = ("fresh", "corrective")
 TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
+TRANSPORTS = ("auto", "httpx")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import httpx2
 
 from tagcaption.errors import Kind
+from tagcaption.http1 import Pool
 from tagcaption.replies import Fault, content_text, message_from_body, one_line, status_fault, status_message
 from tagcaption.retry import parse_retry_after
 
@@ -97,7 +98,7 @@ def _marked(message: Any, urls: List[bytes]) -> Any:
     return dict(message, content=parts)
 
 
-async def exchange(http: httpx2.AsyncClient, url: httpx2.URL, headers: Dict[str, str], body: bytes,
+async def exchange(http: Union[httpx2.AsyncClient, Pool], url: httpx2.URL, headers: Dict[str, str], body: bytes,
                    bounds: Bounds) -> Tuple[Reply, dict]:
     """POST `body` and read the reply (JSON or a stream) within `bounds`; raises Fault for
     an answer that is not a usable reply, httpx2's errors for the transport's."""
@@ -108,9 +109,12 @@ async def exchange(http: httpx2.AsyncClient, url: httpx2.URL, headers: Dict[str,
         raise Fault(Kind.TIMEOUT, f"no whole reply within request_timeout ({bounds.request_timeout:g} s)") from None
 
 
-async def _exchange(http: httpx2.AsyncClient, url: httpx2.URL, headers: Dict[str, str], body: bytes,
+async def _exchange(http: Union[httpx2.AsyncClient, Pool], url: httpx2.URL, headers: Dict[str, str], body: bytes,
                     limit: int) -> Tuple[Reply, dict]:
-    response = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
+    if isinstance(http, Pool):
+        response = await http.post(url, headers, body)
+    else:
+        response = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
     try:
         return await _read_reply(response, limit)
     finally:

@@ -1,0 +1,286 @@
+"""A small HTTP/1.1 client for chat requests to plain `http://` servers.
+
+Local servers (llama.cpp, LM Studio, Ollama, vLLM on this machine or the LAN) are where a
+client's own CPU shows: at 100 ms a reply and 32 slots, httpx2's stack (httpcore2, h11,
+anyio) cost about 1 ms of CPU per request, this about 0.1 ms (bench/README.md). It does only
+what a chat request needs: one POST on a kept-alive connection, a reply framed by
+Content-Length, chunked or by the connection closing, gzip or deflate undone. Anything else
+goes to httpx2: `https://` (TLS), a proxy from the environment (`Replica` decides), and a
+redirect (the request goes to where it points through httpx2, which follows any further).
+
+Its failures are httpx2's exception types, so `replies.classify` and the retry policy treat
+both transports alike; `endpoints.<name>.transport: httpx` turns it off.
+"""
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import AsyncIterator, Dict, List, Optional, Union
+
+import httpx2
+
+MAX_HEAD = 64 * 1024
+"""Bytes of status line and headers at most."""
+REDIRECTS = (301, 302, 303, 307, 308)
+READ_SIZE = 256 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: what has arrived, and a way to wait for more within a deadline."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: Optional[asyncio.Transport] = None
+        self.buffer = bytearray()
+        self.closed = False
+        self._waiter: Optional[asyncio.Future] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=16 * 1024 * 1024)  # a body is handed over whole
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def reusable(self) -> bool:
+        """Idle and still open: the server has neither closed it nor sent anything unasked."""
+        return not self.closed and not self.buffer and not self.transport.is_closing()
+
+    async def more(self, timeout: float) -> None:
+        """Wait until more bytes arrive or the connection closes; ReadTimeout after `timeout`."""
+        if self.closed:
+            raise httpx2.RemoteProtocolError("the server closed the connection before the reply ended")
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def head(self, timeout: float) -> bytes:
+        """The status line and headers, without the blank line ending them."""
+        searched = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
+            if 0 <= end <= MAX_HEAD:
+                head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                return head
+            if len(self.buffer) > MAX_HEAD:
+                raise httpx2.RemoteProtocolError(f"reply headers longer than {MAX_HEAD // 1024} KB")
+            searched = len(self.buffer)
+            await self.more(timeout)
+
+    async def take(self, most: int, timeout: float) -> bytes:
+        """Up to `most` bytes, at least one."""
+        while not self.buffer:
+            await self.more(timeout)
+        piece = bytes(self.buffer[:most])
+        del self.buffer[:most]
+        return piece
+
+    async def line(self, timeout: float) -> bytes:
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 2]
+                return line
+            if len(self.buffer) > MAX_HEAD:
+                raise httpx2.RemoteProtocolError("a chunk header longer than 64 KB")
+            await self.more(timeout)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx2.ReadTimeout("timed out waiting for the reply"))
+
+
+class Response:
+    """What `wire.py` reads of a reply: the same names as httpx2's Response."""
+
+    def __init__(self, pool: "Pool", connection: _Connection, head: bytes):
+        self._pool, self._connection = pool, connection
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        code, _, self.reason_phrase = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise httpx2.RemoteProtocolError(f"not an HTTP reply: {status_line[:80]!r}")
+        self.status_code = int(code)
+        self.headers: Dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise httpx2.RemoteProtocolError(f"malformed reply header: {line[:80]!r}")
+            name = name.strip().lower()
+            self.headers[name] = f"{self.headers[name]}, {value.strip()}" if name in self.headers else value.strip()
+        self._keep = version == "HTTP/1.1" and "close" not in self.headers.get("connection", "").lower()
+        self._done = False
+
+    @property
+    def interim(self) -> bool:
+        return 100 <= self.status_code < 200
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        decoder = _decoder(self.headers.get("content-encoding", ""))
+        try:
+            async for piece in self._body():
+                data = decoder.decompress(piece) if decoder else piece
+                if data:
+                    yield data
+            rest = decoder.flush() if decoder else b""
+        except zlib.error as exc:
+            raise httpx2.DecodingError(f"the reply's Content-Encoding could not be undone ({exc})") from None
+        if rest:
+            yield rest
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        timeout, connection = self._pool.timeout, self._connection
+        if self.status_code in (204, 304):
+            self._done = True
+            return
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            async for piece in _chunks(connection, timeout):
+                yield piece
+        elif "content-length" in self.headers:
+            length = self.headers["content-length"]
+            if not length.isdigit():
+                raise httpx2.RemoteProtocolError(f"malformed Content-Length: {length[:40]!r}")
+            left = int(length)
+            while left:
+                piece = await connection.take(min(left, READ_SIZE), timeout)
+                left -= len(piece)
+                yield piece
+        else:
+            self._keep = False
+            while connection.buffer or not connection.closed:
+                if not connection.buffer:
+                    await connection.more(timeout)
+                    continue
+                piece = bytes(connection.buffer)
+                connection.buffer.clear()
+                yield piece
+        self._done = True
+
+    async def aclose(self) -> None:
+        if self._done and self._keep and not self._connection.buffer:
+            self._pool.give_back(self._connection)
+        else:
+            self._connection.close()
+
+
+async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[bytes]:
+    while True:
+        size_text = (await connection.line(timeout)).split(b";", 1)[0].strip()
+        try:
+            left = int(size_text, 16)
+        except ValueError:
+            raise httpx2.RemoteProtocolError(f"malformed chunk size: {size_text[:20]!r}") from None
+        if left == 0:
+            while await connection.line(timeout):  # trailers, up to the blank line
+                pass
+            return
+        while left:
+            piece = await connection.take(min(left, READ_SIZE), timeout)
+            left -= len(piece)
+            yield piece
+        if await connection.line(timeout):
+            raise httpx2.RemoteProtocolError("a chunk longer than its size")
+
+
+def _decoder(encoding: str):
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise httpx2.DecodingError(f"unsupported Content-Encoding {encoding!r}")
+
+
+class Pool:
+    """Kept-alive connections to one `http://` server, for its chat requests; `fallback` is
+    the replica's httpx2 client, which sends again any request that was redirected."""
+
+    def __init__(self, url: httpx2.URL, timeout: float, fallback: httpx2.AsyncClient):
+        self.host, self.port = url.host, url.port or 80
+        self.authority = url.netloc.decode("ascii")
+        self.timeout = timeout
+        self.fallback = fallback
+        self._idle: List[_Connection] = []
+
+    async def post(self, url: httpx2.URL, headers: Dict[str, str], body: bytes) -> Union[Response, httpx2.Response]:
+        head = "".join([f"POST {url.raw_path.decode('ascii')} HTTP/1.1\r\nHost: {self.authority}\r\n",
+                        *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                        f"Content-Length: {len(body)}\r\n\r\n"]).encode("latin-1")
+        for last_try in (False, True):
+            connection, reused = await self._connection()
+            try:
+                response = await self._send(connection, head, body)
+            except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
+                connection.close()
+                if reused and not last_try and not connection.buffer:
+                    continue  # an idle connection the server had just closed: once more, on a new one
+                raise exc
+            except BaseException:
+                connection.close()
+                raise
+            if response.status_code in REDIRECTS and response.headers.get("location"):
+                await response.aclose()
+                target = url.join(response.headers["location"])
+                return await self.fallback.send(self.fallback.build_request("POST", target, content=body,
+                                                                            headers=headers), stream=True)
+            return response
+        raise AssertionError("unreachable")
+
+    async def _send(self, connection: _Connection, head: bytes, body: bytes) -> Response:
+        connection.transport.writelines((head, body))
+        while True:
+            response = Response(self, connection, await connection.head(self.timeout))
+            if not response.interim:
+                return response
+
+    async def _connection(self):
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.reusable():
+                return connection, True
+            connection.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(loop), self.host, self.port), self.timeout)
+        except asyncio.TimeoutError:
+            raise httpx2.ConnectTimeout(f"no connection to {self.authority} within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise httpx2.ConnectError(f"{exc.strerror or exc} ({self.authority})") from None
+        return connection, False
+
+    def give_back(self, connection: _Connection) -> None:
+        self._idle.append(connection)
+
+    async def aclose(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()

@@ -1,0 +1,209 @@
+"""The built-in HTTP/1.1 transport (tagcaption/http1.py) against a raw loopback server that
+writes exactly the bytes a case needs: chunked and gzipped replies, interim answers, idle
+connections the server closed, redirects, bodies cut short, oversized headers. Each case goes
+through `Endpoint.chat`, as every request of a run does; the rest of the suite runs whole
+captioning runs over this transport, and the last cases here over httpx2 (`transport: httpx`)."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import threading
+from typing import Callable, List, Optional
+
+import pytest
+
+from conftest import make_dataset, run_caption, write_config
+from tagcaption.config import EndpointConfig
+from tagcaption.endpoint import Endpoint, builtin_transport
+from tagcaption.errors import LLMError
+
+COMPLETION = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                                                                           "content": "A red square."}}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+
+
+def sse(text: str) -> bytes:
+    events = [{"choices": [{"index": 0, "delta": {"content": text}}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    return b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+
+def reply(body: bytes, status: str = "200 OK", *headers: str, length: Optional[int] = None) -> bytes:
+    head = [f"HTTP/1.1 {status}", *headers]
+    if length is not None or not any(h.lower().startswith("transfer-encoding") for h in headers):
+        head.append(f"Content-Length: {len(body) if length is None else length}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class RawServer:
+    """Answers the n-th request with `script(n, request)`: the bytes to send, and whether to
+    close the connection afterwards. Counts connections and keeps each request's head."""
+
+    def __init__(self, script: Callable[[int, bytes], tuple]):
+        self.script = script
+        self.heads: List[bytes] = []
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                self.heads.append(head)
+                data, close = self.script(len(self.heads), head)
+                for piece in data if isinstance(data, list) else [data]:
+                    conn.sendall(piece)
+                if close:
+                    return
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_server():
+    servers = []
+
+    def start(script):
+        servers.append(RawServer(script))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def ask(url: str, times: int = 1, **settings):
+    async def go():
+        options = {"timeout": 5, "max_retries": 0, "retry_backoff": 0.01, **settings}
+        endpoint = Endpoint("default", EndpointConfig(base_url=url, **options))
+        try:
+            return [await endpoint.chat({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                         "max_tokens": 10}, lambda key, n: None) for _ in range(times)]
+        finally:
+            for replica in endpoint.replicas:
+                await replica.close()
+    return asyncio.run(go())
+
+
+def test_a_chunked_stream_in_odd_pieces_with_trailers_and_kept_alive(raw_server):
+    body = sse("A red square.")
+    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:30], body[30:]))
+    wire = reply(b"", "200 OK", "Content-Type: text/event-stream", "Transfer-Encoding: chunked") + chunks + \
+        b"0\r\nX-Trailer: yes\r\n\r\n"
+    server = raw_server(lambda n, head: ([wire[:50], wire[50:51], wire[51:]], False))
+    answers = ask(server.url, times=3)
+    assert [reply.text for reply, _ in answers] == ["A red square."] * 3
+    assert server.connections == 1  # one connection carried all three
+    head = server.heads[0].decode()
+    assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n") and "\r\nHost: 127.0.0.1:" in head
+    assert "Accept-Encoding" not in head and "Authorization: Bearer no-key" in head
+
+
+def test_gzip_interim_answers_and_a_reply_framed_by_closing(raw_server):
+    zipped = gzip.compress(json.dumps(COMPLETION).encode())
+    replies = {
+        1: (reply(zipped, "200 OK", "Content-Type: application/json", "Content-Encoding: gzip"), False),
+        2: (b"HTTP/1.1 100 Continue\r\n\r\n" + reply(json.dumps(COMPLETION).encode()), False),
+        3: (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + json.dumps(COMPLETION).encode(), True),
+    }
+    server = raw_server(lambda n, head: replies[n])
+    assert [reply.text for reply, _ in ask(server.url, times=3)] == ["A red square."] * 3
+
+
+def test_an_idle_connection_the_server_closed_is_not_reused(raw_server):
+    server = raw_server(lambda n, head: (reply(json.dumps(COMPLETION).encode()), True))  # closes, says nothing
+    assert len(ask(server.url, times=3)) == 3
+    assert server.connections == 3 and len(server.heads) == 3  # no request was lost or sent twice
+
+
+def test_a_redirect_is_followed_through_httpx(raw_server):
+    def script(n, head):
+        if b"/v2/" in head.split(b"\r\n")[0]:
+            return reply(json.dumps(COMPLETION).encode()), False
+        return reply(b"", "307 Temporary Redirect", "Location: /v2/chat/completions"), False
+    server = raw_server(script)
+    [(answer, _)] = ask(server.url)
+    assert answer.text == "A red square." and [h.split(b" ")[1] for h in server.heads] == \
+        [b"/v1/chat/completions", b"/v2/chat/completions"]
+
+
+@pytest.mark.parametrize("wire, expected, attempts", [
+    (reply(b'{"choices": [', length=500), "connection", 3),  # the body stops short, then the server hangs up
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", "headers longer than 64 KB", 3),
+    (b"SMTP ready\r\n\r\n", "not an HTTP reply", 3),
+    (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"zz\r\n", "malformed chunk size", 3),
+    (reply(b"junk", "200 OK", "Content-Encoding: br"), "unsupported Content-Encoding 'br'", 1),  # will not change
+])
+def test_broken_framing_is_one_clear_error(raw_server, wire, expected, attempts):
+    server = raw_server(lambda n, head: (wire, True))
+    with pytest.raises(LLMError) as caught:
+        ask(server.url, max_retries=2)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    assert ("after 3 attempts" in str(caught.value)) == (attempts == 3) and len(server.heads) == attempts
+
+
+def test_a_silent_server_times_out_per_read(raw_server):
+    server = raw_server(lambda n, head: ([b"HTTP/1.1 200 OK\r\n"], False))  # then nothing
+    with pytest.raises(LLMError) as caught:
+        ask(server.url, timeout=0.3)
+    assert "timed out" in str(caught.value)
+
+
+def test_which_requests_use_the_builtin_transport(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    auto, httpx = EndpointConfig(), EndpointConfig(transport="httpx")
+    assert builtin_transport("http://127.0.0.1:8080/v1", auto)
+    assert builtin_transport("http://gpu-box.lan:8000/v1", auto)
+    assert not builtin_transport("https://api.openai.com/v1", auto)  # TLS: httpx2
+    assert not builtin_transport("http://127.0.0.1:8080/v1", httpx)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    assert not builtin_transport("http://gpu-box.lan:8000/v1", auto)  # the proxy is used, by httpx2
+    assert builtin_transport("http://localhost:1234/v1", auto)  # never a proxy for this machine
+    monkeypatch.setenv("NO_PROXY", "gpu-box.lan")
+    assert builtin_transport("http://gpu-box.lan:8000/v1", auto)
+
+
+@pytest.mark.parametrize("transport", ["auto", "httpx"])
+def test_a_whole_run_over_either_transport(tmp_path, llm_server, danbooru, capsys, transport):
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n}.png": "red_square, simple_background" for n in range(6)})
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          endpoints={"default": {"transport": transport}}, tag_provider={"skip": True},
+                          output={"extension": ".caption"})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, err
+    assert len(llm_server.chat_requests) == 6 and len(list(images.glob("*.caption"))) == 6
+
+
+def test_a_bad_transport_is_refused_with_its_choices(tmp_path, llm_server, danbooru, capsys):
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          endpoints={"default": {"transport": "aiohttp"}})
+    code, _, err = run_caption([str(tmp_path), "--config", str(config)], capsys)
+    assert code == 2 and "endpoints.default.transport must be" in err and "httpx" in err
