@@ -98,8 +98,6 @@ def test_a_second_run_elsewhere_never_reads_the_first_runs_captions_as_tags(tmp_
     assert not (images / "b.tags.txt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a caption of ours edited by hand is read as tags by a run with another "
-                                       "output.extension (layout.item: _unchanged_caption needs the hash to match)")
 def test_an_edited_caption_of_ours_is_not_read_as_tags_by_a_run_with_another_extension(tmp_path, llm, booru,
                                                                                         capsys):
     llm.responder = vision_and_captions
@@ -115,9 +113,6 @@ def test_an_edited_caption_of_ours_is_not_read_as_tags_by_a_run_with_another_ext
     assert (images / "b.txt").read_text() == "red rectangle, fixed by hand"
 
 
-@pytest.mark.xfail(strict=True, reason="an untagged image's caption of ours, edited by hand, is taken for tags on a "
-                                       "rerun: it is kept as b.tags.txt and recaptioned, though overwrite is off "
-                                       "(layout.item / ImageItem.has_caption)")
 def test_a_hand_edit_of_an_untagged_images_caption_survives_a_rerun(tmp_path, llm, booru, capsys):
     llm.responder = vision_and_captions
     images = tmp_path / "images"
