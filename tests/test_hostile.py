@@ -368,9 +368,6 @@ def test_check_fails_when_the_server_forbids_everything(tmp_path, llm, booru, ca
     assert "Everything this config needs works" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="check counts any HTTP 200 as 'text OK', even a body that is an error "
-                                       "object every caption request would fail on (check._check_replica ignores "
-                                       "the body)")
 def test_check_fails_when_the_chat_answers_200_with_an_error_object(tmp_path, llm, booru, capsys):
     llm.hostile = lambda request, headers: Raw(200, b'{"error": {"message": "invalid api key", "code": 401}}')
     config = tags_only(tmp_path, llm, booru, endpoints={"default": {"stream": False}})
@@ -393,8 +390,6 @@ def test_check_fails_when_danbooru_refuses_the_login(tmp_path, llm, booru, capsy
     assert_no_secret(secret_forms(SECRET, "someone"), [out, err])
 
 
-@pytest.mark.xfail(strict=True, reason="check waits 60 s for a chat reply whatever endpoints.<name>.timeout says "
-                                       "(check._check_replica: with_options(timeout=60))")
 def test_check_keeps_to_the_configured_timeout(tmp_path, llm, booru):
     from hostile_servers import Hang
     llm.hostile = lambda request, headers: Hang(120)
