@@ -500,9 +500,6 @@ def test_a_description_saved_beside_the_caption_is_text(tmp_path, llm, booru, ca
         assert not NOT_TEXT.search(record["description"]), (jsonl.name, record)
 
 
-@pytest.mark.xfail(strict=True, reason="cleaning a large reply is quadratic and runs on the event loop: a "
-                                       "120 KB reply holds the run for a minute or more (postprocess.strip_markdown's "
-                                       "emphasis regex on unclosed '*', replies.THINK_BLOCK on unclosed '<think>')")
 def test_cleaning_hostile_replies_takes_linear_time(tmp_path, llm, booru):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat", "b.png": "dog"})
@@ -514,6 +511,18 @@ def test_cleaning_hostile_replies_takes_linear_time(tmp_path, llm, booru):
     no_traceback(out, err)
     assert code in (0, 1) and "Summary" in out
 
+
+
+def test_a_large_good_reply_is_cleaned_and_saved_like_a_short_one(tmp_path, llm, booru, capsys):
+    """Past 20,000 characters a reply is cleaned in a thread: the caption is the same."""
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    words = " ".join(f"**w{n}** *v{n}*" for n in range(2500))
+    llm.hostile = lambda request, headers: Say(f"Here is the caption: A picture of cat. {words}")
+    config = tags_only(tmp_path, llm, booru, interpreter={"max_tokens": 100000})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, err
+    assert (images / "a.txt").read_text() == "A picture of cat. " + " ".join(f"w{n} v{n}" for n in range(2500))
 
 def test_a_file_name_cannot_forge_lines_or_drive_the_terminal(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
