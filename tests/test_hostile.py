@@ -129,6 +129,30 @@ def test_a_hand_edit_of_an_untagged_images_caption_survives_a_rerun(tmp_path, ll
     assert not (images / "b.tags.txt").exists()
 
 
+@pytest.mark.parametrize("edit", [None, "red rectangle, fixed by hand"])
+def test_overwriting_an_untagged_images_caption_of_ours_never_turns_it_into_tags(tmp_path, llm, booru, capsys,
+                                                                                  edit):
+    """An edited caption is kept as a backup; neither kind is read as tags or kept as b.tags.txt."""
+    llm.responder = vision_and_captions
+    images = tmp_path / "images"
+    make_dataset(images, {"b.png": None})
+    config = with_vision(tmp_path, llm, booru)
+    assert run_caption([str(images), "--config", str(config)], capsys)[0] == 0
+    first = (images / "b.txt").read_text()
+    if edit:
+        (images / "b.txt").write_text(edit)
+    sent_before = len(llm.chat_requests)
+    code, out, err = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    assert code == 0, err
+    assert "1 captioned" in out
+    assert all((edit or first).rstrip(".") not in user_text(r) for r in llm.chat_requests[sent_before:])
+    assert (images / "b.txt").read_text() == first
+    assert not (images / "b.tags.txt").exists()
+    assert [path.name for path in images.glob("b.txt.bak*")] == (["b.txt.bak"] if edit else [])
+    if edit:
+        assert (images / "b.txt.bak").read_text() == edit
+
+
 def test_output_dir_inside_the_images_folder_is_skipped_by_the_walk(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat", "sub/b.png": "dog"})
