@@ -2,7 +2,8 @@
 
 For every endpoint a stage uses: reach `/models`, see whether the model is listed (a
 warning only: some servers list placeholder names), send a one-token text request, and
-for the Interrogator's model a tiny image, and ask the server how many requests it runs at
+for the Interrogator's model a tiny image, as the run sends them (the endpoint's deadlines,
+its reading of a reply: an error object in an HTTP 200 fails), and ask the server how many requests it runs at
 once (shown beside the concurrency that would be used); then try the tag source. Nothing
 is written.
 """
@@ -21,8 +22,9 @@ from PIL import Image
 
 from tagcaption import tls
 from tagcaption.config import Config, StageConfig
-from tagcaption.endpoint import Replica, is_loopback
-from tagcaption.errors import ConfigError, SourceError
+from tagcaption.deadlines import MODELS_SECONDS
+from tagcaption.endpoint import Endpoint, Replica, is_loopback
+from tagcaption.errors import ConfigError, Kind, SourceError
 from tagcaption.llm import LLM
 from tagcaption.interpreter import Interpreter
 from tagcaption.interrogator import Interrogator
@@ -30,7 +32,7 @@ from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
 from tagcaption.plan import RunPlan, plan_run
 from tagcaption.sinks import say
 from tagcaption.templates import Template
-from tagcaption.replies import error_message
+from tagcaption.replies import Fault, classify
 from tagcaption.slots import AUTO, advice, table_cell
 from tagcaption.tag_sources import make_source
 from tagcaption.vocabulary import INTERPRETER, INTERROGATOR, TAG_PROVIDER
@@ -88,15 +90,19 @@ async def _other_port(url: str) -> Optional[str]:
 
 
 def _fix_for(exc: BaseException, row: Row, url: str) -> str:
-    message = error_message(exc)
-    if isinstance(exc, openai.AuthenticationError):
+    fault = exc if isinstance(exc, Fault) else classify(exc)
+    message = str(fault)
+    if fault.status == 401:
         return f"the server refused the API key: set endpoints.{row.endpoint}.api_key"
-    if isinstance(exc, openai.NotFoundError) or "model" in message.lower() and "not found" in message.lower():
+    if fault.status == 404 or "model" in message.lower() and "not found" in message.lower():
         return f"load the model '{row.model}' in the server, or set {row.stage}.model to one it lists"
-    if isinstance(exc, openai.APIConnectionError):
+    if fault.kind is Kind.CONNECTION:
         proxy = any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
         hint = " (a proxy is set in the environment: check NO_PROXY for this host)" if proxy and not is_loopback(url) else ""
         return f"nothing answers at {url}: start the server or fix the port{hint}"
+    if fault.kind is Kind.TIMEOUT:
+        return (f"{message}: the server took longer than endpoints.{row.endpoint}.timeout or request_timeout "
+                "allow (is it busy, or still loading the model?)")
     return message
 
 
@@ -104,7 +110,7 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
     started = time.monotonic()
     owners: List[str] = []
     try:
-        page = await replica.client.with_options(timeout=10).models.list()
+        page = await replica.client.with_options(timeout=MODELS_SECONDS).models.list()
         row.reachable = "yes"
         listed = [model.id for model in page.data]
         owners = [getattr(model, "owned_by", "") for model in page.data]
@@ -129,26 +135,34 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
             return
     row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
     await _check_slots(llm, row, settings, replica, owners)
+    await _check_chat(llm.endpoints[settings.endpoint], row, settings, replica, vision)
+
+
+async def _check_chat(endpoint: Endpoint, row: Row, settings: StageConfig, replica: Replica, vision: bool) -> None:
+    """A one-token text request, and for a vision stage one with a tiny image, sent, bounded
+    and read as the run does: an answer the run could not use (an error object in a 200, no
+    choices) fails like a refusal."""
     body = {"model": settings.model, "messages": [{"role": "user", "content": "Say OK."}],
-            llm.endpoints[settings.endpoint].config.token_limit_param: 1}
+            endpoint.config.token_limit_param: 1}
     try:
-        await replica.client.with_options(timeout=60).post("/chat/completions", cast_to=object, body=body)
+        await endpoint.ask(replica, body)
         row.text = "ok"
-    except openai.OpenAIError as exc:
+    except Fault as fault:
         row.text = "failed"
-        row.fixes.append(_fix_for(exc, row, replica.base_url))
+        row.fixes.append(_fix_for(fault, row, replica.base_url))
     if vision:
         body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"},
                                                          {"type": "image_url", "image_url": {"url": _tiny_image()}}]}]
         try:
-            await replica.client.with_options(timeout=60).post("/chat/completions", cast_to=object, body=body)
+            await endpoint.ask(replica, body)
             row.vision = "ok"
-        except openai.OpenAIError as exc:
+        except Fault as fault:
             row.vision = "failed"
-            message = error_message(exc)
+            message = str(fault)
             row.fixes.append(f"the model cannot see images ({message}): load a vision model; for llama.cpp start "
-                             "llama-server with --mmproj" if "image" in message.lower() or "multimodal" in
-                             message.lower() else _fix_for(exc, row, replica.base_url))
+                             "llama-server with --mmproj" if fault.kind is Kind.NO_VISION or "image" in
+                             message.lower() or "multimodal" in message.lower()
+                             else _fix_for(fault, row, replica.base_url))
 
 
 async def _check_slots(llm: LLM, row: Row, settings: StageConfig, replica: Replica, owners: List[str]) -> None:

@@ -260,6 +260,17 @@ class Endpoint:
             count("retries", 1)
             await asyncio.sleep(self.policy.delay(attempt, fault.retry_after))
 
+    async def ask(self, replica: Replica, params: Dict[str, Any]) -> Tuple[Reply, Any]:
+        """One chat request to `replica` as the run sends it (its body, `timeout`,
+        `request_timeout`, `max_reply_bytes` and reading of the reply), neither retried nor
+        counted: what `check` tries. Raises Fault for anything but a usable reply."""
+        try:
+            return await exchange(replica.http, replica.chat_url, replica.headers, self._body(params), self.bounds)
+        except Fault:
+            raise
+        except Exception as exc:  # classified: anything the server or transport can throw
+            raise classify(exc) from None
+
     def _body(self, params: Dict[str, Any]) -> bytes:
         if not self.config.stream:
             return encode_body(params)

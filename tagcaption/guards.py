@@ -21,6 +21,8 @@ from tagcaption.vocabulary import SCRIPT_PREFIXES
 # Refusals are recognised at the start of a reply only, so a caption quoting a sign that
 # says "I can't stop" is not one; these openers may come first.
 _REFUSAL_LEAD = re.compile(r"^(?:(?:unfortunately|sadly|hmm|well|oh|apologies)[,.!]?\s+)+")
+_CHAR_RUN = re.compile(r"(\S)\1{19,}")
+"""Runs of one character, whole: a run is measured once, not again from each of its characters."""
 
 
 @dataclass
@@ -69,18 +71,21 @@ class Guards:
 
 
 def repetition(text: str, limit: int) -> Optional[str]:
-    """A run of one character, or a short phrase (1-8 words) repeated `limit` times in a row."""
-    char_run = re.search(r"(\S)\1{" + str(max(limit * 4, 20) - 1) + r",}", text)
+    """A run of one character, or a short phrase (1-8 words) repeated `limit` times in a row:
+    for each phrase length, `size * (limit - 1)` words in a row each equal to the word
+    `size` on (one pass per length, whatever `limit` is)."""
+    longest = max(limit * 4, 20)
+    char_run = next((run for run in _CHAR_RUN.finditer(text) if run.end() - run.start() >= longest), None)
     if char_run:
         return char_run.group(1) * 3
     words = text.lower().split()
     for size in range(1, 9):
-        if len(words) < size * limit:
-            break
-        for start in range(0, len(words) - size * limit + 1):
-            phrase = words[start:start + size]
-            if all(words[start + k * size:start + (k + 1) * size] == phrase for k in range(1, limit)):
-                return " ".join(phrase)
+        needed, run = size * (limit - 1), 0
+        for index in range(len(words) - size):
+            run = run + 1 if words[index] == words[index + size] else 0
+            if run == needed:
+                start = index - needed + 1
+                return " ".join(words[start:start + size])
     return None
 
 

@@ -5,7 +5,9 @@ When the two collide, the tags are first kept as `<stem>.tags.txt` (the `.tags` 
 put before the tags extension) and the caption then replaces `<stem>.txt`. From then on
 `<stem>.tags.txt` is where the image's tags are read, whatever the output settings of a
 later run. The record of the captions this program wrote (`.tagcaption/captions.jsonl` in
-the images folder) is the other marker: a file in it is never read as tags.
+the images folder) is the other marker: a file at a path in it is never read as tags, edited
+by hand since or not (tags put back by hand belong in `<stem>.tags.txt`). Without the record
+(deleted by hand) that marker is gone, and such a file is judged by its content again.
 
 The run's own files are named here too, so no other module builds a path of its own: in
 the images folder's `.tagcaption/` the lock, the caption record, the journal, the records
@@ -48,7 +50,7 @@ class ImageItem:
     prose_caption: bool = False
     """The shared `<stem>.txt` holds sentences, not tags: a caption from another tool."""
     ours: bool = False
-    """The caption file holds a caption this program wrote, unchanged since."""
+    """This program wrote a caption to the caption file (edited by hand since or not)."""
     image: Any = field(default=None, compare=False, repr=False)
     """The image itself (bytes or a PIL image) when it has no file: a dataset row's (hf_run.py)."""
 
@@ -149,7 +151,7 @@ class Layout:
         rel = image.relative_to(self.images_root)
         out_folder = (self.output_dir / rel.parent) if self.output_dir else image.parent
         caption_file = out_folder / f"{image.stem}{self.caption_extension}"
-        ours = self._unchanged_caption(caption_file)
+        ours = self.record.wrote(caption_file)
         if not self.tags_extension:
             return ImageItem(image, rel, caption_file, None, None, ours=ours)
         plain = image.parent / f"{image.stem}{self.tags_extension}"
@@ -157,21 +159,11 @@ class Layout:
         backup = kept if plain == caption_file else None  # both from resolved folders: equal paths are one file
         if kept.exists():
             return ImageItem(image, rel, caption_file, kept, backup, ours=ours)
-        if not plain.exists() or (ours if plain == caption_file else self._unchanged_caption(plain)):
+        if not plain.exists() or self.record.wrote(plain):
             return ImageItem(image, rel, caption_file, None, backup, ours=ours)
         if backup is not None and looks_like_caption(decode_text(read_regular(plain))):
             return ImageItem(image, rel, caption_file, None, backup, prose_caption=True, ours=ours)
         return ImageItem(image, rel, caption_file, plain, backup, ours=ours)
-
-    def _unchanged_caption(self, path: Path) -> bool:
-        """Whether `path` holds a caption this program wrote, as it wrote it (a file changed
-        since is the user's: a caption if it reads like one, else tags)."""
-        if not self.record.wrote(path):
-            return False
-        try:
-            return self.record.is_ours(path, decode_text(read_regular(path)))
-        except OSError:
-            return False
 
     def tags_owner(self, image: Path) -> Optional[Path]:
         """The image whose kept tags file would be this image's caption file (`a.tags.png`'s

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tagcaption.config import Config, StageConfig
+from tagcaption.deadlines import off_loop
 from tagcaption.endpoint import Endpoint, Reply
 from tagcaption.errors import GuardTripped
 from tagcaption.guards import Guards, Trip
@@ -22,6 +23,9 @@ from tagcaption.tally import Tally
 
 PARAMETERS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty")
 """Stage settings sent as they are when set."""
+OFF_LOOP_CHARS = 20_000
+"""A reply longer than this is cleaned and guarded in a thread, so the run goes on meanwhile;
+a shorter one costs less than the hop."""
 
 
 @dataclass
@@ -80,11 +84,8 @@ class LLM:
         conversation = list(messages)
         for attempt in range(1, attempts + 1):
             reply = await self.chat(stage, settings, conversation, max_tokens)
-            text = clean_reply(reply.text)
-            if clean is not None and reply.finish_reason != "length":
-                text = clean(text)
-            trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
-                _basic_check(text, reply.finish_reason)
+            text, trip = self._judge(reply, clean, final) if len(reply.text) <= OFF_LOOP_CHARS else \
+                await off_loop(self._judge, reply, clean, final, seconds=None, what="cleaning a reply")
             if trip is None:
                 return text
             if trips is not None:
@@ -101,6 +102,16 @@ class LLM:
             else:
                 conversation = list(messages)
         raise _guard_error(self.endpoints[settings.endpoint], stage, settings, trip, max_tokens, attempt)
+
+    def _judge(self, reply: Reply, clean: Optional[Callable[[str], str]],
+               final: bool) -> Tuple[str, Optional[Trip]]:
+        """The reply cleaned, and the guard it trips, if any."""
+        text = clean_reply(reply.text)
+        if clean is not None and reply.finish_reason != "length":
+            text = clean(text)
+        trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
+            _basic_check(text, reply.finish_reason)
+        return text, trip
 
     def in_flight(self) -> int:
         """Requests under way to every server of the run."""

@@ -2,6 +2,7 @@
 under `postprocess` in the config. Reasoning blocks are already gone (llm.clean_reply)."""
 from __future__ import annotations
 
+import bisect
 import re
 
 from tagcaption.config import PostprocessConfig
@@ -18,12 +19,43 @@ _LABEL = re.compile(r"^\s*(?:\*\*)?(?:caption|description|prompt)(?:\*\*)?\s*:\s
 _QUOTES = (('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’"), ("«", "»"))
 
 
+_HEADING = re.compile(r"^#{1,6}\s+", re.MULTILINE)
+_STRONG = re.compile(r"(\*\*|__)(.+?)\1")
+_EMPHASIS_OPEN = re.compile(r"(?<![\w*])\*(?=\S)")
+_EMPHASIS_CLOSE = re.compile(r"(?<=\S)\*(?![\w*])")
+_CODE = re.compile(r"`([^`]*)`")
+_LIST_MARK = re.compile(r"^[^\S\n]*(?:[-*+]|\d+\.)\s+", re.MULTILINE)
+"""A list item's marker after its line's own indentation (a blank line before it is kept)."""
+
+
 def strip_markdown(text: str) -> str:
-    text = re.sub(r"^#{1,6}\s+", "", text, flags=re.MULTILINE)
-    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", text)
-    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"\1", text)
-    text = re.sub(r"`([^`]*)`", r"\1", text)
-    return re.sub(r"^\s*(?:[-*+]|\d+\.)\s+", "", text, flags=re.MULTILINE)
+    """Headings, bold, emphasis, code and list markers off, in one pass each: no pattern
+    here scans the rest of a line again for every unclosed `*` or every blank line."""
+    text = _HEADING.sub("", text)
+    text = _STRONG.sub(r"\2", text)
+    text = strip_emphasis(text)
+    text = _CODE.sub(r"\1", text)
+    return _LIST_MARK.sub("", text)
+
+
+def strip_emphasis(text: str) -> str:
+    """`*word*` → `word`: an opening `*` (not after a letter or `*`, before a non-space)
+    pairs with the first closing one (after a non-space, not before a letter or `*`) at
+    least two characters on in the same line. The closing ones are found once, not again
+    for every opening one."""
+    closers = [match.start() for match in _EMPHASIS_CLOSE.finditer(text)]
+    line_ends = [match.start() for match in re.finditer("\n", text)] + [len(text)]
+    kept, position = [], 0
+    for opening in _EMPHASIS_OPEN.finditer(text):
+        start = opening.start()
+        if start < position:
+            continue
+        index = bisect.bisect_left(closers, start + 2)
+        if index == len(closers) or closers[index] > line_ends[bisect.bisect_left(line_ends, start)]:
+            continue
+        kept += [text[position:start], text[start + 1:closers[index]]]
+        position = closers[index] + 1
+    return "".join(kept) + text[position:]
 
 
 def strip_quotes(text: str) -> str:

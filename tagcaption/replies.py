@@ -17,8 +17,8 @@ import httpx2
 from tagcaption.errors import Kind
 from tagcaption.retry import is_retryable, parse_retry_after
 
-THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-THINK_UNOPENED = re.compile(r"^.*?</think>", re.DOTALL | re.IGNORECASE)
+THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 
 NO_VISION = re.compile(r"not a multimodal model|image input is not supported|does not support images?|"
                        r"support image input|model does not support (?:image|vision)|vision is not supported|"
@@ -46,11 +46,20 @@ class Fault(Exception):
 
 
 def clean_reply(text: str) -> str:
-    """The answer without reasoning: `<think>` blocks (also with the opening tag missing)."""
-    text = THINK_BLOCK.sub("", text)
-    if "</think>" in text.lower():
-        text = THINK_UNOPENED.sub("", text)
-    return text.strip()
+    """The answer without reasoning: `<think>` blocks, then everything up to a `</think>`
+    whose opening tag is missing. Found tag by tag, each search starting where the last one
+    ended, so a reply of unclosed `<think>`s costs one pass, not one per tag."""
+    kept, position = [], 0
+    while True:
+        opening = THINK_OPEN.search(text, position)
+        closing = THINK_CLOSE.search(text, opening.end()) if opening else None
+        if closing is None:
+            break
+        kept.append(text[position:opening.start()])
+        position = closing.end()
+    text = "".join(kept) + text[position:]
+    unopened = THINK_CLOSE.search(text)
+    return (text[unopened.end():] if unopened else text).strip()
 
 
 def _sdk():

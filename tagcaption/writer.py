@@ -186,7 +186,8 @@ class Writer:
 
     def _replaceable(self, item: ImageItem) -> bool:
         current = item.caption_file.read_bytes()
-        if item.tags_backup is not None and current == item.tags_backup.read_bytes():
+        kept = item.tags_backup
+        if kept is not None and kept.exists() and current == kept.read_bytes():
             return True  # a tags file whose copy is already kept
         return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
 

@@ -339,14 +339,6 @@ def test_a_damaged_cache_entry_never_costs_a_caption(tmp_path, llm, booru, capsy
     assert json.loads((tmp_path / "tags_cache.json").read_text())["tags"]["cat"]["summary"] == "A short summary."
 
 
-def _deep_case(name, reason):
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-RECURSION = ("json.loads raises RecursionError, which only ValueError is caught around: "
-             "the run ends in 'unexpected RecursionError' without a caption")
-
-
 @pytest.mark.parametrize("state", [
     "tags_cache",
     "captions.jsonl",
