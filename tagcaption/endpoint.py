@@ -265,7 +265,7 @@ class Endpoint:
         `request_timeout`, `max_reply_bytes` and reading of the reply), neither retried nor
         counted: what `check` tries. Raises Fault for anything but a usable reply."""
         try:
-            return await exchange(replica.http, replica.chat_url, replica.headers, self._body(params), self.bounds)
+            return await exchange(replica.sender(0), replica.chat_url, replica.headers, self._body(params), self.bounds)
         except Fault:
             raise
         except Exception as exc:  # classified: anything the server or transport can throw
