@@ -65,6 +65,9 @@ class Captioner:
             return TagsFileError(os_error_text(exc, item.tags_file, "tags file"), stage="tags")
         except ValueError as exc:
             return TagsFileError(f"cannot read tags: {exc}", stage="tags")
+        except RecursionError:
+            return TagsFileError("cannot read tags: a sidecar of this image is nested too deeply to be one "
+                                 "(remove it or fix it)", stage="tags")
         except Exception as exc:  # a sidecar that breaks the parser must cost one image, not the run
             return TagsFileError(f"cannot read tags: {type(exc).__name__}: {exc}", stage="tags")
 

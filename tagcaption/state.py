@@ -192,8 +192,10 @@ def write_failures(path: Path, failures: Iterable[Failure]) -> None:
 
 
 def read_failed_images(path: Path) -> List[str]:
+    """The images a failures file names; a line that is not one of ours (damaged, not UTF-8)
+    is passed over, as in every journal of the run."""
     images = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             images.append(json.loads(line)["image"])
         except (ValueError, KeyError, TypeError, RecursionError):

@@ -242,3 +242,25 @@ def test_a_yaml_mistake_is_named_with_its_line(tmp_path, capsys):
     code, _, err = run_caption([str(tmp_path), "--config", str(config)], capsys)
     assert code == 2
     assert "found duplicate key interpreter (line 3, column 1)" in err, err
+
+
+def test_a_damaged_failures_file_and_a_bottomless_sidecar_cost_a_line(tmp_path, llm_server, danbooru, capsys):
+    """A failures.jsonl that is not UTF-8 in places still names what it can to --retry-failed;
+    a JSON sidecar nested a hundred thousand deep fails its own image, in words."""
+    images = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        make_image(images / f"{name}.png")
+    (images / "a.txt").write_text("red_square")
+    (images / "b.txt").write_text("red_square")
+    (images / "c.json").write_text("[" * 100_000 + "]" * 100_000)
+    llm_server.responder = lambda request: Text("A red square.")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url,
+                          tag_provider={"skip": True}, interrogator={"skip": True})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and "2 captioned" in out
+    assert "c.png: cannot read tags: a sidecar of this image is nested too deeply" in err
+    (images / "a.txt").unlink()  # a is to be captioned again, from its kept tags
+    (images / "failures.jsonl").write_bytes(b"\xff\xfe{torn\n" + f'{{"image": "{images / "a.png"}"}}\n'.encode())
+    code, out, err = run_caption([str(images), "--config", str(config), "--retry-failed"], capsys)
+    assert "unexpected" not in err and "1 captioned" in out, err
+    assert (images / "a.txt").read_text() == "A red square."
