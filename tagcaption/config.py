@@ -48,6 +48,8 @@ class EndpointConfig:
     stream: bool = True
     stream_usage: bool = True
     token_limit_param: str = "max_tokens"
+    structured_output: str = "json_schema"
+    """How a response schema is sent: json_schema (OpenAI's response_format) or none (in the prompt only)."""
 
 
 @dataclass
@@ -138,6 +140,9 @@ class InterpreterConfig(StageConfig):
     prompt_variants: List[VariantConfig] = field(default_factory=list)
     max_tag_descriptions: Optional[int] = 30
     """Tag summaries in `{tag_descriptions}` at most, the rarest tags kept (None: all)."""
+    response_schema: Optional[str] = None
+    """A JSON Schema file: the caption is asked as a JSON object (structured.py), kept as <stem>.caption.json."""
+    response_template: Optional[str] = None
 
 
 @dataclass
@@ -188,6 +193,7 @@ class OutputConfig:
     overwrite: bool = False
     formats: List[str] = field(default_factory=lambda: ["txt"])
     report: bool = False
+    variants: int = 1
 
 
 @dataclass
@@ -297,7 +303,8 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 
 CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
              "tag_provider.tags_dump", "tag_provider.dump_dir", "dataset.output_path")
-CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file")
+CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file",
+                 "interpreter.response_schema", "interpreter.response_template")
 
 
 def _paths_from_here(cli) -> None:
