@@ -1,20 +1,30 @@
 """Stage 3: an instruct model turns tags, tag summaries and the description into the caption,
 through a prompt template from `templates/` that the user edits, or a style preset whose
-instruction is put into `templates/styles/_interpreter.txt`."""
+instruction is put into `templates/styles/_interpreter.txt`.
+
+With `output.variants: N` it writes N captions of the image, one after the other (see
+alternatives.py); with `interpreter.response_schema` each is asked as a JSON object and
+written out by the response template (see structured.py).
+"""
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
+from tagcaption.alternatives import Caption, Distinct, one_line, ordered, sampling
 from tagcaption.config import Config
+from tagcaption.errors import LLMError
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
+from tagcaption.structured import StructuredCaption
 from tagcaption.templates import Template
 from tagcaption.variants import Variant, build_variants, caption_template, pick, style_wrapper, with_tags
 from tagcaption.vocabulary import INTERPRETER, TAGS_THEN_CAPTION
 
 PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
+REFUSED = (400, 422)
+"""Statuses of a server refusing a request field (a response_format it does not take)."""
 
 
 class Interpreter:
@@ -22,6 +32,10 @@ class Interpreter:
         self.settings = config.interpreter
         self.postprocess = config.postprocess
         self.llm = llm
+        self.count = config.output.variants
+        self.structured = StructuredCaption.from_config(config)
+        self.body: Dict[str, Any] = self.structured.body(config.endpoints[self.settings.endpoint].structured_output) \
+            if self.structured and self.settings.endpoint in config.endpoints else {}
         self.variants: List[Variant] = build_variants(config, INTERPRETER)
         self.templates: Dict[Variant, Template] = {}
         for variant in self.variants:
@@ -45,17 +59,59 @@ class Interpreter:
         return [template.origin for template in self.templates.values() if name not in template.names]
 
     async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
-        variant = pick(self.variants, key)
+        """One caption of the image (the first of `captions`)."""
+        return (await self._caption(pick(self.variants, key), values, 0, Distinct(), transcript)).text
+
+    async def captions(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> List[Caption]:
+        """The image's `output.variants` captions, each different from the ones before it."""
+        distinct = Distinct("the JSON object only" if self.structured else "the caption only")
+        return [await self._caption(variant, values, index, distinct, transcript)
+                for index, variant in enumerate(ordered(self.variants, key, self.count))]
+
+    def _messages(self, variant: Variant, values: Dict[str, str]) -> List[dict]:
         messages = []
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": self.settings.system_prompt})
         rendered = self.templates[variant].render(**values, instruction=variant.instruction)
-        messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
-        if transcript is not None:
+        prompt = re.sub(r"\n{3,}", "\n\n", rendered).strip()
+        if self.structured:
+            prompt = f"{prompt}\n\n{self.structured.instruction}"
+        messages.append({"role": "user", "content": prompt})
+        return messages
+
+    async def _caption(self, variant: Variant, values: Dict[str, str], index: int, distinct: Distinct,
+                       transcript: Optional[dict]) -> Caption:
+        messages = self._messages(variant, values)
+        if transcript is not None and index == 0:
             transcript[INTERPRETER] = messages
-        reply = await self.llm.complete(INTERPRETER, self.settings, messages,
-                                        clean=lambda text: clean_caption(text, self.postprocess), final=True,
-                                        trips=transcript.setdefault("guards", []) if transcript is not None else None)
+        got: Dict[str, Any] = {}
+
+        def finish(text: str) -> str:
+            """The reply as the caption (read as JSON first, when structured); ReplyRejected
+            when it cannot be one."""
+            data = self.structured.read(text) if self.structured else None
+            text = clean_caption(self.structured.render(data) if self.structured else text, self.postprocess)
+            if self.count > 1:
+                text = one_line(text)
+                distinct.check(text)
+            got["data"] = data
+            return text
+
+        try:
+            reply = await self.llm.complete(INTERPRETER, self.settings, messages, clean=finish, final=True,
+                                            trips=transcript.setdefault("guards", []) if transcript is not None
+                                            else None, body={**sampling(self.settings, index, self.count), **self.body})
+        except LLMError as exc:
+            if not self.body or exc.status not in REFUSED:
+                raise
+            raise LLMError(f"{exc} (a server that refuses response_format takes the schema in the prompt only: set "
+                           f"endpoints.{self.settings.endpoint}.structured_output=none)", exc.kind, exc.attempts,
+                           status=exc.status) from None
+        distinct.add(reply)
         if transcript is not None:
-            transcript[INTERPRETER] = messages + [{"role": "assistant", "content": reply}]
-        return with_tags(variant, reply, values)
+            conversation = messages + [{"role": "assistant", "content": reply}]
+            if index == 0:
+                transcript[INTERPRETER] = conversation
+            if self.count > 1:
+                transcript.setdefault("variants", []).append(conversation)
+        return Caption(with_tags(variant, reply, values), got.get("data"))

@@ -5,7 +5,8 @@ history each turn, with the image in the first user turn. The last reply is the
 description. The system prompt comes first and carries the global metadata file (a
 character list, a universe description) so that it is the same, cacheable prefix for
 every image. A server that says the request is too long for its context gets the image
-once more at half the size.
+once more at half the size. With no Interpreter and `output.variants: N`, the description is
+the caption and is asked N times (see alternatives.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
+from tagcaption.alternatives import Distinct, one_line, ordered, sampling
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import ConfigError, LLMError, os_error_text
@@ -23,7 +25,7 @@ from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
 from tagcaption.tally import Tally
 from tagcaption.templates import Template
-from tagcaption.variants import Variant, build_variants, pick, with_tags
+from tagcaption.variants import Variant, build_variants, with_tags
 from tagcaption.vocabulary import INTERROGATOR, TAGS_THEN_CAPTION
 
 log = logging.getLogger("caption")
@@ -75,30 +77,57 @@ class Interrogator:
                        image_data=None) -> str:
         """`image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
         row's; `path` then only names it."""
-        variant = pick(self.variants, key)
+        return (await self.descriptions(path, values, key, transcript, image_data))[0]
+
+    async def descriptions(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
+                           image_data=None, count: int = 1) -> List[str]:
+        """The image's description; `count` of them, each different from the ones before, when
+        they are the captions (no Interpreter, `output.variants` > 1; see alternatives.py)."""
         source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
         image = await off_loop(prepare, source, self.options, seconds=self.file_timeout, what=f"reading {path}")
-        try:
-            text = await self._converse(image, self.prompts[variant], values, transcript)
-        except LLMError as exc:
-            if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
-                raise
-            half = max(image.width, image.height) // 2
-            log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half,
-                        extra={"group": "shrunk", "item": path.name, "summary": "warning: {count} images were too "
-                               "long for the vision model's context and were sent again at half size"})
-            self.tally.update("images.shrunk")
-            image = await off_loop(prepare, source, replace(self.options, max_size=half),
-                                   seconds=self.file_timeout, what=f"reading {path}")
-            text = await self._converse(image, self.prompts[variant], values, transcript)
-        return with_tags(variant, text, values) if self.final else text
+        distinct = Distinct() if count > 1 else None
+        texts = []
+        for index, variant in enumerate(ordered(self.variants, key, count)):
+            body = sampling(self.settings, index, count)
+            try:
+                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body)
+            except LLMError as exc:
+                if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
+                    raise
+                image = await self._smaller(path, source, prepare, image)
+                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body)
+            if distinct is not None:
+                distinct.add(text)
+                if transcript is not None:
+                    transcript.setdefault("variants", []).append(transcript[INTERROGATOR])
+            texts.append(with_tags(variant, text, values) if self.final else text)
+        return texts
+
+    async def _smaller(self, path: Path, source, prepare, image: PreparedImage) -> PreparedImage:
+        """The image again at half the size, for a server that said it was too long for its context."""
+        half = max(image.width, image.height) // 2
+        log.warning("warning: %s: too long for the vision model's context; sending it again at %d px", path, half,
+                    extra={"group": "shrunk", "item": path.name, "summary": "warning: {count} images were too "
+                           "long for the vision model's context and were sent again at half size"})
+        self.tally.update("images.shrunk")
+        return await off_loop(prepare, source, replace(self.options, max_size=half),
+                              seconds=self.file_timeout, what=f"reading {path}")
 
     async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
-                        transcript: Optional[dict]) -> str:
+                        transcript: Optional[dict], distinct: Optional[Distinct] = None,
+                        body: Optional[dict] = None) -> str:
         messages: List[dict] = []
         system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
             messages.append({"role": "system", "content": system})
+
+        def finish(text: str) -> str:
+            """The last answer as the caption; one line, and unlike the earlier ones, as a variant."""
+            text = clean_caption(text, self.postprocess)
+            if distinct is not None:
+                text = one_line(text)
+                distinct.check(text)
+            return text
         reply = ""
         for turn, prompt in enumerate(prompts):
             last = turn == len(prompts) - 1
@@ -112,11 +141,11 @@ class Interrogator:
                 content = text
             messages.append({"role": "user", "content": content})
             try:
-                clean = (lambda text: clean_caption(text, self.postprocess)) if last and self.final else None
-                reply = await self.llm.complete(INTERROGATOR, self.settings, messages, clean=clean,
+                reply = await self.llm.complete(INTERROGATOR, self.settings, messages,
+                                                clean=finish if last and self.final else None,
                                                 final=last and self.final,
                                                 trips=transcript.setdefault("guards", []) if transcript is not None
-                                                else None)
+                                                else None, body=body)
             finally:
                 if transcript is not None:
                     transcript[INTERROGATOR] = _loggable(messages, image)

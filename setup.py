@@ -13,7 +13,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 USER_FILES = ["tag_provider.py", "interrogator.py", "interpreter.py", "config.yaml"]
-USER_TREES = {"hints": "*.py", "templates": "*.txt"}
+USER_TREES = {"hints": ("*.py",), "templates": ("*.txt", "*.json")}
 
 
 class BuildWithUserFiles(build_py):
@@ -22,8 +22,8 @@ class BuildWithUserFiles(build_py):
         package = Path(self.build_lib) / "tagcaption"
         for name in USER_FILES:
             shutil.copy2(HERE / name, package / name)
-        for folder, pattern in USER_TREES.items():
-            for source in (HERE / folder).rglob(pattern):
+        for folder, patterns in USER_TREES.items():
+            for source in (source for pattern in patterns for source in (HERE / folder).rglob(pattern)):
                 target = package / source.relative_to(HERE)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)

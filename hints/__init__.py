@@ -22,6 +22,8 @@ class HintInput:
     path: Path
     rel: Path
     tags: Sequence[str]
+    not_sidecar: Optional[Path] = None
+    """A `<stem>.json` beside the image that is no sidecar: another image's structured caption."""
 
 
 HintSource = Callable[[HintInput], Optional[str]]

@@ -16,7 +16,7 @@ MAX_BLOCK = 1500
 
 
 def hint(image) -> Optional[str]:
-    for path in sidecar_paths(image.path):
+    for path in sidecar_paths(image.path, getattr(image, "not_sidecar", None)):
         if path.is_file():
             data = json.loads(decode_text(path.read_bytes()))
             return _booru(data) or _generic(data)

@@ -5,10 +5,11 @@ as an `ImageProblem` naming the stage it failed in.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Any, Dict, List, Union
 
+from tagcaption.alternatives import Caption
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
@@ -34,14 +35,20 @@ Tags = Union[ImageTags, ImageProblem]
 class Captioned:
     item: ImageItem
     caption: str
+    """The caption file's text: with `output.variants` > 1, one caption a line."""
     record: dict
     """The line for captions.jsonl / metadata.jsonl."""
+    lines: List[str] = field(default_factory=list)
+    structured: Any = None
+    """For `<stem>.caption.json`: the structured caption's object (a list of them, one per line,
+    with `output.variants` > 1); None when the caption was not asked as JSON."""
 
 
 class Captioner:
     def __init__(self, config: Config, layout: Layout, stages: Stages):
         self.config, self.layout, self.stages = config, layout, stages
         self.consumed = stages.plan.consumed
+        self.count = config.output.variants
 
     async def prepare(self, rel: str) -> tuple:
         """The image and its tags (or why they could not be read); its tags' lookups and
@@ -60,7 +67,8 @@ class Captioner:
         settings = self.config.tags
         try:
             return await off_loop(read_image_tags, item.path, item.tags_file, settings.sources, settings.combine,
-                                  seconds=self.config.file_timeout, what=f"reading the tags of {item.path}")
+                                  item.not_sidecar, seconds=self.config.file_timeout,
+                                  what=f"reading the tags of {item.path}")
         except OSError as exc:
             return TagsFileError(os_error_text(exc, item.tags_file, "tags file"), stage="tags")
         except ValueError as exc:
@@ -79,16 +87,19 @@ class Captioner:
 
     async def caption(self, item: ImageItem, tags: ImageTags, transcript: dict) -> Captioned:
         """The image's caption; `transcript` collects the conversations and guard trips."""
-        stage = "tag_provider"
+        stage, key = "tag_provider", item.rel.as_posix()
         try:
             values = await self._values(item, tags)
+            described: List[str] = []
             if self.stages.interrogator:
                 stage = "interrogator"
-                values["description"] = await self.stages.interrogator.describe(
-                    item.path, values, item.rel.as_posix(), transcript, image_data=item.image)
+                described = await self.stages.interrogator.descriptions(
+                    item.path, values, key, transcript, image_data=item.image,
+                    count=1 if self.stages.interpreter else self.count)
+                values["description"] = described[0]
             stage = "interpreter"
-            caption = await self.stages.interpreter.caption(values, item.rel.as_posix(), transcript) \
-                if self.stages.interpreter else values["description"]
+            captions = await self.stages.interpreter.captions(values, key, transcript) \
+                if self.stages.interpreter else [Caption(text) for text in described]
         except NoVision as exc:
             raise self._no_vision(exc) from None
         except ImageProblem as problem:
@@ -97,8 +108,12 @@ class Captioner:
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             raise OutputProblem(f"{exc.strerror or exc}{where}", stage=stage) from None
-        caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
-        return Captioned(item, caption, self._record(item, caption, values, transcript))
+        lines = [add_affixes(caption.text, self.config.postprocess.prefix, self.config.postprocess.suffix)
+                 for caption in captions]
+        data = [caption.data for caption in captions]
+        structured = None if data[0] is None else data[0] if len(data) == 1 else data
+        caption = "\n".join(lines)
+        return Captioned(item, caption, self._record(item, lines, values, transcript, structured), lines, structured)
 
     async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
         """Every template value for the image, its tags' knowledge awaited (the checks that
@@ -117,7 +132,8 @@ class Captioner:
         hints = ""
         if self.config.interrogator.hint_sources:
             hints = await off_loop(collect_hints, self.config.interrogator.hint_sources,
-                                   HintInput(item.path, item.rel, tags.tags), seconds=self.config.file_timeout,
+                                   HintInput(item.path, item.rel, tags.tags, item.not_sidecar),
+                                   seconds=self.config.file_timeout,
                                    what=f"the hints of {item.path}")
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
@@ -146,8 +162,16 @@ class Captioner:
         error.stage = "interrogator"
         return error
 
-    def _record(self, item: ImageItem, caption: str, values: Dict[str, str], transcript: dict) -> dict:
+    def _record(self, item: ImageItem, lines: List[str], values: Dict[str, str], transcript: dict,
+                structured: Any) -> dict:
+        """The image's line in the records: `caption` as written, and with `output.variants` > 1
+        the captions as a list (`variants`); the structured caption's object (`structured`)."""
         models = {name: stage.settings.model for name, stage in self.stages.named() if stage is not None}
-        return {"file": item.rel.as_posix(), "caption": caption, "tags": values.get("tags", ""),
-                "description": only_text(values.get("description", "")), "models": models,
-                "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"file": item.rel.as_posix(), "caption": "\n".join(lines), "tags": values.get("tags", ""),
+                  "description": only_text(values.get("description", "")), "models": models,
+                  "guards": transcript.get("guards", []), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.count > 1:
+            record["variants"] = list(lines)
+        if structured is not None:
+            record["structured"] = structured
+        return record

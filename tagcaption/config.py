@@ -50,6 +50,8 @@ class EndpointConfig:
     token_limit_param: str = "max_tokens"
     transport: str = "auto"
     """`auto`: chat requests to an `http://` server without a proxy go through http1.py; `httpx`: all through httpx2."""
+    structured_output: str = "json_schema"
+    """How a response schema is sent: json_schema (OpenAI's response_format) or none (in the prompt only)."""
 
 
 @dataclass
@@ -142,6 +144,9 @@ class InterpreterConfig(StageConfig):
     """Tag summaries in `{tag_descriptions}` at most, the rarest tags kept (None: all)."""
     tag_descriptions_tokens: Optional[int] = 800
     """The prompt tokens `{tag_descriptions}` may take, at 4 characters a token (None: no budget)."""
+    response_schema: Optional[str] = None
+    """A JSON Schema file: the caption is asked as a JSON object (structured.py), kept as <stem>.caption.json."""
+    response_template: Optional[str] = None
 
 
 @dataclass
@@ -192,6 +197,7 @@ class OutputConfig:
     overwrite: bool = False
     formats: List[str] = field(default_factory=lambda: ["txt"])
     report: bool = False
+    variants: int = 1
 
 
 @dataclass
@@ -301,7 +307,8 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 
 CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
              "tag_provider.tags_dump", "tag_provider.dump_dir", "dataset.output_path")
-CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file")
+CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file",
+                 "interpreter.response_schema", "interpreter.response_template")
 
 
 def _paths_from_here(cli) -> None:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 from tagcaption.errors import ConfigError
 from tagcaption.outputs import check_formats
 from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, IMAGE_EXTENSIONS, IMAGE_FORMATS, INTERPRETER,
-                                   INTERROGATOR, PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES, TAG_COMBINE, TAG_INPUTS,
-                                   TAG_SOURCES, TOKEN_LIMIT_PARAMS, TRANSPORTS)
+                                   INTERROGATOR, MAX_VARIANTS, PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES,
+                                   STRUCTURED_OUTPUTS, TAG_COMBINE, TAG_INPUTS, TAG_SOURCES, TOKEN_LIMIT_PARAMS,
+                                   TRANSPORTS)
 
 if TYPE_CHECKING:
     from tagcaption.config import Config
@@ -33,6 +34,7 @@ RANGES: Dict[str, Dict[str, Tuple[Union[str, float], Optional[float]]]] = {
     "postprocess": {"max_words": (1, None)},
     "run": {"stop_grace": (0, None), "file_timeout": (ABOVE_ZERO, None)},
     "dataset": {"save_interval": (1, None)},
+    "output": {"variants": (1, MAX_VARIANTS)},
 }
 """The numbers a section's keys must lie within (lowest, highest; None: no bound), checked
 where the section's other values are. An unset optional number (null) is not checked."""
@@ -41,7 +43,8 @@ where the section's other values are. An unset optional number (null) is not che
 def check_config(config: Config) -> None:
     """Raise ConfigError for the first value the program cannot use."""
     for check in (_check_stages, _check_endpoints, _check_tag_provider, _check_tags, _check_guards,
-                  _check_variants, _check_interrogator, _check_interpreter, _check_output, _check_dataset):
+                  _check_variants, _check_interrogator, _check_interpreter, _check_output, _check_dataset,
+                  _check_structured):
         check(config)
 
 
@@ -84,6 +87,9 @@ def _check_endpoints(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
         if endpoint.transport not in TRANSPORTS:
             raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)}")
+        if endpoint.structured_output not in STRUCTURED_OUTPUTS:
+            raise ConfigError(f"endpoints.{name}.structured_output must be {_either(STRUCTURED_OUTPUTS)} "
+                              f"(got {endpoint.structured_output!r}; none: the schema goes in the prompt only)")
         urls = [endpoint.base_url] if isinstance(endpoint.base_url, str) else endpoint.base_url
         if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
             raise ConfigError(f"endpoints.{name}.base_url must be a URL or a list of URLs")
@@ -173,6 +179,7 @@ def _check_interpreter(config: Config) -> None:
 def _check_output(config: Config) -> None:
     _check_ranges(config.postprocess, "postprocess", "postprocess")
     _check_ranges(config, "", "run")
+    _check_ranges(config.output, "output", "output")
     extension = config.output.extension
     if not extension.startswith(".") or len(extension) < 2:
         raise ConfigError(f"output.extension must start with a dot (got {extension!r})")
@@ -193,6 +200,22 @@ def _check_output(config: Config) -> None:
     problem = check_formats(config.output.formats)
     if problem:
         raise ConfigError(problem)
+
+
+def _check_structured(config: Config) -> None:
+    """A response schema is read and checked now, so a bad one stops the run before any request."""
+    settings = config.interpreter
+    if settings.response_template and not settings.response_schema:
+        raise ConfigError("interpreter.response_template writes the caption from a structured one: set "
+                          "interpreter.response_schema too (see templates/structured/)")
+    if not settings.response_schema:
+        return
+    if settings.skip:
+        raise ConfigError("interpreter.response_schema asks the Interpreter for a JSON object, but interpreter.skip "
+                          "is true: set interpreter.skip=false")
+    from tagcaption.structured import StructuredCaption  # it reads files: only when a schema is set
+
+    StructuredCaption.from_config(config)
 
 
 # --- `--dataset` ---------------------------------------------------------------------------

@@ -23,10 +23,14 @@ class DryRunLLM(LLM):
         self.characters: Counter = Counter()
         self.images: Counter = Counter()
         self.examples: Dict[str, List[list]] = defaultdict(list)
+        self.bodies: Dict[str, List[dict]] = defaultdict(list)
+        """What the first requests of a stage carry beside the prompt (a variant's seed, a response_format)."""
 
     async def complete(self, stage: str, settings, messages: List[Dict[str, Any]], clean=None, final=False,
-                       trips: Optional[List[str]] = None) -> str:
+                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None) -> str:
         self.requests[stage] += 1
+        if body and len(self.bodies[stage]) < 20:
+            self.bodies[stage].append(body)
         for message in messages:
             content = message["content"]
             if isinstance(content, list):
@@ -47,10 +51,17 @@ def format_preview(transcripts: List[tuple], llm: DryRunLLM, plan: List[str] = (
     for image, transcript in transcripts:
         lines += ["", f"=== {image} ==="]
         for stage in ("interrogator", "interpreter"):
-            if stage in transcript:
+            if stage in transcript and "variants" in transcript and _captions_by(transcript) == stage:
+                variants = transcript["variants"]
+                for number, conversation in enumerate(variants, 1):
+                    same = number > 1 and conversation[:-1] == variants[0][:-1]
+                    lines += [f"--- {stage}, caption {number} of {len(variants)} ---",
+                              "(the same prompt as caption 1, with its own seed)" if same else _messages(conversation)]
+            elif stage in transcript:
                 lines += [f"--- {stage} ---", _messages(transcript[stage])]
         if "interrogator" not in transcript and "interpreter" not in transcript:
             lines.append("(no request: the image would fail before reaching a model)")
+    lines += _bodies(llm)
     lines += ["", "For the whole folder (tag summaries: at most, as tags without a wiki page need none):"]
     for stage in ("tag_provider", "interrogator", "interpreter"):
         if llm.requests[stage]:
@@ -58,6 +69,25 @@ def format_preview(transcripts: List[tuple], llm: DryRunLLM, plan: List[str] = (
             lines.append(f"  {stage + ':':<13} {llm.requests[stage]} requests, about "
                          f"{llm.characters[stage] // 4:,} prompt tokens of text{images}")
     return "\n".join(lines)
+
+
+def _captions_by(transcript: dict) -> str:
+    """The stage whose conversations `transcript["variants"]` holds: the one writing the captions."""
+    return "interpreter" if "interpreter" in transcript else "interrogator"
+
+
+def _bodies(llm: DryRunLLM) -> List[str]:
+    """What the requests carry beside the prompt: each caption's seed, the response_format."""
+    lines = []
+    for stage, bodies in llm.bodies.items():
+        seeds = [str(body["seed"]) for body in bodies if "seed" in body]
+        formats = {body["response_format"]["json_schema"]["name"] for body in bodies if "response_format" in body}
+        if seeds:
+            lines.append(f"{stage} requests carry a seed per caption: {', '.join(seeds[:8])}"
+                         f"{', …' if len(seeds) > 8 else ''}")
+        if formats:
+            lines.append(f"{stage} requests carry response_format json_schema '{', '.join(sorted(formats))}' (strict)")
+    return [""] + lines if lines else []
 
 
 def _messages(messages: List[dict]) -> str:
@@ -68,9 +98,6 @@ def _messages(messages: List[dict]) -> str:
             content = "\n".join(part.get("text") or f"<image {part.get('image_url')}>" for part in content)
         out.append(f"[{message['role']}]\n{content}")
     return "\n".join(out)
-
-
-
 
 
 class DryRunSource:

@@ -33,6 +33,16 @@ class Trip:
     correction: str = ""
 
 
+class ReplyRejected(Exception):
+    """Raised by a stage's cleaning step for a reply that cannot become its caption (JSON
+    that does not follow the schema, a repeat of an earlier variant): a guard trip like the
+    others, asked again the way `trip` says."""
+
+    def __init__(self, trip: Trip):
+        super().__init__(trip.reason)
+        self.trip = trip
+
+
 class Guards:
     def __init__(self, settings: GuardsConfig):
         self.settings = settings

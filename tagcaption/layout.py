@@ -17,7 +17,7 @@ beside the images, where Hugging Face's imagefolder looks for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -25,12 +25,14 @@ from tagcaption.errors import ConfigError
 from tagcaption.files import read_regular
 from tagcaption.state import CaptionRecord
 from tagcaption.tagfiles import decode_text, looks_like_caption
-from tagcaption.vocabulary import IMAGE_EXTENSIONS
+from tagcaption.vocabulary import IMAGE_EXTENSIONS, STRUCTURED_SUFFIX
 
 if TYPE_CHECKING:  # config.py checks output formats with outputs.py, which takes its paths from here
     from tagcaption.config import Config
 
 KEPT_TAGS_MARK = ".tags"
+STRUCTURED_MARK = STRUCTURED_SUFFIX[:-len(".json")]
+"""`.caption`: an image whose stem ends so has another image's structured caption as `<stem>.json`."""
 STATE_DIR = ".tagcaption"
 FAILURES_FILE = "failures{suffix}.jsonl"
 CAPTIONS_FILE = "captions.jsonl"
@@ -53,6 +55,11 @@ class ImageItem:
     """This program wrote a caption to the caption file (edited by hand since or not)."""
     image: Any = field(default=None, compare=False, repr=False)
     """The image itself (bytes or a PIL image) when it has no file: a dataset row's (hf_run.py)."""
+    structured_file: Optional[Path] = None
+    """`<stem>.caption.json` beside the caption, when captions are asked as JSON objects."""
+    not_sidecar: Optional[Path] = None
+    """This image's `<stem>.json` when it is another image's structured caption written by this
+    program (`a.caption.png` beside `a.png`'s `a.caption.json`): never read as a sidecar."""
 
     def has_caption(self) -> bool:
         """Whether a caption was already written (a crash between keeping the tags and
@@ -80,6 +87,8 @@ class Layout:
         self.tags_extension = config.tags_extension or None
         self.caption_extension = config.output.extension
         self.record = CaptionRecord(self.images_root, self.caption_record)
+        self.structured = bool(config.interpreter.response_schema) and not config.interpreter.skip
+        self.variants = config.output.variants
 
     # --- the run's own files -----------------------------------------------------------
 
@@ -141,13 +150,24 @@ class Layout:
     def describe_captions(self) -> str:
         where = f"in {self.output_dir}, in the folders of {self.images_root}" if self.output_dir else \
             f"next to the images in {self.images_root}"
-        return f"<name>{self.caption_extension} {where}"
+        several = f" ({self.variants} captions each, one a line)" if self.variants > 1 else ""
+        structured = f" and <name>{STRUCTURED_SUFFIX}" if self.structured else ""
+        return f"<name>{self.caption_extension}{several}{structured} {where}"
 
     # --- per image ---------------------------------------------------------------------
 
     def item(self, image: Path) -> ImageItem:
         """Where `image`'s tags come from and where its caption goes (reads the shared
         `<stem>.txt` when tags and caption collide, to tell tags from a caption)."""
+        item = self._item(image)
+        structured = item.caption_file.with_name(image.stem + STRUCTURED_SUFFIX) if self.structured else None
+        sidecar = image.with_name(image.stem + ".json")
+        ours = image.stem.endswith(STRUCTURED_MARK) and self.record.wrote(sidecar)
+        if structured is None and not ours:
+            return item
+        return replace(item, structured_file=structured, not_sidecar=sidecar if ours else None)
+
+    def _item(self, image: Path) -> ImageItem:
         rel = image.relative_to(self.images_root)
         out_folder = (self.output_dir / rel.parent) if self.output_dir else image.parent
         caption_file = out_folder / f"{image.stem}{self.caption_extension}"

@@ -16,7 +16,7 @@ from tagcaption.config import Config, StageConfig
 from tagcaption.deadlines import off_loop
 from tagcaption.endpoint import Endpoint, Reply
 from tagcaption.errors import GuardTripped
-from tagcaption.guards import Guards, Trip
+from tagcaption.guards import Guards, ReplyRejected, Trip
 from tagcaption.replies import clean_reply, prompt_detail, token_count
 from tagcaption.sinks import redact
 from tagcaption.tally import Tally
@@ -60,11 +60,13 @@ class LLM:
         return count
 
     async def chat(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
-                   max_tokens: Optional[int] = None) -> Reply:
-        """One reply to `messages` as the model sent it (retried on transient faults, not guarded)."""
+                   max_tokens: Optional[int] = None, body: Optional[Dict[str, Any]] = None) -> Reply:
+        """One reply to `messages` as the model sent it (retried on transient faults, not guarded);
+        `body`: fields of this request that the stage's settings do not hold (a variant's seed,
+        a response_format)."""
         endpoint = self.endpoints[settings.endpoint]
         count = self._counter(stage)
-        params = dict(self._params(settings), messages=messages)
+        params = dict(self._params(settings), **(body or {}), messages=messages)
         params[endpoint.config.token_limit_param] = max_tokens or settings.max_tokens
         reply, usage = await endpoint.chat(params, count)
         count("prompt_tokens", token_count(usage, "prompt_tokens"))
@@ -75,15 +77,15 @@ class LLM:
 
     async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
                        clean: Optional[Callable[[str], str]] = None, final: bool = False,
-                       trips: Optional[List[str]] = None) -> str:
+                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None) -> str:
         """Ask `stage`'s model and return its cleaned answer; a reply that trips a quality
-        guard is asked again (fresh, with a corrective turn, or with twice the token limit)
-        up to guards.max_attempts times, then raises GuardTripped."""
+        guard (or that `clean` rejects) is asked again (fresh, with a corrective turn, or with
+        twice the token limit) up to guards.max_attempts times, then raises GuardTripped."""
         max_tokens = settings.max_tokens
         attempts = self.guards.settings.max_attempts if self.guards else 1
         conversation = list(messages)
         for attempt in range(1, attempts + 1):
-            reply = await self.chat(stage, settings, conversation, max_tokens)
+            reply = await self.chat(stage, settings, conversation, max_tokens, body)
             text, trip = self._judge(reply, clean, final) if len(reply.text) <= OFF_LOOP_CHARS else \
                 await off_loop(self._judge, reply, clean, final, seconds=None, what="cleaning a reply")
             if trip is None:
@@ -108,7 +110,10 @@ class LLM:
         """The reply cleaned, and the guard it trips, if any."""
         text = clean_reply(reply.text)
         if clean is not None and reply.finish_reason != "length":
-            text = clean(text)
+            try:
+                text = clean(text)
+            except ReplyRejected as rejected:
+                return text, rejected.trip
         trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
             _basic_check(text, reply.finish_reason)
         return text, trip

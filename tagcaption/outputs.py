@@ -65,6 +65,8 @@ class DatasetOutputs:
 
 def _metadata_line(record: dict) -> dict:
     line = {"file_name": record["file"], "text": record["caption"]}
+    if isinstance(record.get("variants"), list):
+        line["variants"] = record["variants"]
     if record.get("tags"):
         line["tags"] = record["tags"]
     if record.get("description"):

@@ -42,6 +42,8 @@ class RunPlan:
     description_to: Optional[str] = None
     """Where the Interrogator's description goes."""
     tag_inputs: Tuple[str, ...] = ()
+    outputs: Tuple[str, ...] = ()
+    """What each image's caption file holds when it is not one caption of plain text."""
 
     def runs(self, stage: str) -> bool:
         return any(step.stage == stage for step in self.steps)
@@ -71,7 +73,7 @@ class RunPlan:
         lines = [" → ".join(parts)]
         if INTERROGATOR in steps:
             lines.append(f"vision: {_via(steps[INTERROGATOR])} → {self.description_to}")
-        return lines
+        return lines + list(self.outputs)
 
 
 def _via(step: Step) -> str:
@@ -97,7 +99,26 @@ def plan_run(config: Config, interrogator=None, interpreter=None) -> RunPlan:
     if interpreter is not None:
         steps.append(_step(config, INTERPRETER))
     return RunPlan(tuple(steps), lookups, why, frozenset(consumed),
-                   _description_to(config, interrogator, interpreter), tuple(config.tags.sources))
+                   _description_to(config, interrogator, interpreter), tuple(config.tags.sources),
+                   _outputs(config, interpreter))
+
+
+def _outputs(config: Config, interpreter) -> Tuple[str, ...]:
+    """The plan's lines for `output.variants` and a response schema."""
+    lines = []
+    count = config.output.variants
+    if count > 1:
+        stage = INTERPRETER if interpreter is not None else INTERROGATOR
+        lines.append(f"captions: {count} per image, one a line of the caption file, asked one after the other "
+                     f"({stage} requests × {count}, seeds {getattr(config, stage).seed or 0}…, repeats asked again)")
+    structured = getattr(interpreter, "structured", None)
+    if structured is not None:
+        endpoint = config.interpreter.endpoint
+        how = "response_format json_schema" if getattr(interpreter, "body", None) else "the prompt only"
+        template = config.interpreter.response_template or "the fields joined with \", \""
+        lines.append(f"structured: JSON objects of the schema '{structured.name}' ({how}, endpoint '{endpoint}') → "
+                     f"<stem>.caption.json; the caption written by {template}")
+    return tuple(lines)
 
 
 def _step(config: Config, stage: str) -> Step:

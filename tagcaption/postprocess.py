@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from typing import Any
 
 from tagcaption.config import PostprocessConfig
 
@@ -92,6 +93,18 @@ def only_text(text: str) -> str:
     text = ESCAPE_SEQUENCE.sub("", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
     return NOT_TEXT.sub("", text)
+
+
+def only_text_values(value: Any) -> Any:
+    """A structured caption's object with every text in it cleaned as a caption's is: no
+    control characters, bidi overrides or terminal escapes (postprocess.only_text)."""
+    if isinstance(value, str):
+        return only_text(value)
+    if isinstance(value, list):
+        return [only_text_values(item) for item in value]
+    if isinstance(value, dict):
+        return {only_text(str(key)): only_text_values(item) for key, item in value.items()}
+    return value
 
 
 def clean_caption(text: str, settings: PostprocessConfig) -> str:

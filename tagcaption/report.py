@@ -40,6 +40,7 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1f
 .name {{ font-weight: 600; word-break: break-all; margin: 6px 0; }}
 .label {{ color: #777; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; margin-top: 6px; }}
 .failure {{ color: #c0392b; }}
+.caption {{ white-space: pre-line; }}
 .badge {{ display: inline-block; background: #fde9c8; border-radius: 4px; padding: 0 6px; margin-right: 4px;
           font-size: 12px; }}
 </style></head><body>
@@ -127,7 +128,7 @@ def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict],
     record = records.get(rel, {})
     try:
         tags = ", ".join(t.replace("_", " ") for t in read_image_tags(item.path, item.tags_file, config.tags.sources,
-                                                                       config.tags.combine).tags)
+                                                                       config.tags.combine, item.not_sidecar).tags)
     except (OSError, ValueError):
         tags = ""
     try:

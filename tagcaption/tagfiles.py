@@ -83,9 +83,11 @@ class ImageTags:
 
 
 
-def sidecar_paths(image: Path) -> List[Path]:
-    """gallery-dl writes `<image file name>.json`; other tools `<stem>.json`."""
-    return [image.with_name(image.name + ".json"), image.with_suffix(".json")]
+def sidecar_paths(image: Path, not_sidecar: Optional[Path] = None) -> List[Path]:
+    """gallery-dl writes `<image file name>.json`; other tools `<stem>.json`. `not_sidecar` is
+    left out: another image's structured caption of ours (layout.py)."""
+    return [path for path in (image.with_name(image.name + ".json"), image.with_suffix(".json"))
+            if path != not_sidecar]
 
 
 def parse_sidecar(data: object) -> Optional[ImageTags]:
@@ -109,8 +111,8 @@ def parse_sidecar(data: object) -> Optional[ImageTags]:
     return found if found.tags else None
 
 
-def _read_sidecar(image: Path) -> Optional[ImageTags]:
-    for path in sidecar_paths(image):
+def _read_sidecar(image: Path, not_sidecar: Optional[Path]) -> Optional[ImageTags]:
+    for path in sidecar_paths(image, not_sidecar):
         if path.is_file():
             try:
                 return parse_sidecar(json.loads(decode_text(path.read_bytes())))
@@ -122,7 +124,8 @@ def _read_sidecar(image: Path) -> Optional[ImageTags]:
     return None
 
 
-def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], combine: str) -> ImageTags:
+def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], combine: str,
+                    not_sidecar: Optional[Path] = None) -> ImageTags:
     """The image's tags from the configured sources, in order: the first that has tags
     (`combine: first`), or all of them merged (`combine: all`). File I/O: call it in a thread."""
     result = ImageTags()
@@ -132,7 +135,7 @@ def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], 
                 continue
             found = ImageTags(parse_tags(read_tags_text(tags_file)))
         else:
-            found = _read_sidecar(image)
+            found = _read_sidecar(image, not_sidecar)
         if not found or not found.tags:
             continue
         seen = set(result.tags)

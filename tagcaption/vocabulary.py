@@ -49,6 +49,10 @@ CAPTION = "caption"
 TAGS_THEN_CAPTION = "tags_then_caption"
 STYLE_OUTPUTS = (CAPTION, TAGS_THEN_CAPTION)
 """A style's `output:` line: the model's text alone, or after the image's tags."""
+STRUCTURED_SUFFIX = ".caption.json"
+"""`<stem>.caption.json`: a structured caption's object, beside its text caption."""
+MAX_VARIANTS = 20
+"""`output.variants` at most: past a handful a model only rephrases what it already wrote."""
 
 # --- guards --------------------------------------------------------------------------------
 
@@ -61,3 +65,6 @@ SCRIPTS = (ANY_SCRIPT,) + tuple(SCRIPT_PREFIXES)
 RETRY_MODES = ("fresh", "corrective")
 TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
 TRANSPORTS = ("auto", "httpx")
+JSON_SCHEMA = "json_schema"
+STRUCTURED_OUTPUTS = (JSON_SCHEMA, "none")
+"""`endpoints.<name>.structured_output`: a response schema sent as response_format, or in the prompt only."""

@@ -19,15 +19,18 @@ from typing import List, Optional, Set
 from tagcaption.captioner import Captioned
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
-from tagcaption.errors import CaptionAppeared, ConfigError, LockedError, NoBackupName, OutputProblem
+from tagcaption.errors import (CaptionAppeared, CaptionCollision, ConfigError, LockedError, NoBackupName,
+                               OutputProblem)
 from tagcaption.files import atomic_write_text, write_new_file
 from tagcaption.folder import Folder
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.outputs import DatasetOutputs
+from tagcaption.postprocess import only_text_values
 from tagcaption.report import build_report
 from tagcaption.remember import remember
 from tagcaption.state import Failure, RunLock, write_failures
 from tagcaption.tally import Tally
+from tagcaption.vocabulary import IMAGE_EXTENSIONS
 
 log = logging.getLogger("caption")
 
@@ -173,6 +176,8 @@ class Writer:
         if self.layout.output_dir is not None and folder not in self._folders and self.layout.output_dir.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)
+        if captioned.structured is not None and item.structured_file is not None:
+            self._write_structured(item, captioned.structured)  # before the caption, which marks the image done
         if item.tags_file is not None and item.tags_file == item.caption_file:
             # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
             write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)
@@ -183,6 +188,27 @@ class Writer:
         self.record.record(item.caption_file, captioned.caption)  # first: a kill in between only costs a spare .bak
         atomic_write_text(item.caption_file, captioned.caption)
         self.outputs.record(captioned.record)
+
+    def _write_structured(self, item: ImageItem, data: object) -> None:
+        """`<stem>.caption.json`. One this program did not write (or that was edited since) is
+        kept as `.bak` with output.overwrite, else left and the image fails; one that is the
+        `<stem>.json` sidecar of an image beside it is never replaced."""
+        path = item.structured_file
+        text = json.dumps(only_text_values(data), ensure_ascii=False, indent=2) + "\n"
+        if path.exists() and not self.record.is_ours(path, path.read_bytes().decode("utf-8", "replace")):
+            owner = next((image for ext in IMAGE_EXTENSIONS for image in (path.with_suffix(ext),
+                                                                       path.with_suffix(ext.upper())) if image.exists()),
+                         None)
+            if owner is not None:
+                raise CaptionCollision(f"{path.name} is the sidecar of {owner.name}, and would be this image's "
+                                       "structured caption; rename one of the images", stage="output")
+            if not self.config.output.overwrite:
+                raise CaptionAppeared(f"{path} exists and was not written by tagcaption (or was edited since); not "
+                                      "replaced: add output.overwrite=true to keep it as .bak and replace it",
+                                      stage="output")
+            self._keep_backup(path)
+        self.record.record(path, text)
+        atomic_write_text(path, text)
 
     def _replaceable(self, item: ImageItem) -> bool:
         current = item.caption_file.read_bytes()

@@ -38,11 +38,26 @@ def config_file(tmp_path):
     ("interrogator.image_format=gif", "interrogator.image_format must be auto, jpeg, png or original (got 'gif')"),
     ("endpoints.default.token_limit_param=limit",
      "endpoints.default.token_limit_param must be max_tokens or max_completion_tokens"),
+    ("output.variants=0", "output.variants must be between 1 and 20 (got 0)"),
+    ("output.variants=1000", "output.variants must be between 1 and 20 (got 1000)"),
+    ("output.variants=2.5", "output.variants: expected a whole number, got 2.5"),
+    ("endpoints.default.structured_output=tools",
+     "endpoints.default.structured_output must be json_schema or none (got 'tools'"),
+    ("interpreter.response_template=templates/structured/caption.txt",
+     "interpreter.response_template writes the caption from a structured one: set interpreter.response_schema too"),
 ])
 def test_a_value_the_program_cannot_use_is_refused_when_the_config_is_read(config_file, override, message):
     with pytest.raises(ConfigError) as raised:
         load_config(config_file, [override])
     assert message in str(raised.value)
+
+
+def test_a_response_schema_needs_the_interpreter(config_file):
+    with pytest.raises(ConfigError) as raised:
+        load_config(config_file, ["interpreter.skip=true", "interrogator.skip=false",
+                                  "interpreter.response_schema=templates/structured/caption.schema.json"])
+    assert "interpreter.response_schema asks the Interpreter for a JSON object, but interpreter.skip is true" \
+        in str(raised.value)
 
 
 def test_a_skipped_stage_may_keep_any_token_limit(config_file):

@@ -328,3 +328,29 @@ def test_what_a_dataset_run_refuses(tmp_path, llm_server, danbooru, capsys):
                                  PYTHONPATH=str(without.parent))
     assert result.returncode == 2 and "pip install '.[datasets]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_variants_fill_the_caption_column_one_a_line(tmp_path, llm_server, danbooru, capsys):
+    """`output.variants` with --dataset: the caption column holds the lines as a .txt would, and
+    captions.jsonl has each row's list of them; a structured caption's object is there too."""
+    schema = {"type": "object", "properties": {"subject": {"type": "string"}}, "required": ["subject"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+
+    def respond(request):
+        tag = TAG.findall(user_text(request))[-1]
+        return Text(json.dumps({"subject": f"tag{tag}, take {request['seed']}"}))
+    llm_server.responder = respond
+    source = tmp_path / "source"
+    rows_dataset(2).save_to_disk(str(source))
+    out = tmp_path / "out"
+    config = config_for(tmp_path, llm_server, danbooru, dataset={"output_path": str(out)}, output={"variants": 2},
+                        interpreter={"response_schema": "schema.json"}, tag_provider={"source": "none"})
+
+    code, stdout, err = run_caption(["--dataset", str(source), "--config", str(config)], capsys)
+
+    assert code == 0, stdout + err
+    assert captions(out) == {f"im_{n:03}.png": f"Tag{n}, take 0\nTag{n}, take 1" for n in range(2)}
+    records = {record["id"]: record for record in map(json.loads, (out / "captions.jsonl").read_text().splitlines())}
+    assert records["im_001.png"]["variants"] == ["Tag1, take 0", "Tag1, take 1"]
+    assert records["im_001.png"]["structured"] == [{"subject": "tag1, take 0"}, {"subject": "tag1, take 1"}]

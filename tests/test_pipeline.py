@@ -390,3 +390,21 @@ def test_every_servers_error_body_becomes_one_line(tmp_path, llm_server, danboor
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 1
     assert f"a.png: endpoint 'default' ({llm_server.base_url}): HTTP 400: {message}\n" in out
+
+
+def test_an_image_tagged_by_its_sidecar_alone_is_captioned_again_with_overwrite(tmp_path, llm_server, danbooru,
+                                                                               capsys):
+    """Its caption of ours shares no name with a tags file, which was never kept: it is replaced."""
+    llm_server.responder = scripted_llm()
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.json").write_text('{"tag_string_general": "cat smile", "rating": "g"}')
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"source": "none"})
+
+    assert run_caption([str(images), "--config", str(config)], capsys)[0] == 0
+    first = (images / "a.txt").read_text()
+    code, out, _ = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+
+    assert code == 0, out
+    assert (images / "a.txt").read_text() != first and not (images / "a.tags.txt").exists()
+    assert not list(images.glob("a.txt.bak*")), "a caption of ours is replaced without a backup"

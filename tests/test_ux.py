@@ -261,7 +261,7 @@ def test_the_wheel_installs_one_import_name_and_the_caption_command(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"tagcaption"}
     program = [f"tagcaption/{path.name}" for path in (ROOT / "tagcaption").glob("*.py")]
     user = [f"tagcaption/{path.relative_to(ROOT).as_posix()}" for pattern in
-            ("*.py", "hints/*.py", "templates/**/*.txt", "config.yaml") for path in ROOT.glob(pattern)
+            ("*.py", "hints/*.py", "templates/**/*.txt", "templates/**/*.json", "config.yaml") for path in ROOT.glob(pattern)
             if path.name not in ("setup.py", "caption.py")]
     assert [name for name in program + user if name not in names] == []
     entry = next(name for name in names if name.endswith("entry_points.txt"))
