@@ -5,18 +5,17 @@ them, so new keys may be added but existing ones are never renamed.
 """
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tagcaption import DATA_DIR
 from tagcaption.config_checks import check_config
-from tagcaption.config_errors import in_user_words, yaml_problem
+from tagcaption.config_errors import check_keys, in_user_words, yaml_problem
 from tagcaption.errors import ConfigError
 from tagcaption.remember import recall
 from tagcaption.sinks import register_secret
@@ -285,7 +284,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
     for source in (user, cli):
         raw = OmegaConf.to_container(source, resolve=False) if source is not None else {}
         _register_raw_keys(raw)
-        _check_keys(raw, Config, "")
+        check_keys(raw, Config, "")
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), user, cli)
@@ -372,32 +371,3 @@ def _dotted(source) -> set:
     if source is not None:
         walk(OmegaConf.to_container(source, resolve=False), "")
     return keys
-
-
-def _check_keys(data: object, schema: type, prefix: str) -> None:
-    """Reject unknown keys with the closest valid one, before OmegaConf's own checks."""
-    if not is_dataclass(schema):
-        return
-    if not isinstance(data, dict):
-        where = f"config key {prefix.rstrip('.')}" if prefix else "the config file"
-        raise ConfigError(f"{where} must be a mapping of keys (like `key: value` lines), "
-                          f"not {type(data).__name__} {str(data)[:60]!r}")
-    known = {f.name: f for f in fields(schema) if not f.metadata.get("internal")}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in known:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), known, prefix)}")
-        annotation = get_type_hints(schema).get(key)
-        if annotation is not None and getattr(annotation, "__origin__", None) is dict:
-            value_type = annotation.__args__[1]
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {full} must be a mapping of names to settings")
-            for name, sub in value.items():
-                _check_keys(sub, value_type, f"{full}.{name}.")
-        elif annotation is not None and is_dataclass(annotation):
-            _check_keys(value, annotation, f"{full}.")
-
-
-def _suggest(key: str, known, prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"

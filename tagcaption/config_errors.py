@@ -4,8 +4,11 @@ parser found, as one line naming the key, what was given and what it takes
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any, Optional
+
+from tagcaption.errors import ConfigError
 
 EXAMPLES = {"output.formats": "[txt,jsonl]", "interrogator.prompts": '["Describe the image."]',
             "interrogator.hint_sources": "[full_path,tags]", "tags.sources": "[txt,sidecar]",
@@ -70,3 +73,32 @@ def yaml_problem(exc: Exception) -> str:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def check_keys(data: object, schema: type, prefix: str) -> None:
+    """Reject unknown keys with the closest valid one, before OmegaConf's own checks."""
+    if not dataclasses.is_dataclass(schema):
+        return
+    if not isinstance(data, dict):
+        where = f"config key {prefix.rstrip('.')}" if prefix else "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys (like `key: value` lines), "
+                          f"not {type(data).__name__} {str(data)[:60]!r}")
+    known = {f.name: f for f in dataclasses.fields(schema) if not f.metadata.get("internal")}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), known, prefix)}")
+        annotation = typing.get_type_hints(schema).get(key)
+        if annotation is not None and getattr(annotation, "__origin__", None) is dict:
+            value_type = annotation.__args__[1]
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full} must be a mapping of names to settings")
+            for name, sub in value.items():
+                check_keys(sub, value_type, f"{full}.{name}.")
+        elif annotation is not None and dataclasses.is_dataclass(annotation):
+            check_keys(value, annotation, f"{full}.")
+
+
+def _suggest(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
