@@ -25,7 +25,7 @@ class DryRunLLM(LLM):
         self.examples: Dict[str, List[list]] = defaultdict(list)
 
     async def complete(self, stage: str, settings, messages: List[Dict[str, Any]], clean=None, final=False,
-                       trips: Optional[List[str]] = None) -> str:
+                       trips: Optional[List[str]] = None, check=None) -> str:
         self.requests[stage] += 1
         for message in messages:
             content = message["content"]

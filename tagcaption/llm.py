@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 from tagcaption.config import Config, StageConfig
 from tagcaption.endpoint import Endpoint, Reply
 from tagcaption.errors import GuardTripped
-from tagcaption.guards import Guards, Trip
+from tagcaption.guards import Guards, Trip, reminded
 from tagcaption.replies import clean_reply, prompt_detail, token_count
 from tagcaption.sinks import redact
 from tagcaption.tally import Tally
@@ -71,10 +71,12 @@ class LLM:
 
     async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
                        clean: Optional[Callable[[str], str]] = None, final: bool = False,
-                       trips: Optional[List[str]] = None) -> str:
+                       trips: Optional[List[str]] = None,
+                       check: Optional[Callable[[str], Optional[Trip]]] = None) -> str:
         """Ask `stage`'s model and return its cleaned answer; a reply that trips a quality
-        guard is asked again (fresh, with a corrective turn, or with twice the token limit)
-        up to guards.max_attempts times, then raises GuardTripped."""
+        guard, or then the image's own `check` (faithfulness.py), is asked again (fresh, with a
+        corrective turn, told what to fix, or with twice the token limit) up to
+        guards.max_attempts times, then raises GuardTripped."""
         max_tokens = settings.max_tokens
         attempts = self.guards.settings.max_attempts if self.guards else 1
         conversation = list(messages)
@@ -85,6 +87,8 @@ class LLM:
                 text = clean(text)
             trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
                 _basic_check(text, reply.finish_reason)
+            if trip is None and check is not None:
+                trip = check(text)
             if trip is None:
                 return text
             if trips is not None:
@@ -98,6 +102,8 @@ class LLM:
             elif trip.retry == "corrective" and trip.correction:
                 conversation = list(messages) + [{"role": "assistant", "content": reply.text},
                                                  {"role": "user", "content": trip.correction}]
+            elif trip.retry == "remind":
+                conversation = reminded(messages, trip.correction)
             else:
                 conversation = list(messages)
         raise _guard_error(self.endpoints[settings.endpoint], stage, settings, trip, max_tokens, attempt)
@@ -116,8 +122,9 @@ def _guard_error(endpoint: Endpoint, stage: str, settings: StageConfig, trip: Tr
                  attempts: int) -> GuardTripped:
     tried = f" (after {attempts} attempts)" if attempts > 1 else ""
     detail = f"{trip.reason} at {max_tokens} tokens (raise {stage}.max_tokens)" if trip.guard == "truncated" \
-        else f"{trip.reason} from model '{settings.model}'"
-    return GuardTripped(redact(f"{endpoint.describe()}: {detail}{tried}"), trip.guard, attempts)
+        else f"model '{settings.model}': {trip.reason}" if trip.fix else f"{trip.reason} from model '{settings.model}'"
+    fix = f"; {trip.fix}" if trip.fix else ""
+    return GuardTripped(redact(f"{endpoint.describe()}: {detail}{tried}{fix}"), trip.guard, attempts)
 
 
 def _basic_check(text: str, finish_reason: Optional[str]) -> Optional[Trip]:
