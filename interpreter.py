@@ -7,6 +7,7 @@ import re
 from typing import Dict, List, Optional, Set
 
 from tagcaption.config import Config
+from tagcaption.faithfulness import ImageCheck
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
@@ -44,7 +45,9 @@ class Interpreter:
         """The templates that do not use `{name}`."""
         return [template.origin for template in self.templates.values() if name not in template.names]
 
-    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
+                      check: Optional[ImageCheck] = None) -> str:
+        """`check`: the image's faithfulness check, held to the prompt the variant sends."""
         variant = pick(self.variants, key)
         messages = []
         if self.settings.system_prompt:
@@ -53,9 +56,12 @@ class Interpreter:
         messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", rendered).strip()})
         if transcript is not None:
             transcript[INTERPRETER] = messages
+        faithful = check.for_prompt(self.templates[variant].names, variant.instruction,
+                                    lambda text: with_tags(variant, text, values)) if check else None
         reply = await self.llm.complete(INTERPRETER, self.settings, messages,
                                         clean=lambda text: clean_caption(text, self.postprocess), final=True,
-                                        trips=transcript.setdefault("guards", []) if transcript is not None else None)
+                                        trips=transcript.setdefault("guards", []) if transcript is not None else None,
+                                        check=faithful)
         if transcript is not None:
             transcript[INTERPRETER] = messages + [{"role": "assistant", "content": reply}]
         return with_tags(variant, reply, values)

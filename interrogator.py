@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Set
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import ConfigError, LLMError, os_error_text
+from tagcaption.faithfulness import Check, ImageCheck
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image, prepare_image_bytes
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS, used_by
@@ -72,14 +73,17 @@ class Interrogator:
         return names
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
-                       image_data=None) -> str:
+                       image_data=None, check: Optional[ImageCheck] = None) -> str:
         """`image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
-        row's; `path` then only names it."""
+        row's; `path` then only names it. `check`: the image's faithfulness check, for a
+        description that is the caption."""
         variant = pick(self.variants, key)
+        faithful = check.for_prompt(used_by(self.system, *self.prompts[variant]), variant.instruction,
+                                    lambda text: with_tags(variant, text, values)) if check and self.final else None
         source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
         image = await off_loop(prepare, source, self.options, seconds=self.file_timeout, what=f"reading {path}")
         try:
-            text = await self._converse(image, self.prompts[variant], values, transcript)
+            text = await self._converse(image, self.prompts[variant], values, transcript, faithful)
         except LLMError as exc:
             if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
                 raise
@@ -90,11 +94,11 @@ class Interrogator:
             self.tally.update("images.shrunk")
             image = await off_loop(prepare, source, replace(self.options, max_size=half),
                                    seconds=self.file_timeout, what=f"reading {path}")
-            text = await self._converse(image, self.prompts[variant], values, transcript)
+            text = await self._converse(image, self.prompts[variant], values, transcript, faithful)
         return with_tags(variant, text, values) if self.final else text
 
     async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
-                        transcript: Optional[dict]) -> str:
+                        transcript: Optional[dict], check: Optional[Check] = None) -> str:
         messages: List[dict] = []
         system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
@@ -116,7 +120,7 @@ class Interrogator:
                 reply = await self.llm.complete(INTERROGATOR, self.settings, messages, clean=clean,
                                                 final=last and self.final,
                                                 trips=transcript.setdefault("guards", []) if transcript is not None
-                                                else None)
+                                                else None, check=check if last else None)
             finally:
                 if transcript is not None:
                     transcript[INTERROGATOR] = _loggable(messages, image)

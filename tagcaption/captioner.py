@@ -13,6 +13,7 @@ from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
                                os_error_text)
+from tagcaption.faithfulness import faithfulness_record
 from tagcaption.hints import HintInput, collect_hints
 from tagcaption.images import check_image, check_image_data
 from tagcaption.layout import ImageItem, Layout
@@ -79,12 +80,14 @@ class Captioner:
         stage = "tag_provider"
         try:
             values = await self._values(item, tags)
+            check = self.stages.faithfulness.for_image(values) if self.stages.faithfulness else None
             if self.stages.interrogator:
                 stage = "interrogator"
                 values["description"] = await self.stages.interrogator.describe(
-                    item.path, values, item.rel.as_posix(), transcript, image_data=item.image)
+                    item.path, values, item.rel.as_posix(), transcript, image_data=item.image,
+                    check=check if self.stages.interpreter is None else None)
             stage = "interpreter"
-            caption = await self.stages.interpreter.caption(values, item.rel.as_posix(), transcript) \
+            caption = await self.stages.interpreter.caption(values, item.rel.as_posix(), transcript, check=check) \
                 if self.stages.interpreter else values["description"]
         except NoVision as exc:
             raise self._no_vision(exc) from None
@@ -95,7 +98,10 @@ class Captioner:
             where = f": {exc.filename}" if exc.filename else ""
             raise OutputProblem(f"{exc.strerror or exc}{where}", stage=stage) from None
         caption = add_affixes(caption, self.config.postprocess.prefix, self.config.postprocess.suffix)
-        return Captioned(item, caption, self._record(item, caption, values, transcript))
+        record = self._record(item, caption, values, transcript)
+        if check is not None:
+            record.update(faithfulness_record(check, item.rel.as_posix(), self.stages.llm.tally))
+        return Captioned(item, caption, record)
 
     async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
         """Every template value for the image, its tags' knowledge awaited (the checks that
@@ -119,7 +125,8 @@ class Captioner:
         values = image_values(tags.tags, knowledge, tags.categories, tags.rating, self.stages.tag_filter,
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints,
-                              max_descriptions=self.config.interpreter.max_tag_descriptions)
+                              max_descriptions=self.config.interpreter.max_tag_descriptions,
+                              omit=self.config.style.omit_traits_of)
         if not self._carries_description() and not any(values.get(name) for name in TAG_NAMES & self.consumed):
             raise NothingToCaption(f"none of its tags reach the caption prompt ({', '.join(sorted(TAG_NAMES & self.consumed))}"
                                    " empty after tags.exclude and tags.exclude_categories), and no description "

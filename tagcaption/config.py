@@ -146,6 +146,9 @@ class StyleConfig:
     length: str = "any"
     word_count: Optional[int] = None
     extra_options: List[str] = field(default_factory=list)
+    omit_traits_of: List[str] = field(default_factory=list)
+    """Tags the trigger word stands for (a character LoRA's `blue_hair`, `twintails`): left out of
+    the prompt's tags, named in `{omit}`, and a caption that mentions them is asked again."""
 
 
 @dataclass
@@ -179,6 +182,10 @@ class GuardsConfig:
     repeat_limit: int = 6
     expected_script: str = "latin"
     max_other_script: float = 0.1
+    faithfulness: str = "retry"
+    """retry | warn | off: a caption written from the tags that drops a name or contradicts them."""
+    contradictions: Optional[str] = "templates/contradictions.txt"
+    """The table of opposites (`smile: frowning, frown`); null: none."""
 
 
 @dataclass
@@ -297,7 +304,8 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 
 CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
              "tag_provider.tags_dump", "tag_provider.dump_dir", "dataset.output_path")
-CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file")
+CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file",
+                 "guards.contradictions")
 
 
 def _paths_from_here(cli) -> None:
