@@ -182,7 +182,7 @@ class Writer:
 
     def _replaceable(self, item: ImageItem) -> bool:
         current = item.caption_file.read_bytes()
-        if item.tags_backup is not None and current == item.tags_backup.read_bytes():
+        if item.tags_backup is not None and item.tags_backup.exists() and current == item.tags_backup.read_bytes():
             return True  # a tags file whose copy is already kept
         return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
 
