@@ -147,8 +147,7 @@ class StyleConfig:
     word_count: Optional[int] = None
     extra_options: List[str] = field(default_factory=list)
     omit_traits_of: List[str] = field(default_factory=list)
-    """Tags the trigger word stands for (a character LoRA's `blue_hair`, `twintails`): left out of
-    the prompt's tags, named in `{omit}`, and a caption that mentions them is asked again."""
+    """Tags the trigger word stands for: out of the prompt's tags, in `{omit}`, absent from captions."""
 
 
 @dataclass
@@ -183,7 +182,6 @@ class GuardsConfig:
     expected_script: str = "latin"
     max_other_script: float = 0.1
     faithfulness: str = "retry"
-    """retry | warn | off: a caption written from the tags that drops a name or contradicts them."""
     contradictions: Optional[str] = "templates/contradictions.txt"
     """The table of opposites (`smile: frowning, frown`); null: none."""
 
