@@ -99,7 +99,7 @@ def _card(entry: dict, page_dir: Path) -> str:
     if entry.get("guards"):
         parts.append('<div class="label">guards</div><div>' + "".join(
             f'<span class="badge">{html.escape(name.replace("_", " "))}</span>' for name in entry["guards"]) + "</div>")
-    for key, label in (("flags", "faithfulness: kept with"), ("corrected", "faithfulness: asked again for")):
+    for key, label in (("flags", "faithfulness check found"), ("corrected", "asked again to fix")):
         if entry.get(key):
             parts.append(f'<div class="label">{label}</div><ul class="{key}">' + "".join(
                 f"<li>{html.escape(str(finding))}</li>" for finding in entry[key]) + "</ul>")

@@ -170,7 +170,7 @@ def test_warn_keeps_the_caption_and_records_the_findings_for_review(tmp_path, ll
     flagged = {record["file"]: record.get("flags") for record in records(images)}
     assert flagged == {"a.png": None,
                        "b.png": ["does not name Hatsune Miku", "says blue eyes where the tags say red eyes"]}
-    assert "flagged:  1 caption kept with faithfulness findings (guards.faithfulness: warn)" in out
+    assert "flagged:  1 caption kept with faithfulness findings: see `flags` in their records" in out
     assert "warning: b.png: caption kept with faithfulness findings: does not name Hatsune Miku; says blue eyes" in err
     page = images / "captions.html"
     text = page.read_text()
