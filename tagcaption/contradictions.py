@@ -248,10 +248,16 @@ _ELSEWHERE = re.compile(r"(?<!\w)(?:photo|photos|photograph|picture|pictures|pos
 """Words that put people somewhere else than in the scene: a photo of two boys, a crowd behind."""
 
 
+SENTENCE_REACH = 300
+"""Characters looked at on each side of a claim for its sentence: a reply without full stops
+costs no more than one with them."""
+
+
 def _sentence(text: str, start: int, end: int) -> str:
-    first = max(text.rfind(mark, 0, start) for mark in ".!?;") + 1
-    ends = [found for found in (text.find(mark, end) for mark in ".!?;") if found >= 0]
-    return text[first:min(ends) if ends else len(text)]
+    low, high = max(0, start - SENTENCE_REACH), min(len(text), end + SENTENCE_REACH)
+    first = max(max(text.rfind(mark, low, start) for mark in ".!?;") + 1, low)
+    ends = [found for found in (text.find(mark, end, high) for mark in ".!?;") if found >= 0]
+    return text[first:min(ends) if ends else high]
 
 
 def people_findings(text: str, people: Optional[People]) -> List[Finding]:
