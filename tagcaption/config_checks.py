@@ -131,6 +131,8 @@ def _check_guards(config: Config) -> None:
         raise ConfigError(f"guards.retry_mode must be {_either(RETRY_MODES)} (got {guards.retry_mode!r})")
     if guards.expected_script not in SCRIPTS:
         raise ConfigError(f"guards.expected_script must be one of {', '.join(SCRIPTS)}")
+    if guards.faithfulness in ("False", "True"):  # YAML reads a bare `off` (or `no`, `on`) as a boolean
+        guards.faithfulness = "off" if guards.faithfulness == "False" else "retry"
     if guards.faithfulness not in FAITHFULNESS_MODES:
         raise ConfigError(f"guards.faithfulness must be {_either(FAITHFULNESS_MODES)} (got {guards.faithfulness!r})")
     if guards.contradictions is not None and not guards.contradictions.strip():

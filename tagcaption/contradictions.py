@@ -293,7 +293,7 @@ def load_table(path: Path) -> Table:
         text = read_regular(path).decode("utf-8-sig")
     except OSError as exc:
         raise ConfigError(os_error_text(exc, path, "guards.contradictions")
-                          + " (null: no table of opposites)") from None
+                          + " (guards.contradictions: null for no table of opposites)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"guards.contradictions: {path} is not UTF-8 text") from None
     rows = []

@@ -221,12 +221,22 @@ def test_a_vision_model_alone_is_held_only_to_tags_its_prompt_carried(tmp_path, 
     assert (images / "a.txt").read_text() == "Miku with red eyes."
 
 
-def test_off_checks_nothing(tmp_path, llm_server, danbooru, capsys):
+def test_off_checks_nothing_even_written_bare_as_yaml_reads_it(tmp_path, llm_server, danbooru, capsys):
     llm_server.responder = scripted("Two girls with blue eyes.")
     images = sidecar_images(tmp_path / "images", **{"a.png": MIKU})
-    config = config_for(tmp_path, llm_server, danbooru, guards={"faithfulness": "off"})
+    config = config_for(tmp_path, llm_server, danbooru)
+    config.write_text(config.read_text() + "guards:\n  faithfulness: off\n", encoding="utf-8")
     assert run_caption([str(images), "--config", str(config)], capsys)[0] == 0
     assert len(llm_server.chat_requests) == 1
+    code, _, _ = run_caption([str(images), "--config", str(config_for(tmp_path, llm_server, danbooru)),
+                              "guards.faithfulness=off", "output.overwrite=true"], capsys)
+    assert code == 0 and len(llm_server.chat_requests) == 2
+
+
+def test_check_reports_a_table_of_opposites_it_cannot_read(tmp_path, llm_server, danbooru, capsys):
+    config = config_for(tmp_path, llm_server, danbooru, guards={"contradictions": "missing.txt"})
+    code, out, err = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2 and "guards.contradictions" in out + err
 
 
 def test_a_table_of_opposites_of_ones_own(tmp_path, llm_server, danbooru, capsys):
