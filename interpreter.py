@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Set
 from tagcaption.alternatives import Caption, Distinct, one_line, ordered, sampling
 from tagcaption.config import Config
 from tagcaption.errors import LLMError
+from tagcaption.faithfulness import ImageCheck
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLACEHOLDERS, used_by
 from tagcaption.postprocess import clean_caption
@@ -58,14 +59,17 @@ class Interpreter:
         """The templates that do not use `{name}`."""
         return [template.origin for template in self.templates.values() if name not in template.names]
 
-    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> str:
+    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
+                      check: Optional[ImageCheck] = None) -> str:
         """One caption of the image (the first of `captions`)."""
-        return (await self._caption(pick(self.variants, key), values, 0, Distinct(), transcript)).text
+        return (await self._caption(pick(self.variants, key), values, 0, Distinct(), transcript, check)).text
 
-    async def captions(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None) -> List[Caption]:
-        """The image's `output.variants` captions, each different from the ones before it."""
+    async def captions(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
+                       check: Optional[ImageCheck] = None) -> List[Caption]:
+        """The image's `output.variants` captions, each different from the ones before it;
+        `check`: the image's faithfulness check, held to the prompt each variant sends."""
         distinct = Distinct("the JSON object only" if self.structured else "the caption only")
-        return [await self._caption(variant, values, index, distinct, transcript)
+        return [await self._caption(variant, values, index, distinct, transcript, check)
                 for index, variant in enumerate(ordered(self.variants, key, self.count))]
 
     def _messages(self, variant: Variant, values: Dict[str, str]) -> List[dict]:
@@ -80,7 +84,7 @@ class Interpreter:
         return messages
 
     async def _caption(self, variant: Variant, values: Dict[str, str], index: int, distinct: Distinct,
-                       transcript: Optional[dict]) -> Caption:
+                       transcript: Optional[dict], check: Optional[ImageCheck] = None) -> Caption:
         messages = self._messages(variant, values)
         if transcript is not None and index == 0:
             transcript[INTERPRETER] = messages
@@ -97,10 +101,13 @@ class Interpreter:
             got["data"] = data
             return text
 
+        faithful = check.for_prompt(self.templates[variant].names, variant.instruction,
+                                    lambda text: with_tags(variant, text, values)) if check else None
         try:
             reply = await self.llm.complete(INTERPRETER, self.settings, messages, clean=finish, final=True,
                                             trips=transcript.setdefault("guards", []) if transcript is not None
-                                            else None, body={**sampling(self.settings, index, self.count), **self.body})
+                                            else None, body={**sampling(self.settings, index, self.count), **self.body},
+                                            check=faithful)
         except LLMError as exc:
             if not self.body or exc.status not in REFUSED:
                 raise

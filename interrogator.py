@@ -19,6 +19,7 @@ from tagcaption.alternatives import Distinct, one_line, ordered, sampling
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import ConfigError, LLMError, os_error_text
+from tagcaption.faithfulness import Check, ImageCheck
 from tagcaption.images import ImageOptions, PreparedImage, parse_color, prepare_image, prepare_image_bytes
 from tagcaption.llm import LLM
 from tagcaption.placeholders import INTERROGATOR_PLACEHOLDERS, used_by
@@ -74,13 +75,14 @@ class Interrogator:
         return names
 
     async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
-                       image_data=None) -> str:
+                       image_data=None, check: Optional[ImageCheck] = None) -> str:
         """`image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
-        row's; `path` then only names it."""
-        return (await self.descriptions(path, values, key, transcript, image_data))[0]
+        row's; `path` then only names it. `check`: the image's faithfulness check, for a
+        description that is the caption."""
+        return (await self.descriptions(path, values, key, transcript, image_data, check=check))[0]
 
     async def descriptions(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
-                           image_data=None, count: int = 1) -> List[str]:
+                           image_data=None, count: int = 1, check: Optional[ImageCheck] = None) -> List[str]:
         """The image's description; `count` of them, each different from the ones before, when
         they are the captions (no Interpreter, `output.variants` > 1; see alternatives.py)."""
         source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
@@ -89,13 +91,16 @@ class Interrogator:
         texts = []
         for index, variant in enumerate(ordered(self.variants, key, count)):
             body = sampling(self.settings, index, count)
+            faithful = check.for_prompt(used_by(self.system, *self.prompts[variant]), variant.instruction,
+                                        lambda text, v=variant: with_tags(v, text, values)) \
+                if check and self.final else None
             try:
-                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body)
+                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body, faithful)
             except LLMError as exc:
                 if exc.kind != "context_overflow" or max(image.width, image.height) <= 64:
                     raise
                 image = await self._smaller(path, source, prepare, image)
-                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body)
+                text = await self._converse(image, self.prompts[variant], values, transcript, distinct, body, faithful)
             if distinct is not None:
                 distinct.add(text)
                 if transcript is not None:
@@ -115,7 +120,7 @@ class Interrogator:
 
     async def _converse(self, image: PreparedImage, prompts: List[Template], values: Dict[str, str],
                         transcript: Optional[dict], distinct: Optional[Distinct] = None,
-                        body: Optional[dict] = None) -> str:
+                        body: Optional[dict] = None, check: Optional[Check] = None) -> str:
         messages: List[dict] = []
         system = "\n\n".join(part for part in (self.system.render(**values), self.metadata) if part)
         if system:
@@ -145,7 +150,7 @@ class Interrogator:
                                                 clean=finish if last and self.final else None,
                                                 final=last and self.final,
                                                 trips=transcript.setdefault("guards", []) if transcript is not None
-                                                else None, body=body)
+                                                else None, body=body, check=check if last else None)
             finally:
                 if transcript is not None:
                     transcript[INTERROGATOR] = _loggable(messages, image)

@@ -30,6 +30,7 @@ from tagcaption.tag_cache import TagCache
 from tagcaption.tag_names import NAMED_CATEGORIES, spelling
 from tagcaption.tag_outages import SourceWatch
 from tagcaption.tag_sources import TagInfo, make_source
+from tagcaption.tagfiles import normalize_tag
 from tagcaption.tag_summaries import Summariser
 from tagcaption.tally import Tally
 
@@ -56,10 +57,12 @@ class TagFilter:
     """Which tags reach the captions: `tags.exclude` names and wildcards, categories in
     `tags.exclude_categories`, and Danbooru tags with fewer posts than `min_post_count`
     (tags Danbooru does not know, like a LoRA trigger word, are always kept); and whether
-    prompts resolve aliases and leave out implied tags."""
+    prompts resolve aliases and leave out implied tags. `omit`: `style.omit_traits_of`, the
+    traits a character LoRA's trigger word stands for, left out like `tags.exclude`."""
 
-    def __init__(self, tags: TagsConfig, min_post_count: int = 0):
-        self.patterns = [pattern.strip().lower().replace(" ", "_") for pattern in tags.exclude]
+    def __init__(self, tags: TagsConfig, min_post_count: int = 0, omit: Iterable[str] = ()):
+        self.patterns = [pattern.strip().lower().replace(" ", "_") for pattern in tags.exclude] + \
+            [normalize_tag(tag) for tag in omit]
         self.categories = set(tags.exclude_categories)
         self.min_post_count = min_post_count
         self.resolve_aliases = tags.resolve_aliases
@@ -86,7 +89,7 @@ class TagProvider:
         self.refresh = refresh
         self.summarise = summarise
         self.summariser = Summariser(config, llm, tally)
-        self.filter = TagFilter(config.tags, self.settings.min_post_count)
+        self.filter = TagFilter(config.tags, self.settings.min_post_count, config.style.omit_traits_of)
         self.cache = cache if cache is not None else TagCache(config.path(self.settings.cache_file))
         self.source = source if source is not None else make_source(config, tally)
         self.origin: Optional[dict] = getattr(self.source, "origin", None)  # a stand-in source may have none

@@ -14,6 +14,7 @@ from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputProblem, TagsFileError,
                                os_error_text)
+from tagcaption.faithfulness import faithfulness_record
 from tagcaption.hints import HintInput, collect_hints
 from tagcaption.images import check_image, check_image_data
 from tagcaption.layout import ImageItem, Layout
@@ -91,14 +92,16 @@ class Captioner:
         try:
             values = await self._values(item, tags)
             described: List[str] = []
+            check = self.stages.faithfulness.for_image(values) if self.stages.faithfulness else None
             if self.stages.interrogator:
                 stage = "interrogator"
                 described = await self.stages.interrogator.descriptions(
                     item.path, values, key, transcript, image_data=item.image,
-                    count=1 if self.stages.interpreter else self.count)
+                    count=1 if self.stages.interpreter else self.count,
+                    check=check if self.stages.interpreter is None else None)
                 values["description"] = described[0]
             stage = "interpreter"
-            captions = await self.stages.interpreter.captions(values, key, transcript) \
+            captions = await self.stages.interpreter.captions(values, key, transcript, check=check) \
                 if self.stages.interpreter else [Caption(text) for text in described]
         except NoVision as exc:
             raise self._no_vision(exc) from None
@@ -112,8 +115,10 @@ class Captioner:
                  for caption in captions]
         data = [caption.data for caption in captions]
         structured = None if data[0] is None else data[0] if len(data) == 1 else data
-        caption = "\n".join(lines)
-        return Captioned(item, caption, self._record(item, lines, values, transcript, structured), lines, structured)
+        record = self._record(item, lines, values, transcript, structured)
+        if check is not None:
+            record.update(faithfulness_record(check, key, self.stages.llm.tally))
+        return Captioned(item, "\n".join(lines), record, lines, structured)
 
     async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
         """Every template value for the image, its tags' knowledge awaited (the checks that
@@ -139,7 +144,8 @@ class Captioner:
                               filename=item.path.name, folder=item.rel.parent.as_posix(),
                               name=self.config.style.name, hints=hints,
                               max_descriptions=self.config.interpreter.max_tag_descriptions,
-                              max_tokens=self.config.interpreter.tag_descriptions_tokens)
+                              max_tokens=self.config.interpreter.tag_descriptions_tokens,
+                              omit=self.config.style.omit_traits_of)
         if not self._carries_description() and not any(values.get(name) for name in TAG_NAMES & self.consumed):
             raise NothingToCaption(f"none of its tags reach the caption prompt ({', '.join(sorted(TAG_NAMES & self.consumed))}"
                                    " empty after tags.exclude and tags.exclude_categories), and no description "

@@ -25,6 +25,7 @@ from tagcaption.config import Config, StageConfig
 from tagcaption.deadlines import MODELS_SECONDS
 from tagcaption.endpoint import Endpoint, Replica, is_loopback
 from tagcaption.errors import ConfigError, Kind, SourceError
+from tagcaption.faithfulness import Faithfulness
 from tagcaption.llm import LLM
 from tagcaption.interpreter import Interpreter
 from tagcaption.interrogator import Interrogator
@@ -192,6 +193,10 @@ def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str]]:
                 built[name] = build()
             except ConfigError as exc:
                 problems.append(str(exc))
+    try:
+        Faithfulness(config)  # reads the table of opposites
+    except ConfigError as exc:
+        problems.append(str(exc))
     if not problems:
         try:
             return plan_run(config, built.get(INTERROGATOR), built.get(INTERPRETER)), problems

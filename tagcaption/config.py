@@ -154,6 +154,8 @@ class StyleConfig:
     length: str = "any"
     word_count: Optional[int] = None
     extra_options: List[str] = field(default_factory=list)
+    omit_traits_of: List[str] = field(default_factory=list)
+    """Tags the trigger word stands for: out of the prompt's tags, in `{omit}`, absent from captions."""
 
 
 @dataclass
@@ -187,6 +189,9 @@ class GuardsConfig:
     repeat_limit: int = 6
     expected_script: str = "latin"
     max_other_script: float = 0.1
+    faithfulness: str = "retry"
+    contradictions: Optional[str] = "templates/contradictions.txt"
+    """The table of opposites (`smile: frowning, frown`); null: none."""
 
 
 @dataclass
@@ -307,7 +312,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
 CLI_PATHS = ("images_dir", "output.dir", "tag_provider.cache_file", "tag_provider.wiki_dump",
              "tag_provider.tags_dump", "tag_provider.dump_dir", "dataset.output_path")
 CLI_RESOURCES = ("interpreter.prompt_template", "tag_provider.prompt_template", "interrogator.global_metadata_file",
-                 "interpreter.response_schema", "interpreter.response_template")
+                 "interpreter.response_schema", "interpreter.response_template", "guards.contradictions")
 
 
 def _paths_from_here(cli) -> None:

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 from tagcaption.errors import ConfigError
 from tagcaption.outputs import check_formats
-from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, IMAGE_EXTENSIONS, IMAGE_FORMATS, INTERPRETER,
-                                   INTERROGATOR, MAX_VARIANTS, PROMPTED_STAGES, RETRY_MODES, SCRIPTS, STAGES,
-                                   STRUCTURED_OUTPUTS, TAG_COMBINE, TAG_INPUTS, TAG_SOURCES, TOKEN_LIMIT_PARAMS,
-                                   TRANSPORTS)
+from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, FAITHFULNESS_MODES, IMAGE_EXTENSIONS,
+                                   IMAGE_FORMATS, INTERPRETER, INTERROGATOR, MAX_VARIANTS, PROMPTED_STAGES,
+                                   RETRY_MODES, SCRIPTS, STAGES, STRUCTURED_OUTPUTS, TAG_COMBINE, TAG_INPUTS,
+                                   TAG_SOURCES, TOKEN_LIMIT_PARAMS, TRANSPORTS)
 
 if TYPE_CHECKING:
     from tagcaption.config import Config
@@ -139,6 +139,16 @@ def _check_guards(config: Config) -> None:
         raise ConfigError(f"guards.retry_mode must be {_either(RETRY_MODES)} (got {guards.retry_mode!r})")
     if guards.expected_script not in SCRIPTS:
         raise ConfigError(f"guards.expected_script must be one of {', '.join(SCRIPTS)}")
+    if guards.faithfulness in ("False", "True"):  # YAML reads a bare `off` (or `no`, `on`) as a boolean
+        guards.faithfulness = "off" if guards.faithfulness == "False" else "retry"
+    if guards.faithfulness not in FAITHFULNESS_MODES:
+        raise ConfigError(f"guards.faithfulness must be {_either(FAITHFULNESS_MODES)} (got {guards.faithfulness!r})")
+    if guards.contradictions is not None and not guards.contradictions.strip():
+        raise ConfigError("guards.contradictions must name a file of `tag: phrase, phrase` lines, or be null for none")
+    for tag in config.style.omit_traits_of:
+        if not str(tag).strip() or any(char in str(tag) for char in "*?[],"):
+            raise ConfigError(f"style.omit_traits_of: {tag!r} is not a tag; list the tags themselves, like "
+                              "[blue_hair, twintails] (no wildcards)")
 
 
 def _check_variants(config: Config) -> None:

@@ -27,7 +27,8 @@ class DryRunLLM(LLM):
         """What the first requests of a stage carry beside the prompt (a variant's seed, a response_format)."""
 
     async def complete(self, stage: str, settings, messages: List[Dict[str, Any]], clean=None, final=False,
-                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None) -> str:
+                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None,
+                       check=None) -> str:
         self.requests[stage] += 1
         if body and len(self.bodies[stage]) < 20:
             self.bodies[stage].append(body)

@@ -4,14 +4,15 @@ Refusals and the script check apply where they matter: a refusal is recognised a
 start of a reply; the expected script is checked on captions only (a tag summary may
 rightly quote a character's Japanese name). Each check returns a Trip naming the guard, a one-line reason, and how to try again:
 a fresh attempt, a corrective follow-up turn (the bad answer and an instruction to fix
-it), or a fresh attempt with twice the token limit (for a reply cut off at max_tokens).
+it), a fresh attempt told what the last one got wrong (`remind`), or a fresh attempt with twice
+the token limit (for a reply cut off at max_tokens).
 """
 from __future__ import annotations
 
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 from tagcaption.config import GuardsConfig
 from tagcaption.sinks import contains_secret
@@ -29,8 +30,24 @@ _CHAR_RUN = re.compile(r"(\S)\1{19,}")
 class Trip:
     guard: str
     reason: str
-    retry: str = "fresh"  # fresh | corrective | more_tokens
+    retry: str = "fresh"  # fresh | corrective | remind | more_tokens
     correction: str = ""
+    fix: str = ""
+    """What the user can do when the image fails on it, for the failure's one line."""
+
+
+def reminded(messages: List[Dict[str, Any]], reminder: str) -> List[Dict[str, Any]]:
+    """The request again with `reminder` after the text of its last user turn."""
+    conversation = list(messages)
+    for index in range(len(conversation) - 1, -1, -1):
+        message = conversation[index]
+        if message["role"] == "user":
+            content = message["content"]
+            content = f"{content}\n\n{reminder}" if isinstance(content, str) else \
+                [*content, {"type": "text", "text": reminder}]
+            conversation[index] = {**message, "content": content}
+            break
+    return conversation
 
 
 class ReplyRejected(Exception):

@@ -16,7 +16,7 @@ from tagcaption.config import Config, StageConfig
 from tagcaption.deadlines import off_loop
 from tagcaption.endpoint import Endpoint, Reply
 from tagcaption.errors import GuardTripped
-from tagcaption.guards import Guards, ReplyRejected, Trip
+from tagcaption.guards import Guards, ReplyRejected, Trip, reminded
 from tagcaption.replies import clean_reply, prompt_detail, token_count
 from tagcaption.sinks import redact
 from tagcaption.tally import Tally
@@ -77,17 +77,20 @@ class LLM:
 
     async def complete(self, stage: str, settings: StageConfig, messages: List[Dict[str, Any]],
                        clean: Optional[Callable[[str], str]] = None, final: bool = False,
-                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None) -> str:
+                       trips: Optional[List[str]] = None, body: Optional[Dict[str, Any]] = None,
+                       check: Optional[Callable[[str], Optional[Trip]]] = None) -> str:
         """Ask `stage`'s model and return its cleaned answer; a reply that trips a quality
-        guard (or that `clean` rejects) is asked again (fresh, with a corrective turn, or with
-        twice the token limit) up to guards.max_attempts times, then raises GuardTripped."""
+        guard (or that `clean` rejects), or then the image's own `check` (faithfulness.py), is
+        asked again (fresh, with a corrective turn, told what to fix, or with twice the token
+        limit) up to guards.max_attempts times, then raises GuardTripped. `body`: fields added
+        to the request (a seed, a response_format)."""
         max_tokens = settings.max_tokens
         attempts = self.guards.settings.max_attempts if self.guards else 1
         conversation = list(messages)
         for attempt in range(1, attempts + 1):
             reply = await self.chat(stage, settings, conversation, max_tokens, body)
-            text, trip = self._judge(reply, clean, final) if len(reply.text) <= OFF_LOOP_CHARS else \
-                await off_loop(self._judge, reply, clean, final, seconds=None, what="cleaning a reply")
+            text, trip = self._judge(reply, clean, final, check) if len(reply.text) <= OFF_LOOP_CHARS else \
+                await off_loop(self._judge, reply, clean, final, check, seconds=None, what="cleaning a reply")
             if trip is None:
                 return text
             if trips is not None:
@@ -101,13 +104,15 @@ class LLM:
             elif trip.retry == "corrective" and trip.correction:
                 conversation = list(messages) + [{"role": "assistant", "content": reply.text},
                                                  {"role": "user", "content": trip.correction}]
+            elif trip.retry == "remind":
+                conversation = reminded(messages, trip.correction)
             else:
                 conversation = list(messages)
         raise _guard_error(self.endpoints[settings.endpoint], stage, settings, trip, max_tokens, attempt)
 
-    def _judge(self, reply: Reply, clean: Optional[Callable[[str], str]],
-               final: bool) -> Tuple[str, Optional[Trip]]:
-        """The reply cleaned, and the guard it trips, if any."""
+    def _judge(self, reply: Reply, clean: Optional[Callable[[str], str]], final: bool,
+               check: Optional[Callable[[str], Optional[Trip]]] = None) -> Tuple[str, Optional[Trip]]:
+        """The reply cleaned, and the guard it trips, if any (the quality guards first, then `check`)."""
         text = clean_reply(reply.text)
         if clean is not None and reply.finish_reason != "length":
             try:
@@ -116,6 +121,8 @@ class LLM:
                 return text, rejected.trip
         trip = self.guards.check(text, reply.finish_reason, final) if self.guards else \
             _basic_check(text, reply.finish_reason)
+        if trip is None and check is not None:
+            trip = check(text)
         return text, trip
 
     def in_flight(self) -> int:
@@ -132,8 +139,9 @@ def _guard_error(endpoint: Endpoint, stage: str, settings: StageConfig, trip: Tr
                  attempts: int) -> GuardTripped:
     tried = f" (after {attempts} attempts)" if attempts > 1 else ""
     detail = f"{trip.reason} at {max_tokens} tokens (raise {stage}.max_tokens)" if trip.guard == "truncated" \
-        else f"{trip.reason} from model '{settings.model}'"
-    return GuardTripped(redact(f"{endpoint.describe()}: {detail}{tried}"), trip.guard, attempts)
+        else f"model '{settings.model}': {trip.reason}" if trip.fix else f"{trip.reason} from model '{settings.model}'"
+    fix = f"; {trip.fix}" if trip.fix else ""
+    return GuardTripped(redact(f"{endpoint.describe()}: {detail}{tried}{fix}"), trip.guard, attempts)
 
 
 def _basic_check(text: str, finish_reason: Optional[str]) -> Optional[Trip]:

@@ -13,10 +13,10 @@ A template naming anything else is refused when it is loaded (see templates.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from tagcaption.tag_names import NAMED_CATEGORIES, display_name
-from tagcaption.tagfiles import display_tag
+from tagcaption.tagfiles import display_tag, normalize_tag
 from tagcaption.vocabulary import CATEGORIES, GENERAL, RATINGS
 
 if TYPE_CHECKING:
@@ -64,6 +64,9 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
     Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source (also added after the "
                 "first vision prompt when that prompt does not name it)", _IMAGE_PROMPTS),
     Placeholder("name", "`style.name`: the name a caption may use", _IMAGE_PROMPTS),
+    Placeholder("omit", "`style.omit_traits_of` with spaces for underscores (`blue hair, twintails`): the traits "
+                "the trigger word stands for, which a caption must not mention (they are left out of the tag "
+                "values)", _IMAGE_PROMPTS),
     Placeholder("description", "the Interrogator's description (empty when it is off)", _AFTER_DESCRIPTION),
     Placeholder("instruction", "the style preset's instruction, `{name}` filled", (STYLE_WRAPPER,)),
 ]}
@@ -179,8 +182,9 @@ def described(lines: Mapping[str, str], knowledge: Mapping[str, "TagKnowledge"],
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                  rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
                  hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS,
-                 max_tokens: Optional[int] = TAG_DESCRIPTIONS_TOKENS) -> Dict[str, str]:
+                 max_tokens: Optional[int] = TAG_DESCRIPTIONS_TOKENS, omit: Sequence[str] = ()) -> Dict[str, str]:
     """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
     return {"filename": filename, "folder": folder, "name": name,
+            "omit": ", ".join(display_tag(normalize_tag(tag)) for tag in omit),
             **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions, max_tokens),
             "hints": hints, "description": ""}

@@ -2,9 +2,12 @@
 
 One card per image — thumbnail (a relative link to the image, so the page opens from disk
 and stays small), tags, description, caption — failed images first with their reason, a
-search box and a filter for failed, guard-triggered and uncaptioned images. The page reads
-`#q=text` and `#filter=failed|guards|missing` from its address, so a link can open it
-filtered.
+search box and a filter for failed, guard-triggered, flagged and uncaptioned images. A card
+shows what the faithfulness check found: on the caption kept (`flags`, with
+`guards.faithfulness: warn`), in replies asked again (`corrected`), or why the image failed.
+"Flagged" are the images whose caption was kept with findings or that failed the check. The
+page reads `#q=text` and `#filter=failed|guards|flagged|missing` from its address, so a link
+can open it filtered.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from tagcaption.layout import Layout
 from tagcaption.sinks import redact
 from tagcaption.outputs import read_records
 from tagcaption.tagfiles import read_image_tags
+from tagcaption.vocabulary import FAITHFULNESS
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Captions: {title}</title>
@@ -43,11 +47,16 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1f
 .caption {{ white-space: pre-line; }}
 .badge {{ display: inline-block; background: #fde9c8; border-radius: 4px; padding: 0 6px; margin-right: 4px;
           font-size: 12px; }}
+.card.flagged {{ border-left: 4px solid #d68910; }}
+.flags li {{ color: #9a5b00; }}
+.corrected li {{ color: #555; }}
+ul {{ margin: 2px 0; padding-left: 18px; }}
 </style></head><body>
 <header><h1>{title}</h1>
 <input id="search" type="search" placeholder="Search file, tags, caption…" aria-label="Search">
 <select id="filter" aria-label="Filter"><option value="all">all images</option><option value="failed">failed</option>
-<option value="guards">guard triggered</option><option value="missing">no caption</option></select>
+<option value="guards">guard triggered</option><option value="flagged">flagged by the faithfulness check</option>
+<option value="missing">no caption</option></select>
 <span id="count"></span></header>
 <main id="cards">
 {cards}
@@ -77,10 +86,12 @@ apply();
 
 def _card(entry: dict, page_dir: Path) -> str:
     entry = {key: redact(value) if isinstance(value, str) else value for key, value in entry.items()}
-    kinds = [entry["status"]] + (["guards"] if entry.get("guards") else [])
-    text = " ".join(str(entry.get(key) or "") for key in ("file", "tags", "description", "caption", "failure"))
+    kinds = [entry["status"]] + (["guards"] if entry.get("guards") else []) + (["flagged"] if _flagged(entry) else [])
+    text = " ".join([str(entry.get(key) or "") for key in ("file", "tags", "description", "caption", "failure")]
+                    + entry.get("flags", []))
     src = os.path.relpath(entry["path"], page_dir)
-    parts = [f'<article class="card {entry["status"]}" data-kind="{" ".join(kinds)}" '
+    classes = entry["status"] + (" flagged" if entry.get("flags") else "")
+    parts = [f'<article class="card {classes}" data-kind="{" ".join(kinds)}" '
              f'data-text="{html.escape(text.lower(), quote=True)}">',
              f'<img loading="lazy" src="{html.escape(Path(src).as_posix(), quote=True)}" alt="">',
              f'<div class="name">{html.escape(entry["file"])}</div>']
@@ -89,6 +100,10 @@ def _card(entry: dict, page_dir: Path) -> str:
     if entry.get("guards"):
         parts.append('<div class="label">guards</div><div>' + "".join(
             f'<span class="badge">{html.escape(name.replace("_", " "))}</span>' for name in entry["guards"]) + "</div>")
+    for key, label in (("flags", "faithfulness check found"), ("corrected", "asked again to fix")):
+        if entry.get(key):
+            parts.append(f'<div class="label">{label}</div><ul class="{key}">' + "".join(
+                f"<li>{html.escape(str(finding))}</li>" for finding in entry[key]) + "</ul>")
     for label in ("tags", "description", "caption"):
         if entry.get(label):
             parts.append(f'<div class="label">{label}</div><div class="{label}">{html.escape(entry[label])}</div>')
@@ -101,14 +116,14 @@ def build_report(config: Config) -> Path:
     layout = Layout(config)
     records = {record.get("file"): record for path in (layout.captions_jsonl, layout.records)
                for record in read_records(path)}  # the state's records win: they have every description
-    failures: Dict[str, str] = {}
+    failures: Dict[str, dict] = {}
     for path in sorted(layout.root.glob("failures*.jsonl")):
         for record in read_records(path):
-            failures[record.get("image", "")] = record.get("message", "")
+            failures[record.get("image", "")] = record
     entries = [_entry(config, layout, path, records, failures)
                for path in Folder(layout.images_root, config.recursive, skip=layout.output_dir).images()]
     order = {"failed": 0, "missing": 1, "captioned": 2}
-    entries.sort(key=lambda entry: (order[entry["status"]], entry["file"]))
+    entries.sort(key=lambda entry: (order[entry["status"]], not entry["flags"], entry["file"]))
     page = layout.report_page
     cards = "\n".join(_card(entry, page.parent) for entry in entries)
     page.parent.mkdir(parents=True, exist_ok=True)  # an output.dir not made yet
@@ -116,13 +131,17 @@ def build_report(config: Config) -> Path:
     return page
 
 
-def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict], failures: Dict[str, str]) -> dict:
+def _flagged(entry: dict) -> bool:
+    return bool(entry.get("flags")) or entry.get("failure_kind") == f"guard_{FAITHFULNESS}"
+
+
+def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict], failures: Dict[str, dict]) -> dict:
     """One card's facts; an image whose files cannot be read gets a card saying so."""
     try:
         item = layout.item(path)
     except OSError as exc:
         rel = path.relative_to(layout.images_root).as_posix()
-        return {"file": rel, "path": path, "tags": "", "description": "", "caption": "", "guards": [],
+        return {"file": rel, "path": path, "tags": "", "description": "", "caption": "", "guards": [], "flags": [],
                 "failure": f"cannot read its files: {exc.strerror or exc}", "status": "failed"}
     rel = item.rel.as_posix()
     record = records.get(rel, {})
@@ -136,8 +155,16 @@ def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict],
     except OSError:
         captioned = False
     caption = read_regular(item.caption_file).decode("utf-8", "replace") if captioned else ""
-    failure = failures.get(str(item.path), "") if not captioned else ""
+    failed = failures.get(str(item.path), {}) if not captioned else {}
+    failure = failed.get("message", "")
     return {"file": rel, "path": item.path, "tags": record.get("tags") or tags,
             "description": record.get("description", ""), "caption": caption,
-            "guards": record.get("guards", []), "failure": failure,
+            "guards": record.get("guards", []), "failure": failure, "failure_kind": failed.get("kind"),
+            "flags": _listed(record.get("flags")) if captioned else [],
+            "corrected": _listed(record.get("corrected")) if captioned else [],
             "status": "captioned" if captioned else ("failed" if failure else "missing")}
+
+
+def _listed(value: object) -> list:
+    """A record's list of findings (anything else in a hand-edited file: none)."""
+    return [str(item) for item in value] if isinstance(value, list) else []

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Tuple
 from tagcaption.config import Config
 from tagcaption.dry_run import DryRunLLM, DryRunSource
 from tagcaption.errors import ConfigError, ServerUnreachable
+from tagcaption.faithfulness import Faithfulness
 from tagcaption.interpreter import Interpreter
 from tagcaption.interrogator import Interrogator
 from tagcaption.llm import LLM
@@ -32,6 +33,7 @@ class Stages:
     tag_provider: Optional[TagProvider]
     interrogator: Optional[Interrogator]
     interpreter: Optional[Interpreter]
+    faithfulness: Optional[Faithfulness] = None
 
     def named(self) -> Iterator[Tuple[str, object]]:
         yield from (("tag_provider", self.tag_provider), ("interrogator", self.interrogator),
@@ -57,8 +59,8 @@ def build_stages(config: Config, tally: Tally, dry_run: Optional[str] = None, re
         cache = TagCache(config.path(config.tag_provider.cache_file), read_only=bool(dry_run))
         tag_provider = TagProvider(config, llm, tally, cache=cache, refresh=refresh_tags, summarise=plan.summaries,
                                    source=DryRunSource() if dry_run == "llm" else None)
-    return Stages(llm, plan, TagFilter(config.tags, config.tag_provider.min_post_count), tag_provider,
-                  interrogator, interpreter)
+    return Stages(llm, plan, TagFilter(config.tags, config.tag_provider.min_post_count, config.style.omit_traits_of),
+                  tag_provider, interrogator, interpreter, Faithfulness(config))
 
 
 async def check_servers(stages: Stages, plan: RunPlan) -> None:

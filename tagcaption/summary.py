@@ -45,6 +45,9 @@ def format_summary(result: RunResult) -> str:
     if guards:
         tripped = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(guards.items()))
         lines.append(f"  guards:   replies asked again: {tripped}")
+    if tally["images.flagged"]:
+        lines.append(f"  flagged:  {plural(tally['images.flagged'], 'caption')} kept with faithfulness findings: "
+                     "see `flags` in their records or the review page")
     lines.append(f"  time:     {result.seconds:.1f} s")
     if result.stopped:
         lines.append(f"  stopped:  {result.stopped}")

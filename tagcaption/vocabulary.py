@@ -63,6 +63,10 @@ SCRIPT_PREFIXES: Dict[str, Tuple[str, ...]] = {
 ANY_SCRIPT = "any"
 SCRIPTS = (ANY_SCRIPT,) + tuple(SCRIPT_PREFIXES)
 RETRY_MODES = ("fresh", "corrective")
+FAITHFULNESS = "faithfulness"
+"""The guard that holds a caption to its image's tags (faithfulness.py)."""
+FAITHFULNESS_MODES = ("retry", "warn", "off")
+"""`guards.faithfulness`: ask again (then fail the image), keep the caption flagged, or no check."""
 TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
 TRANSPORTS = ("auto", "httpx")
 JSON_SCHEMA = "json_schema"

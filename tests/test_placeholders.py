@@ -12,7 +12,7 @@ from tagcaption.templates import Template
 
 def test_each_prompt_gets_the_values_of_the_one_before_it_and_its_own():
     assert set(SUMMARY_PLACEHOLDERS) == {"tag", "wiki"}
-    assert set(INTERROGATOR_PLACEHOLDERS) == set(TAG_VARIABLES) | {"filename", "folder", "hints", "name"}
+    assert set(INTERROGATOR_PLACEHOLDERS) == set(TAG_VARIABLES) | {"filename", "folder", "hints", "name", "omit"}
     assert set(INTERPRETER_PLACEHOLDERS) == set(INTERROGATOR_PLACEHOLDERS) | {"description"}
     assert set(STYLE_WRAPPER_PLACEHOLDERS) == set(INTERPRETER_PLACEHOLDERS) | {"instruction"}
     assert all(entry.filled_with for entry in PLACEHOLDERS.values())

@@ -190,7 +190,8 @@ def test_an_outage_is_not_remembered_with_outage_minutes_0(tmp_path, llm_server,
 
 def test_the_shipped_templates_name_characters_series_and_artists(tmp_path, llm_server, danbooru, capsys):
     hair_danbooru(danbooru)
-    llm_server.responder = lambda request: Text("Means it." if 'Tag: "' in user_text(request) else "A caption.")
+    llm_server.responder = lambda request: Text("Means it." if 'Tag: "' in user_text(request) else
+                                                "Kaga of Kantai Collection smiles.")  # faithful: names both
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "kaga_(kantai_collection), kantai_collection, wlop, smile"})
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url)

@@ -132,6 +132,21 @@ def test_gallery_dl_sidecar_gives_tags_categories_and_rating(tmp_path, llm_serve
     assert danbooru.requests == [] and summary_requests(llm_server) == []
 
 
+def test_an_image_tagged_by_its_sidecar_alone_is_captioned_again_with_overwrite(tmp_path, llm_server, danbooru,
+                                                                                 template, capsys):
+    """Its caption takes `<stem>.txt`, where tags would be kept aside as `<stem>.tags.txt` had
+    there been a tags file: there was none to keep, so none is looked for."""
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.png.json").write_text(json.dumps({"tag_string_general": "1girl solo book"}))
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"source": "none"})
+    assert run_caption([str(images), "--config", str(config)], capsys)[0] == 0
+    code, out, _ = run_caption([str(images), "--config", str(config), "output.overwrite=true"], capsys)
+    assert code == 0 and "1 captioned" in out, out
+    assert not (images / "a.tags.txt").exists() and not (images / "a.txt.bak").exists()
+
+
 def test_sources_first_takes_the_first_that_has_tags(tmp_path, llm_server, danbooru, template, capsys):
     llm_server.responder = summarising
     images = tmp_path / "images"
