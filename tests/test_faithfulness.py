@@ -260,3 +260,34 @@ def test_bad_settings_are_one_line_before_any_request(tmp_path, llm_server, danb
                                capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not llm_server.chat_requests
+
+
+def test_every_variant_and_every_structured_caption_is_held_to_the_tags(tmp_path, llm_server, danbooru, capsys):
+    """With output.variants the second caption is checked like the first; with a response
+    schema the text written from the object is."""
+    llm_server.responder = scripted("Hatsune Miku smiles, red eyes.", "A smiling girl with red eyes.",
+                                    "Hatsune Miku, red-eyed, smiles at the viewer.")
+    images = sidecar_images(tmp_path / "images", **{"a.png": MIKU})
+    config = config_for(tmp_path, llm_server, danbooru, output={"variants": 2, "formats": ["txt", "jsonl"]})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    first, second, third = llm_server.chat_requests
+    assert third["messages"][-1]["content"].startswith("The caption must name Hatsune Miku.")
+    assert (images / "a.txt").read_text().splitlines() == ["Hatsune Miku smiles, red eyes.",
+                                                          "Hatsune Miku, red-eyed, smiles at the viewer."]
+    (record,) = records(images)
+    assert record["guards"] == ["faithfulness"] and len(record["variants"]) == 2
+
+    structured = sidecar_images(tmp_path / "structured", **{"b.png": MIKU})
+    (tmp_path / "schema.json").write_text(json.dumps({
+        "type": "object", "required": ["subject"], "additionalProperties": False,
+        "properties": {"subject": {"type": "string"}}}))
+    (tmp_path / "caption.txt").write_text("{subject}")
+    llm_server.responder = scripted('{"subject": "a girl with blue eyes"}', '{"subject": "Hatsune Miku, red eyes"}')
+    config = config_for(tmp_path, llm_server, danbooru, interpreter={
+        "response_schema": str(tmp_path / "schema.json"), "response_template": str(tmp_path / "caption.txt")})
+    code, out, _ = run_caption([str(structured), "--config", str(config)], capsys)
+    assert code == 0, out
+    follow_up = llm_server.chat_requests[-1]["messages"][-1]["content"]
+    assert "Hatsune Miku" in follow_up and "red eyes" in follow_up
+    assert json.loads((structured / "b.caption.json").read_text()) == {"subject": "Hatsune Miku, red eyes"}
