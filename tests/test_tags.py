@@ -366,7 +366,9 @@ def test_batches_stay_full_when_images_far_outnumber_workers(tmp_path, llm_serve
     code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0, out
     assert sorted(danbooru.looked_up()) == sorted(f"tag{n}" for n in range(300))
-    assert len([r for r in danbooru.requests if r.path == "/tags.json"]) <= 3 + 1
+    # 300 tags in batches of 100: 3 full ones; a slow host may flush a few partial ones after their
+    # wait, but one request per image (150) or per pair of images would be far beyond this.
+    assert len([r for r in danbooru.requests if r.path == "/tags.json"]) <= 3 + 3
 
 
 def test_a_json_error_from_danbooru_is_not_cached_as_missing(tmp_path, llm_server, danbooru, template, capsys):
