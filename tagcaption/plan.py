@@ -100,7 +100,7 @@ def plan_run(config: Config, interrogator=None, interpreter=None) -> RunPlan:
         steps.append(_step(config, INTERPRETER))
     return RunPlan(tuple(steps), lookups, why, frozenset(consumed),
                    _description_to(config, interrogator, interpreter), tuple(config.tags.sources),
-                   _outputs(config, interpreter))
+                   _outputs(config, interpreter) + _faithfulness(config, consumed))
 
 
 def _outputs(config: Config, interpreter) -> Tuple[str, ...]:
@@ -119,6 +119,19 @@ def _outputs(config: Config, interpreter) -> Tuple[str, ...]:
         lines.append(f"structured: JSON objects of the schema '{structured.name}' ({how}, endpoint '{endpoint}') → "
                      f"<stem>.caption.json; the caption written by {template}")
     return tuple(lines)
+
+
+def _faithfulness(config: Config, consumed: Set[str]) -> Tuple[str, ...]:
+    """The plan's line for the faithfulness check, when a prompt carries the image's tags."""
+    mode = config.guards.faithfulness
+    if mode == "off" or not consumed & set(TAG_VARIABLES):
+        return ()
+    what = "names of character and series tags, one eye or hair colour, the people count"
+    if config.guards.contradictions:
+        what += f", the opposites in {Path(config.guards.contradictions).name}"
+    if config.style.omit_traits_of:
+        what += f"; never {', '.join(config.style.omit_traits_of)}"
+    return (f"held to the tags (guards.faithfulness: {mode}): {what}",)
 
 
 def _step(config: Config, stage: str) -> Step:

@@ -291,3 +291,13 @@ def test_every_variant_and_every_structured_caption_is_held_to_the_tags(tmp_path
     follow_up = llm_server.chat_requests[-1]["messages"][-1]["content"]
     assert "Hatsune Miku" in follow_up and "red eyes" in follow_up
     assert json.loads((structured / "b.caption.json").read_text()) == {"subject": "Hatsune Miku, red eyes"}
+
+
+def test_a_dry_run_says_what_captions_are_held_to(tmp_path, llm_server, danbooru, capsys):
+    images = sidecar_images(tmp_path / "images", **{"a.png": MIKU})
+    config = config_for(tmp_path, llm_server, danbooru, style={"omit_traits_of": ["twintails"]})
+    code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run"], capsys)
+    assert code == 0 and "plan: held to the tags (guards.faithfulness: retry): names of character and series " \
+                         "tags" in out and "never twintails" in out
+    code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run", "guards.faithfulness=off"], capsys)
+    assert code == 0 and "held to the tags" not in out and not llm_server.chat_requests
