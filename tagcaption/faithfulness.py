@@ -112,6 +112,9 @@ class ImageCheck:
             self.required[category] = [(tag, name) for tag, name in zip(tags, shown) if tag not in NOT_A_NAME]
         self.people = count_people(self.tags)
         self.name = values.get("name", "")
+        carried = {normalize_tag(trait) for trait in _listed(values.get("omit", ""))}
+        self.omit = [tag for tag in run.omit if tag in carried]
+        """The omitted traits this image carries (placeholders.carried_traits)."""
         self.corrected: List[str] = []
         self.flags: List[str] = []
 
@@ -149,7 +152,7 @@ class ImageCheck:
         """Each trait of `style.omit_traits_of` the reply mentions; for an eye or hair colour, a
         colour close to it counts too (teal eyes for `aqua_eyes`)."""
         found = []
-        for tag in self.run.omit:
+        for tag in self.omit:
             mention = display_tag(tag) if phrase_pattern(display_tag(tag), plural=True).search(said) else None
             colour = tag_colour(tag)
             if mention is None and colour is not None:

@@ -64,9 +64,9 @@ PLACEHOLDERS: Dict[str, Placeholder] = {entry.name: entry for entry in [
     Placeholder("hints", "the blocks of the `interrogator.hint_sources`, one per source (also added after the "
                 "first vision prompt when that prompt does not name it)", _IMAGE_PROMPTS),
     Placeholder("name", "`style.name`: the name a caption may use", _IMAGE_PROMPTS),
-    Placeholder("omit", "`style.omit_traits_of` with spaces for underscores (`blue hair, twintails`): the traits "
-                "the trigger word stands for, which a caption must not mention (they are left out of the tag "
-                "values)", _IMAGE_PROMPTS),
+    Placeholder("omit", "the traits of `style.omit_traits_of` the image's tags carry, with spaces for underscores "
+                "(`blue hair, twintails`): the trigger word stands for them, so a caption must not mention them "
+                "(they are left out of the tag values)", _IMAGE_PROMPTS),
     Placeholder("description", "the Interrogator's description (empty when it is off)", _AFTER_DESCRIPTION),
     Placeholder("instruction", "the style preset's instruction, `{name}` filled", (STYLE_WRAPPER,)),
 ]}
@@ -179,12 +179,19 @@ def described(lines: Mapping[str, str], knowledge: Mapping[str, "TagKnowledge"],
     return shown
 
 
+def carried_traits(tags: Sequence[str], omit: Sequence[str]) -> List[str]:
+    """The traits of `style.omit_traits_of` this image's tags carry: the trigger word stands for
+    them on the images that have them; another character's blue hair is still said."""
+    own = {normalize_tag(tag) for tag in tags}
+    return [trait for trait in (normalize_tag(tag) for tag in omit) if trait in own]
+
+
 def image_values(tags: List[str], knowledge: Mapping[str, "TagKnowledge"], categories: Mapping[str, str],
                  rating: Optional[str], tag_filter: "TagFilter", *, filename: str, folder: str, name: str,
                  hints: str, max_descriptions: Optional[int] = MAX_TAG_DESCRIPTIONS,
                  max_tokens: Optional[int] = TAG_DESCRIPTIONS_TOKENS, omit: Sequence[str] = ()) -> Dict[str, str]:
     """Every value an image's prompts may use, `description` empty until the Interrogator gives it."""
     return {"filename": filename, "folder": folder, "name": name,
-            "omit": ", ".join(display_tag(normalize_tag(tag)) for tag in omit),
+            "omit": ", ".join(display_tag(tag) for tag in carried_traits(tags, omit)),
             **tag_variables(tags, knowledge, categories, rating, tag_filter, max_descriptions, max_tokens),
             "hints": hints, "description": ""}

@@ -95,7 +95,7 @@ def test_the_name_the_prompt_asked_for_is_used(kwargs, caption, expected):
     (["aqua_eyes"], "A girl with red eyes.", None),
 ])
 def test_omitted_traits_are_absent(omit, caption, expected):
-    trip, _ = judge("1girl, solo, smile", caption, omit=omit)
+    trip, _ = judge("1girl, solo, smile, " + ", ".join(omit), caption, omit=omit)
     assert (trip.reason.split(": ", 1)[1] if trip else None) == expected
     if trip:
         assert "Do not mention" in trip.correction
@@ -229,3 +229,11 @@ def test_colour_runs_and_people_counts():
     assert count_people({"solo"}).girls is None
     assert count_people({"solo", "2girls"}) is None  # the tags disagree
     assert count_people({"6+girls"}) is None and count_people({"1girl", "multiple_boys"}) is None
+
+
+def test_an_omitted_trait_is_held_back_only_on_the_images_that_carry_it():
+    """Another character's blue hair, in a folder for a character LoRA, is still said."""
+    trip, _ = judge("1girl, solo, smile, blue_hair", "A girl with blue hair smiles.", omit=["blue_hair"])
+    assert trip is not None
+    trip, check = judge("1girl, solo, smile, red_hair", "A girl with red hair smiles.", omit=["blue_hair"])
+    assert trip is None and check.omit == []
