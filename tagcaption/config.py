@@ -283,7 +283,7 @@ def load_config(config_file: Optional[str] = None, overrides: List[str] = (),
         except Exception as exc:  # YAML's or OmegaConf's own parser: either way the same one line
             problem = getattr(exc, "problem", None) or yaml_problem(exc)
             raise ConfigError(f"cannot read the override {item}: {problem} (lists are written "
-                              "[a,b], text with spaces or commas in quotes)") from None
+                              "[a,b], text with spaces, commas or a * in quotes: 'tags.exclude=[\"*_hair\"]')") from None
     _paths_from_here(cli)
 
     for source in (user, cli):

@@ -86,7 +86,7 @@ def _check_endpoints(config: Config) -> None:
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
         if endpoint.transport not in TRANSPORTS:
-            raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)}")
+            raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)} (got {endpoint.transport!r})")
         if endpoint.structured_output not in STRUCTURED_OUTPUTS:
             raise ConfigError(f"endpoints.{name}.structured_output must be {_either(STRUCTURED_OUTPUTS)} "
                               f"(got {endpoint.structured_output!r}; none: the schema goes in the prompt only)")
@@ -96,6 +96,20 @@ def _check_endpoints(config: Config) -> None:
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"endpoints.{name}.base_url must start with http:// or https:// (got {url!r})")
+            problem = _url_problem(url)
+            if problem:
+                raise ConfigError(f"endpoints.{name}.base_url {url!r} is not a URL the client can use: {problem}")
+
+
+def _url_problem(url: str) -> str:
+    """Why httpx2 (which parses every URL of the run) cannot take `url`; "" when it can."""
+    import httpx2  # not at import: a config error must not wait for the HTTP client's import
+
+    try:
+        parsed = httpx2.URL(url)
+    except Exception as exc:  # InvalidURL, and whatever else its parser raises
+        return str(exc) or type(exc).__name__
+    return "" if parsed.host else "no host name"
 
 
 def _check_concurrency(value: object, where: str) -> None:
@@ -180,10 +194,10 @@ def _check_interrogator(config: Config) -> None:
 def _check_interpreter(config: Config) -> None:
     limit = config.interpreter.max_tag_descriptions
     if limit is not None and limit < 0:
-        raise ConfigError("interpreter.max_tag_descriptions must be 0 or more (null: every summary)")
+        raise ConfigError(f"interpreter.max_tag_descriptions must be 0 or more (got {limit}; null: every summary)")
     budget = config.interpreter.tag_descriptions_tokens
     if budget is not None and (isinstance(budget, bool) or budget < 0):
-        raise ConfigError("interpreter.tag_descriptions_tokens must be 0 or more (null: no budget)")
+        raise ConfigError(f"interpreter.tag_descriptions_tokens must be 0 or more (got {budget}; null: no budget)")
 
 
 def _check_output(config: Config) -> None:
