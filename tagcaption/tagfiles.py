@@ -127,8 +127,11 @@ def _read_sidecar(image: Path, not_sidecar: Optional[Path]) -> Optional[ImageTag
 def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], combine: str,
                     not_sidecar: Optional[Path] = None) -> ImageTags:
     """The image's tags from the configured sources, in order: the first that has tags
-    (`combine: first`), or all of them merged (`combine: all`). File I/O: call it in a thread."""
+    (`combine: first`), or all of them merged (`combine: all`). A sidecar the tags did not come
+    from still gives their categories and the rating (a WD14 `.txt` beside a downloader's
+    `.json`). File I/O: call it in a thread."""
     result = ImageTags()
+    used = set()
     for source in sources:
         if source == "txt":
             if tags_file is None:
@@ -138,6 +141,7 @@ def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], 
             found = _read_sidecar(image, not_sidecar)
         if not found or not found.tags:
             continue
+        used.add(source)
         seen = set(result.tags)
         result.tags += [tag for tag in found.tags if tag not in seen]
         for tag, category in found.categories.items():
@@ -145,4 +149,18 @@ def read_image_tags(image: Path, tags_file: Optional[Path], sources: List[str], 
         result.rating = result.rating or found.rating
         if combine == "first":
             break
+    if result.tags and "sidecar" in sources and "sidecar" not in used:
+        try:
+            _categories_from(_read_sidecar(image, not_sidecar), result)
+        except (OSError, ValueError, RecursionError):  # only the categories are lost: the tags are read
+            pass
     return result
+
+
+def _categories_from(sidecar: Optional[ImageTags], result: ImageTags) -> None:
+    if not sidecar:
+        return
+    for tag in result.tags:
+        if tag in sidecar.categories:
+            result.categories.setdefault(tag, sidecar.categories[tag])
+    result.rating = result.rating or sidecar.rating

@@ -132,6 +132,27 @@ def test_gallery_dl_sidecar_gives_tags_categories_and_rating(tmp_path, llm_serve
     assert danbooru.requests == [] and summary_requests(llm_server) == []
 
 
+def test_a_sidecar_behind_a_txt_still_gives_its_tags_categories_and_rating(tmp_path, llm_server, danbooru, template,
+                                                                          capsys):
+    """`combine: first` takes the tags from the `.txt` (a WD14 tagger's); the downloader's `.json`
+    beside it still says which of them are characters, and the rating."""
+    llm_server.responder = summarising
+    images = tmp_path / "images"
+    make_image(images / "miku.png")
+    (images / "miku.txt").write_text("1girl, hatsune_miku, smile")
+    (images / "miku.png.json").write_text(json.dumps({"tag_string_general": "1girl smile twintails", "rating": "s",
+                                                      "tag_string_character": "hatsune_miku"}))
+    make_image(images / "deep.png")
+    (images / "deep.txt").write_text("1girl")
+    (images / "deep.png.json").write_text("[" * 100_000 + "]" * 100_000)  # costs its categories, not the image
+    config = config_for(tmp_path, llm_server, danbooru, template, tag_provider={"source": "none"})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0, out
+    miku = next(p for p in caption_prompts(llm_server) if "hatsune miku" in p)
+    assert "TAGS<1girl, hatsune miku, smile>" in miku  # not the sidecar's twintails
+    assert "CHARACTER<hatsune miku>" in miku and "RATING<sensitive>" in miku
+
+
 def test_an_image_tagged_by_its_sidecar_alone_is_captioned_again_with_overwrite(tmp_path, llm_server, danbooru,
                                                                                  template, capsys):
     """Its caption takes `<stem>.txt`, where tags would be kept aside as `<stem>.tags.txt` had
