@@ -23,6 +23,8 @@ class Folder:
         """A folder inside the images folder never walked (`output.dir` placed there)."""
         self.leftover_temps: Set[Path] = set()
         """Temp files of a killed run, seen while walking; removed once the run holds the lock."""
+        self.unwalked: List[Path] = []
+        """Subfolders seen and not walked (not recursive): `unread_images` tells which hold images."""
 
     def images(self) -> Iterator[Path]:
         for folder, names in self.listing():
@@ -59,12 +61,22 @@ class Folder:
                     elif name.startswith("."):
                         continue
                     elif _is_folder(entry):
-                        if self.recursive and not entry.is_symlink() and folder / name != self.skip:
-                            subfolders.append(folder / name)
+                        if not entry.is_symlink() and folder / name != self.skip:
+                            (subfolders if self.recursive else self.unwalked).append(folder / name)
                     elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and _is_file(entry):
                         yield name
         except OSError:
             return
+
+
+def unread_images(folder: Folder, most: int = 20) -> List[str]:
+    """The names of the first `most` subfolders a walk that was not recursive passed by and
+    that hold an image (at any depth). File I/O: call it in a thread."""
+    found = []
+    for sub in sorted(set(folder.unwalked))[:most]:
+        if next(iter(Folder(sub, True, skip=folder.skip).images()), None) is not None:
+            found.append(sub.name)
+    return found
 
 
 def _is_file(entry: os.DirEntry) -> bool:

@@ -23,7 +23,8 @@ from tagcaption.config import Config
 from tagcaption.deadlines import COUNT_SECONDS
 from tagcaption.dry_run import format_preview
 from tagcaption.errors import ImageProblem, InternalError
-from tagcaption.folder import Folder
+from tagcaption.deadlines import off_loop
+from tagcaption.folder import Folder, unread_images
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.plan import RunPlan
 from tagcaption.progress import Progress
@@ -134,6 +135,7 @@ class Run:
                     if not self.stopping.is_set():
                         await self._caption_all(first, walk)
                 await self._count_what_is_left()
+                await self._note_unread()
             if self.options.dry_run:
                 self.result.dry_run_report = format_preview(list(self.previews.items()), self.stages.llm,
                                                             self.plan.describe())
@@ -146,6 +148,19 @@ class Run:
             finally:
                 self.result.seconds = time.monotonic() - started
         return self.result
+
+    async def _note_unread(self) -> None:
+        """A folder not walked recursively whose subfolders hold images says so once, at the end."""
+        folder = self.selection.folder
+        if folder.recursive or not folder.unwalked:
+            return
+        names = await off_loop(unread_images, folder, seconds=self.config.file_timeout, what="the subfolders")
+        if names:
+            shown = ", ".join(f"{name}/" for name in names[:5]) + (", …" if len(names) > 5 else "")
+            many = len(names) != 1
+            log.warning("note: %d subfolder%s of %s hold%s images this run did not read (%s); add recursive=true to "
+                        "caption them too", len(names), "s" if many else "", self.layout.images_root.name,
+                        "" if many else "s", shown)
 
     async def _start(self) -> None:
         if not self.options.dry_run:

@@ -408,3 +408,20 @@ def test_an_image_tagged_by_its_sidecar_alone_is_captioned_again_with_overwrite(
     assert code == 0, out
     assert (images / "a.txt").read_text() != first and not (images / "a.tags.txt").exists()
     assert not list(images.glob("a.txt.bak*")), "a caption of ours is replaced without a backup"
+
+
+def test_subfolders_a_run_did_not_read_are_named_once(tmp_path, llm_server, danbooru, capsys):
+    """A folder with images of its own and a kohya subfolder: the run captions the top and says
+    what it left; with recursive=true, nothing is left and nothing is said."""
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat", "10_miku/b.png": "cat", "deep/er/c.png": "cat"})
+    (images / "empty").mkdir()
+    llm_server.responder = lambda request: Text("A cat.")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"dir": str(images / "out")})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "1 captioned" in out
+    assert err.count("note: 2 subfolders of images hold images this run did not read (10_miku/, deep/); "
+                     "add recursive=true") == 1
+    code, out, err = run_caption([str(images), "--config", str(config), "recursive=true"], capsys)
+    assert code == 0 and "2 captioned" in out and "did not read" not in err
