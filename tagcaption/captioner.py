@@ -17,7 +17,7 @@ from tagcaption.errors import (ImageProblem, NothingToCaption, NoVision, OutputP
 from tagcaption.faithfulness import faithfulness_record
 from tagcaption.hints import HintInput, collect_hints
 from tagcaption.images import check_image, check_image_data
-from tagcaption.layout import ImageItem, Layout
+from tagcaption.layout import KEPT_TAGS_MARK, ImageItem, Layout
 from tagcaption.placeholders import image_values
 from tagcaption.plan import CATEGORY_VARIABLES
 from tagcaption.postprocess import add_affixes, only_text
@@ -126,8 +126,8 @@ class Captioner:
         if not tags.tags and not self._carries_description():
             why = "the Interrogator is off" if not self.stages.interrogator else \
                 "the caption template does not use the description"
-            raise NothingToCaption(f"no tags ({item.path.stem}{self.config.tags_extension or ''} missing or empty) "
-                                   f"and {why}: nothing to caption from", stage="input")
+            raise NothingToCaption(f"no tags ({self._where_tags_were_looked_for(item)}) and {why}: nothing to "
+                                   "caption from", stage="input")
         if not self.stages.interrogator:
             check, image = (check_image, item.path) if item.image is None else (check_image_data, item.image)
             await off_loop(check, image, seconds=self.config.file_timeout, what=f"reading {item.path}")
@@ -151,6 +151,19 @@ class Captioner:
                                    " empty after tags.exclude and tags.exclude_categories), and no description "
                                    "goes into it: nothing to caption from", stage="input")
         return values
+
+    def _where_tags_were_looked_for(self, item: ImageItem) -> str:
+        extension, sources = self.config.tags_extension, self.config.tags.sources
+        looked = []
+        if "txt" in sources and extension:
+            plain = f"{item.path.stem}{extension}"
+            looked.append(f"{plain} is a caption this program wrote; tags would be in "
+                          f"{item.path.stem}{KEPT_TAGS_MARK}{extension}" if item.ours and
+                          item.caption_file.name == plain and item.caption_file.parent == item.path.parent
+                          else f"{plain} missing or empty")
+        if "sidecar" in sources:
+            looked.append("no sidecar with tags")
+        return "; ".join(looked) or "no tag source in tags.sources"
 
     def _carries_description(self) -> bool:
         """Whether the caption comes from a vision model's description (as the caption, or in

@@ -425,3 +425,22 @@ def test_subfolders_a_run_did_not_read_are_named_once(tmp_path, llm_server, danb
                      "add recursive=true") == 1
     code, out, err = run_caption([str(images), "--config", str(config), "recursive=true"], capsys)
     assert code == 0 and "2 captioned" in out and "did not read" not in err
+
+
+def test_no_tags_says_where_it_looked_and_that_the_txt_is_our_caption(tmp_path, llm_server, vision_server, danbooru,
+                                                                      capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": None})
+    vision_server.responder = lambda request: Text("A red rectangle.")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          interrogator={"skip": False, "endpoint": "vision"}, interpreter={"skip": True},
+                          endpoints={"default": {"base_url": llm_server.base_url},
+                                     "vision": {"base_url": vision_server.base_url}})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and (images / "a.txt").read_text() == "A red rectangle."
+    code, out, err = run_caption([str(images), "--config", str(config), "output.overwrite=true",
+                                  "interrogator.skip=true", "interpreter.skip=false"], capsys)
+    assert code == 1
+    assert "a.png: no tags (a.txt is a caption this program wrote; tags would be in a.tags.txt; no sidecar " \
+           "with tags) and the Interrogator is off" in err
+    assert (images / "a.txt").read_text() == "A red rectangle."
