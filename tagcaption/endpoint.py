@@ -218,6 +218,8 @@ class Endpoint:
             models = response.json().get("data") if response.status_code < 400 else None
         except (ValueError, AttributeError):
             models = None
+        if not isinstance(models, list) and response.status_code == 404:
+            await self._missing_v1(replica, timeout)
         if not isinstance(models, list):
             problem = status_message(response.status_code, body, response.reason_phrase) \
                 if response.status_code >= 400 else "not a list of models"
@@ -225,6 +227,21 @@ class Endpoint:
                         redact(problem))
             return []
         return [model for model in models if isinstance(model, dict)]
+
+    async def _missing_v1(self, replica: Replica, timeout: float) -> None:
+        """A base_url without its `/v1` (`http://localhost:1234`) answers 404 to every chat
+        request: say so before the first one, when the URL with `/v1` lists models."""
+        base = replica.base_url
+        if base.rstrip("/").endswith("/v1"):
+            return
+        try:
+            response = await replica.http.get(f"{base}/v1/models", headers=replica.headers, timeout=timeout)
+            listed = response.status_code == 200 and isinstance(response.json().get("data"), list)
+        except (httpx2.HTTPError, ValueError, AttributeError):
+            return
+        if listed:
+            raise ServerUnreachable(redact(f"{self.describe(replica)} answers at {base}/v1, not at {base}: set "
+                                           f"endpoints.{self.name}.base_url={base}/v1"))
 
     async def probe_slots(self, replica: Replica, owners: List[str] = ()) -> Slots:
         """Ask the replica how many requests it runs at once; with `auto`, use the answer."""

@@ -444,3 +444,13 @@ def test_no_tags_says_where_it_looked_and_that_the_txt_is_our_caption(tmp_path, 
     assert "a.png: no tags (a.txt is a caption this program wrote; tags would be in a.tags.txt; no sidecar " \
            "with tags) and the Interrogator is off" in err
     assert (images / "a.txt").read_text() == "A red rectangle."
+
+
+def test_a_base_url_without_its_v1_is_named_before_any_caption(tmp_path, llm_server, danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = write_config(tmp_path / "config.yaml", llm_server.url, danbooru.url, tag_provider={"skip": True})
+    code, _, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 2 and f"answers at {llm_server.url}/v1, not at {llm_server.url}: set " \
+                         f"endpoints.default.base_url={llm_server.url}/v1" in err
+    assert not llm_server.chat_requests and not (images / "a.caption").exists()
