@@ -99,7 +99,7 @@ class Faithfulness:
 class ImageCheck:
     """One image's check. The stage that writes the caption asks it for the check of the prompt
     it sends (`for_prompt`); it keeps what it found: `corrected`, in replies that were asked
-    again, and `flags`, on the caption kept (warn)."""
+    again, and `flags`, on the captions kept (warn): those of every variant, each once."""
 
     def __init__(self, run: Faithfulness, values: Dict[str, str]):
         self.run = run
@@ -166,7 +166,7 @@ class ImageCheck:
     def _judge(self, findings: List[Finding]) -> Optional[Trip]:
         says = [finding.says for finding in findings]
         if not findings or self.run.mode == "warn":
-            self.flags = says
+            self.flags += [said for said in says if said not in self.flags]  # every variant's, none erased
             return None
         self.corrected += says
         if self.run.retry == "corrective":

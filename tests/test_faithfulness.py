@@ -301,3 +301,18 @@ def test_a_dry_run_says_what_captions_are_held_to(tmp_path, llm_server, danbooru
                          "tags" in out and "never twintails" in out
     code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run", "guards.faithfulness=off"], capsys)
     assert code == 0 and "held to the tags" not in out and not llm_server.chat_requests
+
+
+def test_warn_keeps_the_findings_of_every_variant_and_a_clean_one_erases_none(tmp_path, llm_server, danbooru,
+                                                                               capsys):
+    llm_server.responder = scripted("Hatsune Miku with blue eyes smiles.", "Hatsune Miku smiles, red eyes.",
+                                    "Hatsune Miku, red-eyed, waves at the viewer.")
+    images = sidecar_images(tmp_path / "images", **{"a.png": MIKU})
+    config = config_for(tmp_path, llm_server, danbooru, guards={"faithfulness": "warn"},
+                        output={"variants": 3, "formats": ["txt", "jsonl"]})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and len(llm_server.chat_requests) == 3, out
+    assert (images / "a.txt").read_text().splitlines()[0] == "Hatsune Miku with blue eyes smiles."
+    (record,) = records(images)
+    assert record["flags"] == ["says blue eyes where the tags say red eyes"]
+    assert "flagged:  1 caption kept with faithfulness findings" in out
