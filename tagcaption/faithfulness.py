@@ -26,8 +26,9 @@ import re
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from tagcaption.config import Config
-from tagcaption.contradictions import (Finding, Table, colour_findings, colour_runs, compatible, count_people, fold,
-                                       load_table, people_findings, phrase_pattern, table_findings, tag_colour)
+from tagcaption.contradictions import (Finding, Table, adorning, colour_findings, colour_runs, compatible,
+                                       count_people, fold, load_table, people_findings, phrase_pattern,
+                                       table_findings, tag_colour)
 from tagcaption.guards import Trip
 from tagcaption.postprocess import add_affixes
 from tagcaption.tag_names import display_name, split_qualifier
@@ -149,11 +150,13 @@ class ImageCheck:
         return found
 
     def _omitted(self, said: str) -> List[Finding]:
-        """Each trait of `style.omit_traits_of` the reply mentions; for an eye or hair colour, a
-        colour close to it counts too (teal eyes for `aqua_eyes`)."""
+        """Each trait of `style.omit_traits_of` the reply mentions (not as a print or an accessory:
+        "a blue hair ribbon"); for an eye or hair colour, a colour close to it counts too (teal
+        eyes for `aqua_eyes`)."""
         found = []
         for tag in self.omit:
-            mention = display_tag(tag) if phrase_pattern(display_tag(tag), plural=True).search(said) else None
+            mention = display_tag(tag) if any(not adorning(said, match.start(), match.end()) for match in
+                                              phrase_pattern(display_tag(tag), plural=True).finditer(said)) else None
             colour = tag_colour(tag)
             if mention is None and colour is not None:
                 mention = next((phrase for groups, phrase in colour_runs(said, colour[0])

@@ -90,6 +90,8 @@ def test_the_name_the_prompt_asked_for_is_used(kwargs, caption, expected):
     (["blue_hair"], "A girl with long blue hair smiles.", "mentions blue hair (style.omit_traits_of: blue_hair)"),
     (["blue_hair"], "A girl with blue-hair smiles.", "mentions blue hair (style.omit_traits_of: blue_hair)"),
     (["blue_hair"], "A girl in a blue dress smiles.", None),
+    (["blue_hair"], "A girl with a blue hair ribbon smiles.", None),
+    (["twintails"], "Twintails ribbons on her twintails.", "mentions twintails (style.omit_traits_of: twintails)"),
     (["twintails"], "Her hair is tied in a twintail.", "mentions twintails (style.omit_traits_of: twintails)"),
     (["aqua_eyes"], "A girl with teal eyes.", "mentions teal eyes (style.omit_traits_of: aqua_eyes)"),
     (["aqua_eyes"], "A girl with red eyes.", None),
@@ -123,6 +125,11 @@ COLOURS = [
     ("1girl, solo, light_blue_hair", "A girl with pink hair.", "pink hair"),
     ("1girl, blue_hair", "A girl with pink hair.", "pink hair"),  # 1girl alone counts one person
     ("blue_hair", "A girl with pink hair.", None),  # no count tag: who knows how many
+    ("1girl, solo, red_eyes", "A girl dressed all in black, eyes shining.", None),  # a comma ends the colour
+    ("1girl, solo, blonde_hair", "She wears black; hair loose in the wind.", None),
+    ("1girl, solo, blonde_hair", "A coat of deep blue \u2014 hair tied back.", None),
+    ("1girl, solo, red_hair", "A girl with strawberry blonde hair.", None),  # reddish blonde
+    ("1girl, solo, blonde_hair", "A girl with strawberry-blonde hair.", None),
 ]
 
 
@@ -158,6 +165,20 @@ PEOPLE = [
     ("1girl, 1boy, solo_focus", "A girl stands alone.", None),
     ("no_humans", "Two people.", None),
     ("1girl, solo", "A girl with two cats.", None),
+    ("1girl, solo", "A girl in a T-shirt printed with two cartoon characters.", None),
+    ("1girl, solo", "A girl in a T-shirt printed with two cartoon girls.", None),
+    ("1girl, solo", "Her bag has a logo of three girls.", None),
+    ("1girl, solo", "A note with three characters written on it.", None),
+    ("1girl, solo", "A girl holding two small figures of knights.", None),
+    ("1girl, solo", "A girl holding two small figures.", None),
+    ("1girl, solo", "One of many students at her academy, she smiles.", None),
+    ("1girl, solo", "A scene many people would call idyllic.", None),
+    ("1girl, solo", "She is one of several girls in her class.", None),
+    ("1girl, solo", "She waves to a few friends.", None),
+    ("1girl, solo", "Some people would call it cosy.", None),
+    ("1girl, solo", "A scarf with a pattern of two children playing.", None),
+    ("1girl, solo", "Two girls sit on a bench, drawn in a soft style.", "two girls"),  # drawn: another clause
+    ("1girl, solo", "A trio of girls.", "trio of girls"),
 ]
 
 
@@ -178,6 +199,14 @@ def test_the_people_count_is_not_contradicted(tags, caption, said):
     ("day", "A street at night.", "at night"),
     ("short_hair", "A girl with long hair.", "long hair"),
     ("short_hair, long_hair, 2girls", "One with long hair.", None),
+    ("short_hair", "Short hair tied with a long hair ribbon.", None),
+    ("short_hair", "Short hair, a long-hair clip in it.", None),
+    ("day", "A dress printed with a night sky pattern.", None),
+    ("day", "A shirt printed with a night sky.", None),
+    ("day", "A scarf with a print of a city at night.", None),
+    ("day", "A picture of a girl at night.", "at night"),  # the caption's own opening
+    ("day", "A night sky print on her dress.", None),
+    ("day", "A girl under the night sky, a pattern on her dress.", "night sky"),
     ("closed_eyes", "A girl with her eyes open.", "eyes open"),
 ])
 def test_the_shipped_table_of_opposites(tags, caption, said):
