@@ -34,7 +34,7 @@ from tagcaption.postprocess import add_affixes
 from tagcaption.tag_names import display_name, split_qualifier
 from tagcaption.tagfiles import display_tag, normalize_tag
 from tagcaption.tally import Tally
-from tagcaption.vocabulary import CATEGORIES, FAITHFULNESS
+from tagcaption.vocabulary import CATEGORIES, FAITHFULNESS, GENERAL
 
 log = logging.getLogger("caption")
 
@@ -116,6 +116,12 @@ class ImageCheck:
         carried = {normalize_tag(trait) for trait in _listed(values.get("omit", ""))}
         self.omit = [tag for tag in run.omit if tag in carried]
         """The omitted traits this image carries (placeholders.carried_traits)."""
+        self.uncategorised = bool(self.tags) and not any(values.get(f"{category}_tags") for category in CATEGORIES
+                                                         if category != GENERAL)
+        """Every tag of the image came out general: its categories are unknown (plain tags, no
+        sidecar, no tag source), so no name can be required."""
+        self.names_unchecked = False
+        """A prompt carried the names' kinds of tags, but no tag was known to be a name."""
         self.corrected: List[str] = []
         self.flags: List[str] = []
 
@@ -127,6 +133,7 @@ class ImageCheck:
         kinds = carried(names)
         if not kinds:
             return None
+        self.names_unchecked = self.names_unchecked or bool(kinds & set(NAMED)) and self.uncategorised
         promised = bool(self.name) and ("name" in names or self.name in instruction)
 
         def check(text: str) -> Optional[Trip]:
@@ -181,8 +188,11 @@ class ImageCheck:
 
 def faithfulness_record(check: ImageCheck, image: str, tally: Tally) -> Dict[str, List[str]]:
     """The record's `corrected` (what replies asked again were found to do) and `flags` (what the
-    caption kept was found to do, with `warn`); a flagged caption is counted and said."""
+    caption kept was found to do, with `warn`); a flagged caption is counted and said, and so is
+    an image whose names could not be checked (`images.names_unchecked`, for the summary)."""
     record: Dict[str, List[str]] = {}
+    if check.names_unchecked:
+        tally.update("images.names_unchecked")
     if check.corrected:
         record["corrected"] = list(dict.fromkeys(check.corrected))
     if check.flags:

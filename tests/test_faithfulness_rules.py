@@ -64,6 +64,16 @@ def test_names_are_required_only_when_known_kept_and_given_to_the_prompt():
     assert judge("hatsune_miku", "A girl.", placeholders=["description", "hints"])[0] is None  # no tags carried
 
 
+def test_an_image_whose_tags_have_no_categories_is_marked_names_unchecked():
+    assert judge("hatsune_miku, 1girl", "A girl.", categories={})[1].names_unchecked
+    assert not judge("hatsune_miku, 1girl", "Miku.")[1].names_unchecked  # categories known
+    assert not judge("1girl, smile", "A girl.", categories={"smile": "general", "somebody": "artist"},
+                     placeholders=["general_tags"])[1].names_unchecked  # no name check applies
+    assert not judge("hatsune_miku, 1girl", "A girl.", categories={}, placeholders=["general_tags"])[1] \
+        .names_unchecked
+    assert not judge("", "A girl.", categories={})[1].names_unchecked  # no tags at all
+
+
 def test_name_words_drop_the_qualifier_and_generic_words():
     assert name_words("kaga_(kantai_collection)") == ["kaga"]
     assert name_words("hatsune_miku") == ["hatsune", "miku"]
