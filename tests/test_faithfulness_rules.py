@@ -2,6 +2,7 @@
 misses that must not (a false alarm costs a good caption; a miss only a check)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import pytest
@@ -10,8 +11,11 @@ from tagcaption.config import Config
 from tagcaption.contradictions import colour_runs, count_people, fold, load_table
 from tagcaption.errors import ConfigError
 from tagcaption.faithfulness import Faithfulness, name_words
-from tagcaption.placeholders import image_values
+from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, image_values
 from tagcaption.tag_provider import TagFilter
+from tagcaption.templates import Template
+
+TEMPLATES = sorted((Path(__file__).parent.parent / "templates").glob("interpreter_prompt_template*.txt"))
 
 CHARACTER = {"hatsune_miku": "character", "kaga_(kantai_collection)": "character", "c.c.": "character",
              "vocaloid": "copyright", "pokemon": "copyright", "original": "copyright"}
@@ -276,3 +280,20 @@ def test_an_omitted_trait_is_held_back_only_on_the_images_that_carry_it():
     assert trip is not None
     trip, check = judge("1girl, solo, smile, red_hair", "A girl with red hair smiles.", omit=["blue_hair"])
     assert trip is None and check.omit == []
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda path: path.name)
+def test_the_shipped_templates_ask_for_the_names_whether_or_not_their_list_is_given(path):
+    """Without categories the "Named in the tags" list is left out: the prompt must still ask
+    for the names the tags hold, not for those of a list that is not there."""
+    template = Template.load(path, INTERPRETER_PLACEHOLDERS)
+    asked = "Name every character and series the tags name (spelled as under \"Named in the tags\" when that " \
+            "list is given), and no character, series or artist the tags do not name."
+    for categories, listed in (({}, False), (CHARACTER, True)):
+        config = Config()
+        values = image_values(["hatsune_miku", "1girl"], {}, categories, None, TagFilter(config.tags),
+                              filename="a", folder=".", name="", hints="")
+        prompt = template.render(**values, instruction="")
+        assert asked in prompt and "hatsune miku" in prompt.lower()
+        assert ("Named in the tags (write these names exactly as given):\nCharacters: Hatsune Miku" in prompt) \
+            == listed
