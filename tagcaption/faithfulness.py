@@ -7,7 +7,8 @@ a vision model captioning alone is never held to tags it was not given. Each rul
 the kinds of tags the prompt carried (`{tags}` carries all; `{character_names}` the characters):
 
 - every character and copyright tag is named: any distinctive word of it, any case ("Miku" for
-  `hatsune_miku`, "Kaga" for `kaga_(kantai_collection)`);
+  `hatsune_miku`, "Kaga" for `kaga_(kantai_collection)`); with no category known for any tag
+  (plain tags, no tag source) none can be, and the summary counts the image (`names_unchecked`);
 - the name the prompt asked for (`style.name` through `{name}` or the `name` extra option) is
   used; a `postprocess.prefix` that holds it keeps the promise by construction;
 - no trait of `style.omit_traits_of` is mentioned;
