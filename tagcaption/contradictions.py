@@ -6,8 +6,10 @@ is checked only for one person with one eye (or hair) colour tag and no heteroch
 multicoloured hair, and not when the caption also gives the tagged colour (it may be talking
 about someone else); a count only against exact count tags (`2girls`, not `multiple_girls`),
 only when the caption claims more people than tagged or one alone among several, and never in
-a sentence about a picture, a poster, a reflection or the background; a negated phrase ("not
-frowning") never counts. See docs/styles-and-guards.md for the limits.
+a sentence about a picture, a poster, a reflection or the background, nor in a clause about a
+print ("a T-shirt printed with two cartoon girls"); a negated phrase ("not frowning"), or one
+naming a print or an accessory ("a long hair ribbon", "a night sky pattern"), never counts. See
+docs/styles-and-guards.md for the limits.
 """
 from __future__ import annotations
 
@@ -62,10 +64,25 @@ def negated(text: str, start: int) -> bool:
     return bool(_NEGATED.search(text[max(0, start - 40):start]))
 
 
+_ADORNING = re.compile(r"[\s-]*(?:ribbons?|ties?|bands?|clips?|pins?|bows?|ornaments?|accessory|accessories|"
+                       r"patterns?|prints?|printed|motifs?|designs?|decorations?)(?!\w)")
+"""Words after a phrase that make it a thing worn or printed: a long hair ribbon, a night sky pattern."""
+_ADORNED = re.compile(r"(?:(?:printed|patterned|decorated|embroidered)\s+with|(?:print|pattern|motif|design)\s+of)"
+                      r"\s+(?:(?:an?|the)\s+)?(?:[\w-]+\s+)?$")
+"""Words before a phrase that do: printed with a night sky, a print of a city at night (not "a
+picture of", which may be the caption's own opening)."""
+
+
+def adorning(text: str, start: int, end: int) -> bool:
+    """Whether the phrase at text[start:end] names a print, a pattern or an accessory, not the scene."""
+    return bool(_ADORNING.match(text, end) or _ADORNED.search(text[max(0, start - 60):start]))
+
+
 def mentioned(text: str, phrase: str) -> Optional[str]:
-    """The first occurrence of `phrase` in folded `text` that is not negated."""
+    """The first occurrence of `phrase` in folded `text` that is not negated, nor a print, a
+    pattern or an accessory ("a long hair ribbon", "printed with a night sky")."""
     for match in phrase_pattern(phrase).finditer(text):
-        if not negated(text, match.start()):
+        if not negated(text, match.start()) and not adorning(text, match.start(), match.end()):
             return match.group()
     return None
 
@@ -84,7 +101,7 @@ COLOURS: Dict[str, FrozenSet[str]] = {word: frozenset(groups.split()) for word, 
     "amethyst": "purple", "magenta": "purple pink", "fuchsia": "pink purple", "pink": "pink", "rose": "pink red",
     "salmon": "pink orange", "coral": "pink orange", "brown": "brown", "hazel": "brown green",
     "chestnut": "brown", "chocolate": "brown", "auburn": "brown red", "bronze": "brown orange",
-    "black": "black", "ebony": "black", "raven": "black", "grey": "grey", "gray": "grey",
+    "strawberry": "red blonde", "black": "black", "ebony": "black", "raven": "black", "grey": "grey", "gray": "grey",
     "silver": "grey white", "ash": "grey", "white": "white"}.items()}
 """Colour words and the colour groups each may name."""
 NEIGHBOURS = {frozenset(pair.split()) for pair in (
@@ -109,6 +126,8 @@ _DESCRIBING = {"long", "short", "wavy", "curly", "straight", "messy", "flowing",
                "shoulder", "length", "medium", "waist", "hip", "spiky", "fluffy", "tied", "braided", "thick"}
 _TAG_COLOUR = re.compile(r"^(?:(?:light|dark|pale)_)?([a-z]+)_(eyes|hair)$")
 _WORD = re.compile(r"[a-z]+")
+_CLAUSE_MARK = re.compile("[.,;:!?()\"\u2013\u2014]")
+"""Punctuation that ends a clause: "dressed all in black, eyes shining" gives the eyes no colour."""
 
 
 def tag_colour(tag: str) -> Optional[Tuple[str, FrozenSet[str]]]:
@@ -149,7 +168,7 @@ def colour_runs(text: str, part: str) -> List[Tuple[FrozenSet[str], str]]:
         groups: Set[str] = set()
         start = word.start()
         for back in range(index - 1, max(-1, index - 6), -1):
-            if re.search(r"[.;:!?()]", text[words[back].end():start]):
+            if _CLAUSE_MARK.search(text[words[back].end():start]):
                 break
             name = words[back].group()
             colour = colour_word(name)
@@ -227,13 +246,15 @@ def count_people(tags: Set[str]) -> Optional[People]:
 
 
 NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-           "pair of": 2, "duo of": 2, "trio of": 3, "several": 2, "multiple": 2, "many": 2, "group of": 2,
-           "crowd of": 2, "a few": 2, **{str(n): n for n in range(2, 11)}}
-"""Number words, and the least number each claims (several people: at least two)."""
+           "pair of": 2, "duo of": 2, "trio of": 3, "group of": 2, **{str(n): n for n in range(2, 11)}}
+"""Number words, and the least number each claims (a group of students: at least two). Not
+"many", "several", "a few", "multiple" or "a couple of": "one of many students", "a scene many
+people would call idyllic" say nothing of who is in the picture."""
 FEMALE = {"girls", "women", "ladies", "sisters", "schoolgirls", "females", "maids"}
 MALE = {"boys", "men", "guys", "brothers", "schoolboys", "males"}
-PERSONS = {"people", "persons", "characters", "figures", "individuals", "friends", "children", "kids", "students",
-           "humans", "adults", "teenagers", "teens", "twins"} | FEMALE | MALE
+PERSONS = {"people", "persons", "individuals", "friends", "children", "kids", "students", "humans", "adults",
+           "teenagers", "teens", "twins"} | FEMALE | MALE
+"""Not "characters" or "figures": three characters written on a note, two small figures of knights."""
 _NOT_FILLER = {"and", "or", "with", "of", "in", "on", "at", "to", "from", "by", "while", "holding", "the"}
 _CLAIM = re.compile(r"(?<!\w)(" + "|".join(sorted((re.escape(word).replace(r"\ ", r"\s+") for word in NUMBERS),
                                                   key=len, reverse=True))
@@ -243,9 +264,13 @@ _ALONE = re.compile(r"(?<!\w)(?:(?:a|the)\s+(?:lone|solitary)\s+(?:[a-z-]+\s+)?(
                     r"|(?:all|completely|entirely)\s+alone|by\s+(?:her|him)self|on\s+(?:her|his)\s+own)(?!\w)")
 _ELSEWHERE = re.compile(r"(?<!\w)(?:photo|photos|photograph|picture|pictures|poster|posters|painting|paintings|drawing|"
                         r"drawings|portrait|screen|television|tv|monitor|phone|magazine|book|card|cards|reflection|"
-                        r"mirror|statue|figurine|doll|dolls|background|distance|crowd|behind|silhouettes?|shadows?|"
+                        r"mirror|statues?|figurines?|dolls?|background|distance|crowd|behind|silhouettes?|shadows?|"
                         r"sketch|framed|frame|sign|mural|manga|comic|panel|cover|print|sticker|window)(?!\w)")
 """Words that put people somewhere else than in the scene: a photo of two boys, a crowd behind."""
+_DEPICTED = re.compile(r"(?<!\w)(?:printed|prints|logos?|patterns?|patterned|embroidered|drawn|written|pictured|"
+                       r"depicted|illustrated|painted)(?!\w)")
+"""Words that do so in the claim's own clause: a T-shirt printed with two cartoon girls (but
+"two girls sit on a bench, drawn in a soft style" still counts)."""
 
 
 SENTENCE_REACH = 300
@@ -253,11 +278,17 @@ SENTENCE_REACH = 300
 costs no more than one with them."""
 
 
-def _sentence(text: str, start: int, end: int) -> str:
+def _sentence(text: str, start: int, end: int, marks: str = ".!?;") -> str:
     low, high = max(0, start - SENTENCE_REACH), min(len(text), end + SENTENCE_REACH)
-    first = max(max(text.rfind(mark, low, start) for mark in ".!?;") + 1, low)
-    ends = [found for found in (text.find(mark, end, high) for mark in ".!?;") if found >= 0]
+    first = max(max(text.rfind(mark, low, start) for mark in marks) + 1, low)
+    ends = [found for found in (text.find(mark, end, high) for mark in marks) if found >= 0]
     return text[first:min(ends) if ends else high]
+
+
+def elsewhere(text: str, start: int, end: int) -> bool:
+    """Whether the claim at text[start:end] is about people in a picture, a print or the background."""
+    return bool(_ELSEWHERE.search(_sentence(text, start, end))
+                or _DEPICTED.search(_sentence(text, start, end, ".!?;:,()\u2013\u2014")))
 
 
 def people_findings(text: str, people: Optional[People]) -> List[Finding]:
@@ -272,11 +303,11 @@ def people_findings(text: str, people: Optional[People]) -> List[Finding]:
         limit = people.girls if noun in FEMALE else people.boys if noun in MALE else None
         limit = people.total if limit is None else limit
         if NUMBERS[" ".join(match.group(1).split())] > limit and not negated(text, match.start()) \
-                and not _ELSEWHERE.search(_sentence(text, match.start(), match.end())):
+                and not elsewhere(text, match.start(), match.end()):
             return [against(tagged, match.group())]
     if people.total > 1 and not people.focus:
         for match in _ALONE.finditer(text):
-            if not negated(text, match.start()) and not _ELSEWHERE.search(_sentence(text, match.start(), match.end())):
+            if not negated(text, match.start()) and not elsewhere(text, match.start(), match.end()):
                 return [against(tagged, match.group())]
     return []
 

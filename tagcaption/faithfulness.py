@@ -7,7 +7,8 @@ a vision model captioning alone is never held to tags it was not given. Each rul
 the kinds of tags the prompt carried (`{tags}` carries all; `{character_names}` the characters):
 
 - every character and copyright tag is named: any distinctive word of it, any case ("Miku" for
-  `hatsune_miku`, "Kaga" for `kaga_(kantai_collection)`);
+  `hatsune_miku`, "Kaga" for `kaga_(kantai_collection)`); with no category known for any tag
+  (plain tags, no tag source) none can be, and the summary counts the image (`names_unchecked`);
 - the name the prompt asked for (`style.name` through `{name}` or the `name` extra option) is
   used; a `postprocess.prefix` that holds it keeps the promise by construction;
 - no trait of `style.omit_traits_of` is mentioned;
@@ -26,14 +27,15 @@ import re
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from tagcaption.config import Config
-from tagcaption.contradictions import (Finding, Table, colour_findings, colour_runs, compatible, count_people, fold,
-                                       load_table, people_findings, phrase_pattern, table_findings, tag_colour)
+from tagcaption.contradictions import (Finding, Table, adorning, colour_findings, colour_runs, compatible,
+                                       count_people, fold, load_table, people_findings, phrase_pattern,
+                                       table_findings, tag_colour)
 from tagcaption.guards import Trip
 from tagcaption.postprocess import add_affixes
 from tagcaption.tag_names import display_name, split_qualifier
 from tagcaption.tagfiles import display_tag, normalize_tag
 from tagcaption.tally import Tally
-from tagcaption.vocabulary import CATEGORIES, FAITHFULNESS
+from tagcaption.vocabulary import CATEGORIES, FAITHFULNESS, GENERAL
 
 log = logging.getLogger("caption")
 
@@ -99,7 +101,7 @@ class Faithfulness:
 class ImageCheck:
     """One image's check. The stage that writes the caption asks it for the check of the prompt
     it sends (`for_prompt`); it keeps what it found: `corrected`, in replies that were asked
-    again, and `flags`, on the caption kept (warn)."""
+    again, and `flags`, on the captions kept (warn): those of every variant, each once."""
 
     def __init__(self, run: Faithfulness, values: Dict[str, str]):
         self.run = run
@@ -115,6 +117,12 @@ class ImageCheck:
         carried = {normalize_tag(trait) for trait in _listed(values.get("omit", ""))}
         self.omit = [tag for tag in run.omit if tag in carried]
         """The omitted traits this image carries (placeholders.carried_traits)."""
+        self.uncategorised = bool(self.tags) and not any(values.get(f"{category}_tags") for category in CATEGORIES
+                                                         if category != GENERAL)
+        """Every tag of the image came out general: its categories are unknown (plain tags, no
+        sidecar, no tag source), so no name can be required."""
+        self.names_unchecked = False
+        """A prompt carried the names' kinds of tags, but no tag was known to be a name."""
         self.corrected: List[str] = []
         self.flags: List[str] = []
 
@@ -126,6 +134,7 @@ class ImageCheck:
         kinds = carried(names)
         if not kinds:
             return None
+        self.names_unchecked = self.names_unchecked or bool(kinds & set(NAMED)) and self.uncategorised
         promised = bool(self.name) and ("name" in names or self.name in instruction)
 
         def check(text: str) -> Optional[Trip]:
@@ -149,11 +158,13 @@ class ImageCheck:
         return found
 
     def _omitted(self, said: str) -> List[Finding]:
-        """Each trait of `style.omit_traits_of` the reply mentions; for an eye or hair colour, a
-        colour close to it counts too (teal eyes for `aqua_eyes`)."""
+        """Each trait of `style.omit_traits_of` the reply mentions (not as a print or an accessory:
+        "a blue hair ribbon"); for an eye or hair colour, a colour close to it counts too (teal
+        eyes for `aqua_eyes`)."""
         found = []
         for tag in self.omit:
-            mention = display_tag(tag) if phrase_pattern(display_tag(tag), plural=True).search(said) else None
+            mention = display_tag(tag) if any(not adorning(said, match.start(), match.end()) for match in
+                                              phrase_pattern(display_tag(tag), plural=True).finditer(said)) else None
             colour = tag_colour(tag)
             if mention is None and colour is not None:
                 mention = next((phrase for groups, phrase in colour_runs(said, colour[0])
@@ -166,7 +177,7 @@ class ImageCheck:
     def _judge(self, findings: List[Finding]) -> Optional[Trip]:
         says = [finding.says for finding in findings]
         if not findings or self.run.mode == "warn":
-            self.flags = says
+            self.flags += [said for said in says if said not in self.flags]  # every variant's, none erased
             return None
         self.corrected += says
         if self.run.retry == "corrective":
@@ -178,8 +189,11 @@ class ImageCheck:
 
 def faithfulness_record(check: ImageCheck, image: str, tally: Tally) -> Dict[str, List[str]]:
     """The record's `corrected` (what replies asked again were found to do) and `flags` (what the
-    caption kept was found to do, with `warn`); a flagged caption is counted and said."""
+    caption kept was found to do, with `warn`); a flagged caption is counted and said, and so is
+    an image whose names could not be checked (`images.names_unchecked`, for the summary)."""
     record: Dict[str, List[str]] = {}
+    if check.names_unchecked:
+        tally.update("images.names_unchecked")
     if check.corrected:
         record["corrected"] = list(dict.fromkeys(check.corrected))
     if check.flags:

@@ -13,6 +13,8 @@ TAG_COUNTS = (("summarised", "{} summarised"), ("cached", "{} cached"), ("no_wik
               ("lookup_failed", "{} not looked up (lookup error)"), ("failed", "{} failed"),
               ("aliased", "{} aliases resolved"))
 ALWAYS_SHOWN = ("summarised", "cached", "no_wiki")
+NAMES_DOC = "names-need-tag-categories"
+"""The section of docs/styles-and-guards.md on names the faithfulness check cannot require."""
 FAILURES_SHOWN = 20
 """Failures listed in the summary; all of them are in failures.jsonl."""
 
@@ -48,6 +50,11 @@ def format_summary(result: RunResult) -> str:
     if tally["images.flagged"]:
         lines.append(f"  flagged:  {plural(tally['images.flagged'], 'caption')} kept with faithfulness findings: "
                      "see `flags` in their records or the review page")
+    if tally["images.names_unchecked"] and (not result.plan.lookups or tally.notes.get("danbooru.down")
+                                            or tally["tags.lookup_failed"]):
+        lines.append(f"  names:    not checked for {plural(tally['images.names_unchecked'], 'image')}: their tags' "
+                     "categories are unknown (no sidecar and no tag source answered); see "
+                     f"docs/styles-and-guards.md#{NAMES_DOC}")
     lines.append(f"  time:     {result.seconds:.1f} s")
     if result.stopped:
         lines.append(f"  stopped:  {result.stopped}")

@@ -301,3 +301,44 @@ def test_a_dry_run_says_what_captions_are_held_to(tmp_path, llm_server, danbooru
                          "tags" in out and "never twintails" in out
     code, out, _ = run_caption([str(images), "--config", str(config), "--dry-run", "guards.faithfulness=off"], capsys)
     assert code == 0 and "held to the tags" not in out and not llm_server.chat_requests
+
+
+def test_warn_keeps_the_findings_of_every_variant_and_a_clean_one_erases_none(tmp_path, llm_server, danbooru,
+                                                                               capsys):
+    llm_server.responder = scripted("Hatsune Miku with blue eyes smiles.", "Hatsune Miku smiles, red eyes.",
+                                    "Hatsune Miku, red-eyed, waves at the viewer.")
+    images = sidecar_images(tmp_path / "images", **{"a.png": MIKU})
+    config = config_for(tmp_path, llm_server, danbooru, guards={"faithfulness": "warn"},
+                        output={"variants": 3, "formats": ["txt", "jsonl"]})
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and len(llm_server.chat_requests) == 3, out
+    assert (images / "a.txt").read_text().splitlines()[0] == "Hatsune Miku with blue eyes smiles."
+    (record,) = records(images)
+    assert record["flags"] == ["says blue eyes where the tags say red eyes"]
+    assert "flagged:  1 caption kept with faithfulness findings" in out
+
+
+def test_the_summary_says_names_were_not_checked_when_no_tag_has_a_category(tmp_path, llm_server, danbooru, capsys):
+    """Plain `.txt` tags and no tag source: `hatsune_miku` is just a tag, so no name is required,
+    and the summary says so, once; with categories known (a sidecar) it says nothing."""
+    llm_server.responder = scripted("A girl smiles.")
+    images = tmp_path / "plain"
+    for name in ("a.png", "b.png"):
+        make_image(images / name)
+        (images / name).with_suffix(".txt").write_text("hatsune_miku, 1girl, solo, smile", encoding="utf-8")
+    config = config_for(tmp_path, llm_server, danbooru)
+    code, out, _ = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and len(llm_server.chat_requests) == 2, out
+    (line,) = [line for line in out.splitlines() if "names:" in line]
+    assert line == ("  names:    not checked for 2 images: their tags' categories are unknown (no sidecar and no tag "
+                    "source answered); see docs/styles-and-guards.md#names-need-tag-categories")
+
+    llm_server.responder = scripted("Hatsune Miku smiles.")
+    known = sidecar_images(tmp_path / "known", **{"a.png": MIKU})
+    code, out, _ = run_caption([str(known), "--config", str(config)], capsys)
+    assert code == 0 and "names:" not in out, out
+
+    llm_server.responder = scripted("A girl smiles.")  # a tag source answered: these tags are general
+    looked_up = config_for(tmp_path, llm_server, danbooru, tag_provider={"skip": False})
+    code, out, _ = run_caption([str(images), "--config", str(looked_up), "output.overwrite=true"], capsys)
+    assert code == 0 and "names:" not in out and danbooru.looked_up(), out

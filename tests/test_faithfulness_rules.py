@@ -2,6 +2,7 @@
 misses that must not (a false alarm costs a good caption; a miss only a check)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import pytest
@@ -10,8 +11,11 @@ from tagcaption.config import Config
 from tagcaption.contradictions import colour_runs, count_people, fold, load_table
 from tagcaption.errors import ConfigError
 from tagcaption.faithfulness import Faithfulness, name_words
-from tagcaption.placeholders import image_values
+from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, image_values
 from tagcaption.tag_provider import TagFilter
+from tagcaption.templates import Template
+
+TEMPLATES = sorted((Path(__file__).parent.parent / "templates").glob("interpreter_prompt_template*.txt"))
 
 CHARACTER = {"hatsune_miku": "character", "kaga_(kantai_collection)": "character", "c.c.": "character",
              "vocaloid": "copyright", "pokemon": "copyright", "original": "copyright"}
@@ -64,6 +68,16 @@ def test_names_are_required_only_when_known_kept_and_given_to_the_prompt():
     assert judge("hatsune_miku", "A girl.", placeholders=["description", "hints"])[0] is None  # no tags carried
 
 
+def test_an_image_whose_tags_have_no_categories_is_marked_names_unchecked():
+    assert judge("hatsune_miku, 1girl", "A girl.", categories={})[1].names_unchecked
+    assert not judge("hatsune_miku, 1girl", "Miku.")[1].names_unchecked  # categories known
+    assert not judge("1girl, smile", "A girl.", categories={"smile": "general", "somebody": "artist"},
+                     placeholders=["general_tags"])[1].names_unchecked  # no name check applies
+    assert not judge("hatsune_miku, 1girl", "A girl.", categories={}, placeholders=["general_tags"])[1] \
+        .names_unchecked
+    assert not judge("", "A girl.", categories={})[1].names_unchecked  # no tags at all
+
+
 def test_name_words_drop_the_qualifier_and_generic_words():
     assert name_words("kaga_(kantai_collection)") == ["kaga"]
     assert name_words("hatsune_miku") == ["hatsune", "miku"]
@@ -90,6 +104,8 @@ def test_the_name_the_prompt_asked_for_is_used(kwargs, caption, expected):
     (["blue_hair"], "A girl with long blue hair smiles.", "mentions blue hair (style.omit_traits_of: blue_hair)"),
     (["blue_hair"], "A girl with blue-hair smiles.", "mentions blue hair (style.omit_traits_of: blue_hair)"),
     (["blue_hair"], "A girl in a blue dress smiles.", None),
+    (["blue_hair"], "A girl with a blue hair ribbon smiles.", None),
+    (["twintails"], "Twintails ribbons on her twintails.", "mentions twintails (style.omit_traits_of: twintails)"),
     (["twintails"], "Her hair is tied in a twintail.", "mentions twintails (style.omit_traits_of: twintails)"),
     (["aqua_eyes"], "A girl with teal eyes.", "mentions teal eyes (style.omit_traits_of: aqua_eyes)"),
     (["aqua_eyes"], "A girl with red eyes.", None),
@@ -123,6 +139,11 @@ COLOURS = [
     ("1girl, solo, light_blue_hair", "A girl with pink hair.", "pink hair"),
     ("1girl, blue_hair", "A girl with pink hair.", "pink hair"),  # 1girl alone counts one person
     ("blue_hair", "A girl with pink hair.", None),  # no count tag: who knows how many
+    ("1girl, solo, red_eyes", "A girl dressed all in black, eyes shining.", None),  # a comma ends the colour
+    ("1girl, solo, blonde_hair", "She wears black; hair loose in the wind.", None),
+    ("1girl, solo, blonde_hair", "A coat of deep blue \u2014 hair tied back.", None),
+    ("1girl, solo, red_hair", "A girl with strawberry blonde hair.", None),  # reddish blonde
+    ("1girl, solo, blonde_hair", "A girl with strawberry-blonde hair.", None),
 ]
 
 
@@ -158,6 +179,20 @@ PEOPLE = [
     ("1girl, 1boy, solo_focus", "A girl stands alone.", None),
     ("no_humans", "Two people.", None),
     ("1girl, solo", "A girl with two cats.", None),
+    ("1girl, solo", "A girl in a T-shirt printed with two cartoon characters.", None),
+    ("1girl, solo", "A girl in a T-shirt printed with two cartoon girls.", None),
+    ("1girl, solo", "Her bag has a logo of three girls.", None),
+    ("1girl, solo", "A note with three characters written on it.", None),
+    ("1girl, solo", "A girl holding two small figures of knights.", None),
+    ("1girl, solo", "A girl holding two small figures.", None),
+    ("1girl, solo", "One of many students at her academy, she smiles.", None),
+    ("1girl, solo", "A scene many people would call idyllic.", None),
+    ("1girl, solo", "She is one of several girls in her class.", None),
+    ("1girl, solo", "She waves to a few friends.", None),
+    ("1girl, solo", "Some people would call it cosy.", None),
+    ("1girl, solo", "A scarf with a pattern of two children playing.", None),
+    ("1girl, solo", "Two girls sit on a bench, drawn in a soft style.", "two girls"),  # drawn: another clause
+    ("1girl, solo", "A trio of girls.", "trio of girls"),
 ]
 
 
@@ -178,6 +213,14 @@ def test_the_people_count_is_not_contradicted(tags, caption, said):
     ("day", "A street at night.", "at night"),
     ("short_hair", "A girl with long hair.", "long hair"),
     ("short_hair, long_hair, 2girls", "One with long hair.", None),
+    ("short_hair", "Short hair tied with a long hair ribbon.", None),
+    ("short_hair", "Short hair, a long-hair clip in it.", None),
+    ("day", "A dress printed with a night sky pattern.", None),
+    ("day", "A shirt printed with a night sky.", None),
+    ("day", "A scarf with a print of a city at night.", None),
+    ("day", "A picture of a girl at night.", "at night"),  # the caption's own opening
+    ("day", "A night sky print on her dress.", None),
+    ("day", "A girl under the night sky, a pattern on her dress.", "night sky"),
     ("closed_eyes", "A girl with her eyes open.", "eyes open"),
 ])
 def test_the_shipped_table_of_opposites(tags, caption, said):
@@ -237,3 +280,20 @@ def test_an_omitted_trait_is_held_back_only_on_the_images_that_carry_it():
     assert trip is not None
     trip, check = judge("1girl, solo, smile, red_hair", "A girl with red hair smiles.", omit=["blue_hair"])
     assert trip is None and check.omit == []
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda path: path.name)
+def test_the_shipped_templates_ask_for_the_names_whether_or_not_their_list_is_given(path):
+    """Without categories the "Named in the tags" list is left out: the prompt must still ask
+    for the names the tags hold, not for those of a list that is not there."""
+    template = Template.load(path, INTERPRETER_PLACEHOLDERS)
+    asked = "Name every character and series the tags name (spelled as under \"Named in the tags\" when that " \
+            "list is given), and no character, series or artist the tags do not name."
+    for categories, listed in (({}, False), (CHARACTER, True)):
+        config = Config()
+        values = image_values(["hatsune_miku", "1girl"], {}, categories, None, TagFilter(config.tags),
+                              filename="a", folder=".", name="", hints="")
+        prompt = template.render(**values, instruction="")
+        assert asked in prompt and "hatsune miku" in prompt.lower()
+        assert ("Named in the tags (write these names exactly as given):\nCharacters: Hatsune Miku" in prompt) \
+            == listed
