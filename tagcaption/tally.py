@@ -6,7 +6,8 @@ progress bars and the exit code all read this one tally. Keys are dotted names:
 
 - `images.captioned`, `.skipped`, `.failed`, `.backups`, `.shrunk`, `.pending` (found
   needing a caption), `.walked` (every image the walk passed), `.selected` (the count of
-  names, once known), `.flagged` (kept with faithfulness findings, `guards.faithfulness: warn`)
+  names, once known), `.flagged` (kept with faithfulness findings, `guards.faithfulness: warn`),
+  `.names_unchecked` (a prompt carried names, but the tags' categories were unknown)
 - `tags.found` (distinct tags of the run), `.resolved`, `.summarised`, `.resummarised`,
   `.cached`, `.no_wiki`, `.excluded`, `.refused`, `.lookup_failed`, `.failed`, `.aliased`
 - `danbooru.requests`
