@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence
 
 from tagcaption.config import StageConfig
 from tagcaption.guards import ReplyRejected, Trip
+from tagcaption.sinks import shorten
 from tagcaption.variants import Variant, pick
 
 JACCARD = 0.9
@@ -77,7 +78,7 @@ class Distinct:
     def check(self, text: str) -> None:
         for number, earlier in enumerate(self.earlier, 1):
             if similar(text, earlier):
-                quoted = earlier if len(earlier) <= SHOWN else earlier[:SHOWN - 1] + "…"
+                quoted = shorten(earlier, SHOWN)
                 raise ReplyRejected(Trip(
                     "duplicate_variant", f"a caption that repeats caption {number} of this image", "corrective",
                     f"That caption repeats one already written for this image (\"{quoted}\"). Write a different "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
+from tagcaption.sinks import shorten
+
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 UNSUPPORTED = ("$ref", "anyOf", "oneOf", "allOf", "not", "if", "pattern", "patternProperties",
                "dependentRequired", "dependentSchemas", "prefixItems", "uniqueItems", "contains")
@@ -75,7 +77,7 @@ def first_error(value: Any, schema: dict, path: str = "") -> Optional[str]:
         return f"{_name(path)} must be {schema['const']!r}"
     if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
         options = ", ".join(repr(option) for option in schema["enum"][:12])
-        return f"{_name(path)} must be one of {options} (got {str(value)[:60]!r})"
+        return f"{_name(path)} must be one of {options} (got {shorten(value, 60)!r})"
     for problem in (_length(value, schema, path), _bound(value, schema, path)):
         if problem:
             return problem

@@ -21,12 +21,13 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.files import read_regular
 from tagcaption.guards import ReplyRejected, Trip
 from tagcaption.json_schema import field_names, first_error, schema_problem
+from tagcaption.sinks import contains_secret
 from tagcaption.vocabulary import JSON_SCHEMA
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ MAX_DEPTH = 64
 FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 FIELD = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 INVALID_JSON = "invalid_json"
+SECRET = "secret"
+SECRET_REASON = "the reply contains a configured API key (a server that echoes the request?)"
 
 Piece = Union[str, Tuple[str]]
 
@@ -71,6 +74,19 @@ def extract(text: str) -> Tuple[Any, Optional[str]]:
             return None, "the JSON is nested too deeply"
         start = text.find("{", start + 1)
     return None, problem
+
+
+def texts(value: Any) -> Iterator[str]:
+    """Every string in a parsed object, keys included (walked without recursion)."""
+    waiting = [value]
+    while waiting:
+        item = waiting.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            waiting += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            waiting += item
 
 
 def depth(value: Any) -> int:
@@ -219,6 +235,9 @@ class StructuredCaption:
         value, problem = extract(text)
         if problem is None and depth(value) > MAX_DEPTH:
             problem = f"the JSON is nested more than {MAX_DEPTH} levels deep"
+        if problem is None and any(contains_secret(item) for item in texts(value)):
+            # JSON escapes (`\u0073k-…`) hide a key from the guard that reads the reply's text
+            raise ReplyRejected(Trip(SECRET, SECRET_REASON))
         if problem is None:
             problem = first_error(value, self.schema)
         if problem is not None:
