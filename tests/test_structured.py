@@ -231,3 +231,23 @@ def test_a_server_refusing_response_format_says_what_to_set(tmp_path, llm_server
     code, out, _ = run_caption([str(images), "--config", str(path), "endpoints.default.structured_output=none"],
                                capsys)
     assert code == 0 and (images / "a.txt").read_text() == CAPTION
+
+
+def test_check_asks_with_the_response_format_a_run_sends(tmp_path, llm_server, danbooru, capsys):
+    """A server that refuses response_format fails every image of a run: check says so first."""
+    llm_server.responder = lambda request: Error(400, {"error": {"message": "response_format is not supported",
+                                                                 "type": "invalid_request_error"}}) \
+        if "response_format" in request else Text("OK")
+    path = config(tmp_path, llm_server, danbooru)
+
+    code, out, err = run_caption(["check", "--config", str(path)], capsys)
+
+    assert code == 2, out + err
+    schema = json.loads(open(SCHEMA).read())
+    asked = [request for request in llm_server.chat_requests if "response_format" in request]
+    assert asked and asked[0]["response_format"]["json_schema"]["schema"] == schema
+    assert "response_format is not supported" in out
+    assert "set endpoints.default.structured_output=none" in out
+    assert "Some of what this config needs does not work." in out
+    code, out, _ = run_caption(["check", "--config", str(path), "endpoints.default.structured_output=none"], capsys)
+    assert code == 0, out
