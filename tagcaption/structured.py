@@ -7,7 +7,9 @@ which vLLM, llama.cpp's server, LM Studio and Ollama's /v1 accept too; an endpoi
 prompt ends with the schema, so a server that ignores the field still knows what to answer.
 
 The reply is read leniently (a ```json fence, text around the object: the first `{…}` that
-parses) and checked strictly against the schema (json_schema.py). A reply that does not
+parses) and checked strictly against the schema (json_schema.py); a number no JSON file can
+hold (NaN, 1e999) is refused, and lone surrogates are cleaned from every string as from a
+caption (postprocess.only_text). A reply that does not
 parse or follow the schema trips the `invalid_json` guard and is asked again, the corrective
 turn naming the first problem. The object is kept as `<stem>.caption.json` (layout.py) and
 the text caption is written from it by `interpreter.response_template`: `{field}`, `{a.b}`
@@ -18,6 +20,7 @@ schema's order.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from pathlib import Path
@@ -50,8 +53,26 @@ SECRET_REASON = "the reply contains a configured API key (a server that echoes t
 Piece = Union[str, Tuple[str]]
 
 
+class NotFinite(ValueError):
+    """A number JSON cannot hold (NaN, Infinity, or one past a float's range such as 1e999):
+    written out again it would make `.caption.json` and `captions.jsonl` invalid JSON."""
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise NotFinite(f"a number that is not finite ({text})")
+    return number
+
+
+def _schema_number(text: str) -> float:
+    if text in ("NaN", "Infinity", "-Infinity") or not math.isfinite(float(text)):
+        raise NotFinite(f"{text} is not a number JSON allows")
+    return float(text)
 
 
 def extract(text: str) -> Tuple[Any, Optional[str]]:
@@ -59,7 +80,7 @@ def extract(text: str) -> Tuple[Any, Optional[str]]:
     fenced = FENCE.search(text)
     if fenced and "{" in fenced.group(1):
         text = fenced.group(1)
-    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
     start, problem = text.find("{"), "the reply holds no JSON object"
     for _ in range(MAX_STARTS):
         if start < 0:
@@ -68,6 +89,8 @@ def extract(text: str) -> Tuple[Any, Optional[str]]:
             return decoder.raw_decode(text, start)[0], None
         except json.JSONDecodeError as exc:
             problem = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        except NotFinite as exc:  # the object is there, holding a number no JSON file can
+            return None, str(exc)
         except ValueError as exc:
             problem = f"not valid JSON ({exc})"
         except RecursionError:
@@ -175,10 +198,12 @@ def load_schema(path: Path) -> dict:
     """The schema in `path`, checked: a JSON object of type object that this validator knows."""
     key = "interpreter.response_schema"
     try:
-        schema = json.loads(_read_text(path, key))
+        schema = json.loads(_read_text(path, key), parse_constant=_schema_number, parse_float=_schema_number)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{key} {path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
             from None
+    except NotFinite as exc:
+        raise ConfigError(f"{key} {path} is not valid JSON: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{key} {path} is nested too deeply") from None
     if not isinstance(schema, dict):
