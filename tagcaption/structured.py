@@ -30,6 +30,7 @@ from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.files import read_regular
 from tagcaption.guards import ReplyRejected, Trip
 from tagcaption.json_schema import field_names, first_error, schema_problem
+from tagcaption.postprocess import only_text_values
 from tagcaption.sinks import contains_secret
 from tagcaption.vocabulary import JSON_SCHEMA
 
@@ -260,6 +261,8 @@ class StructuredCaption:
         value, problem = extract(text)
         if problem is None and depth(value) > MAX_DEPTH:
             problem = f"the JSON is nested more than {MAX_DEPTH} levels deep"
+        if problem is None:
+            value = only_text_values(value)  # as a caption's text: whole characters, no escapes
         if problem is None and any(contains_secret(item) for item in texts(value)):
             # JSON escapes (`\u0073k-…`) hide a key from the guard that reads the reply's text
             raise ReplyRejected(Trip(SECRET, SECRET_REASON))
