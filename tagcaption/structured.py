@@ -139,9 +139,18 @@ def as_text(value: Any) -> str:
 
 
 def lookup(value: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+    """The field a template names: `a.b` is the field named so if there is one (a property
+    name may hold a dot), else `b` inside `a`."""
+    if not isinstance(value, dict):
+        return None
+    if dotted in value:
+        return value[dotted]
+    for cut in (index for index, char in enumerate(dotted) if char == "."):
+        if dotted[:cut] in value:
+            found = lookup(value[dotted[:cut]], dotted[cut + 1:])
+            if found is not None:
+                return found
+    return None
 
 
 def tidy(text: str) -> str:

@@ -286,3 +286,21 @@ def test_a_number_that_is_not_finite_is_asked_again(tmp_path, llm_server, danboo
     assert json.loads((images / "a.caption.json").read_text(), parse_constant=strict) == {"subject": "a girl",
                                                                                            "score": 7.5}
     assert json.loads((images / "captions.jsonl").read_text(), parse_constant=strict)["structured"]["score"] == 7.5
+
+
+def test_a_field_whose_name_holds_a_dot_is_written_by_its_whole_name(tmp_path, llm_server, danbooru, capsys):
+    schema = {"type": "object", "properties": {"a.b": {"type": "string"},
+                                               "camera": {"type": "object", "properties": {"angle": {}}}},
+              "required": ["a.b", "camera"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "template.txt").write_text("Picture: {a.b}, {camera.angle}.")
+    llm_server.responder = lambda request: Text(json.dumps({"a.b": "a red cat", "camera": {"angle": "from below"}}))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    path = config(tmp_path, llm_server, danbooru, interpreter={"response_schema": "schema.json",
+                                                              "response_template": "template.txt"})
+
+    code, out, _ = run_caption([str(images), "--config", str(path)], capsys)
+
+    assert code == 0, out
+    assert (images / "a.txt").read_text() == "Picture: a red cat, from below."
