@@ -87,7 +87,7 @@ class Interrogator:
         they are the captions (no Interpreter, `output.variants` > 1; see alternatives.py)."""
         source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
         image = await off_loop(prepare, source, self.options, seconds=self.file_timeout, what=f"reading {path}")
-        distinct = Distinct() if count > 1 else None
+        distinct = Distinct(stage=INTERROGATOR) if count > 1 else None
         texts = []
         for index, variant in enumerate(ordered(self.variants, key, count)):
             body = sampling(self.settings, index, count)

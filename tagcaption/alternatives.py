@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Sequence
 
 from tagcaption.config import StageConfig
 from tagcaption.guards import ReplyRejected, Trip
+from tagcaption.sinks import shorten
 from tagcaption.variants import Variant, pick
+from tagcaption.vocabulary import INTERPRETER
 
 JACCARD = 0.9
 """Word-set overlap (shared words / all words) from which two captions are one caption."""
@@ -70,19 +72,21 @@ def similar(first: str, second: str) -> bool:
 class Distinct:
     """The captions an image has so far; `check` rejects a new one that repeats any of them."""
 
-    def __init__(self, answer_with: str = "the caption only"):
+    def __init__(self, answer_with: str = "the caption only", stage: str = INTERPRETER):
         self.earlier: List[str] = []
         self.answer_with = answer_with
+        self.fix = f"set {stage}.temperature (e.g. 0.8) or add {stage}.prompt_variants, or lower output.variants"
+        """For the failure line: a server whose answers do not vary repeats caption 1 however often it is asked."""
 
     def check(self, text: str) -> None:
         for number, earlier in enumerate(self.earlier, 1):
             if similar(text, earlier):
-                quoted = earlier if len(earlier) <= SHOWN else earlier[:SHOWN - 1] + "…"
+                quoted = shorten(earlier, SHOWN)
                 raise ReplyRejected(Trip(
                     "duplicate_variant", f"a caption that repeats caption {number} of this image", "corrective",
                     f"That caption repeats one already written for this image (\"{quoted}\"). Write a different "
                     f"caption of the same image, true to the same facts, in other words and another order. "
-                    f"Answer with {self.answer_with}."))
+                    f"Answer with {self.answer_with}.", self.fix))
 
     def add(self, text: str) -> None:
         self.earlier.append(text)

@@ -1,8 +1,9 @@
 """`python caption.py check`: can this config work? One table, one fix per failure.
 
 For every endpoint a stage uses: reach `/models`, see whether the model is listed (a
-warning only: some servers list placeholder names), send a one-token text request, and
-for the Interrogator's model a tiny image, as the run sends them (the endpoint's deadlines,
+warning only: some servers list placeholder names), send a one-token text request (for the
+Interpreter with the response_format a structured caption's requests carry), and for the
+Interrogator's model a tiny image, as the run sends them (the endpoint's deadlines,
 its reading of a reply: an error object in an HTTP 200 fails), and ask the server how many requests it runs at
 once (shown beside the concurrency that would be used); then try the tag source. Nothing
 is written.
@@ -14,7 +15,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import openai
@@ -27,7 +28,7 @@ from tagcaption.endpoint import Endpoint, Replica, is_loopback
 from tagcaption.errors import ConfigError, Kind, SourceError
 from tagcaption.faithfulness import Faithfulness
 from tagcaption.llm import LLM
-from tagcaption.interpreter import Interpreter
+from tagcaption.interpreter import REFUSED, Interpreter
 from tagcaption.interrogator import Interrogator
 from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
 from tagcaption.plan import RunPlan, plan_run
@@ -107,7 +108,8 @@ def _fix_for(exc: BaseException, row: Row, url: str) -> str:
     return message
 
 
-async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Replica, vision: bool) -> None:
+async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Replica, vision: bool,
+                         extra: Dict[str, Any]) -> None:
     started = time.monotonic()
     owners: List[str] = []
     try:
@@ -136,24 +138,28 @@ async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Rep
             return
     row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
     await _check_slots(llm, row, settings, replica, owners)
-    await _check_chat(llm.endpoints[settings.endpoint], row, settings, replica, vision)
+    await _check_chat(llm.endpoints[settings.endpoint], row, settings, replica, vision, extra)
 
 
-async def _check_chat(endpoint: Endpoint, row: Row, settings: StageConfig, replica: Replica, vision: bool) -> None:
+async def _check_chat(endpoint: Endpoint, row: Row, settings: StageConfig, replica: Replica, vision: bool,
+                      extra: Optional[Dict[str, Any]] = None) -> None:
     """A one-token text request, and for a vision stage one with a tiny image, sent, bounded
     and read as the run does: an answer the run could not use (an error object in a 200, no
-    choices) fails like a refusal."""
-    body = {"model": settings.model, "messages": [{"role": "user", "content": "Say OK."}],
-            endpoint.config.token_limit_param: 1}
+    choices) fails like a refusal. `extra`: what the run's requests carry beside the prompt
+    (the Interpreter's response_format), so that a server refusing it fails here, not on
+    every image."""
+    plain = {"model": settings.model, "messages": [{"role": "user", "content": "Say OK."}],
+             endpoint.config.token_limit_param: 1}
     try:
-        await endpoint.ask(replica, body)
+        await endpoint.ask(replica, {**plain, **(extra or {})})
         row.text = "ok"
     except Fault as fault:
         row.text = "failed"
-        row.fixes.append(_fix_for(fault, row, replica.base_url))
+        row.fixes.append(await _refused_field(endpoint, row, replica, plain, fault) if extra and
+                         fault.status in REFUSED else _fix_for(fault, row, replica.base_url))
     if vision:
-        body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"},
-                                                         {"type": "image_url", "image_url": {"url": _tiny_image()}}]}]
+        body = dict(plain, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What colour is this?"}, {"type": "image_url", "image_url": {"url": _tiny_image()}}]}])
         try:
             await endpoint.ask(replica, body)
             row.vision = "ok"
@@ -164,6 +170,18 @@ async def _check_chat(endpoint: Endpoint, row: Row, settings: StageConfig, repli
                              "llama-server with --mmproj" if fault.kind is Kind.NO_VISION or "image" in
                              message.lower() or "multimodal" in message.lower()
                              else _fix_for(fault, row, replica.base_url))
+
+
+async def _refused_field(endpoint: Endpoint, row: Row, replica: Replica, plain: Dict[str, Any], fault: Fault) -> str:
+    """The fix for a request with response_format refused (HTTP 400 or 422): when the same
+    request without it is answered, the field is what the server refuses."""
+    try:
+        await endpoint.ask(replica, plain)
+    except Fault as other:
+        return _fix_for(other, row, replica.base_url)
+    return (f"the server refuses response_format, which the run's requests carry for interpreter.response_schema "
+            f"({fault}): set endpoints.{row.endpoint}.structured_output=none (the schema then goes in the prompt "
+            "only)")
 
 
 async def _check_slots(llm: LLM, row: Row, settings: StageConfig, replica: Replica, owners: List[str]) -> None:
@@ -179,9 +197,10 @@ async def _check_slots(llm: LLM, row: Row, settings: StageConfig, replica: Repli
         row.fixes.append(warning)
 
 
-def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str]]:
-    """The run's plan, built as a run builds it, and every setup problem found on the way
-    (templates, styles, a caption template that would throw the description away)."""
+def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str], Dict[str, Any]]:
+    """The run's plan, built as a run builds it, every setup problem found on the way
+    (templates, styles, a caption template that would throw the description away), and the
+    stages built (by name)."""
     problems = []
     built = {}
     builders = ((TAG_PROVIDER, lambda: Template.load(config.resource(config.tag_provider.prompt_template),
@@ -199,15 +218,15 @@ def _plan(config: Config, llm: LLM) -> Tuple[RunPlan, List[str]]:
         problems.append(str(exc))
     if not problems:
         try:
-            return plan_run(config, built.get(INTERROGATOR), built.get(INTERPRETER)), problems
+            return plan_run(config, built.get(INTERROGATOR), built.get(INTERPRETER)), problems, built
         except ConfigError as exc:
             problems.append(str(exc))
-    return plan_run(config), problems
+    return plan_run(config), problems, built
 
 
 async def run_check(config: Config) -> int:
     llm = LLM.from_config(config)
-    plan, setup = _plan(config, llm)
+    plan, setup, built = _plan(config, llm)
     for problem in setup:
         say(f"config: {problem}")
     for line in plan.describe():
@@ -218,7 +237,8 @@ async def run_check(config: Config) -> int:
             settings = getattr(config, step.stage)
             for replica in llm.endpoints[settings.endpoint].replicas:
                 row = Row(settings.endpoint, settings.model, step.stage)
-                await _check_replica(llm, row, settings, replica, vision=step.stage == INTERROGATOR)
+                extra = getattr(built.get(step.stage), "body", {}) if step.stage == INTERPRETER else {}
+                await _check_replica(llm, row, settings, replica, step.stage == INTERROGATOR, extra)
                 rows.append(row)
         tags_line, tags_ok = await _check_tags(config) if plan.lookups else ("", True)
     finally:

@@ -3,23 +3,38 @@
 It knows the part of JSON Schema a caption schema needs: `type` (one or a list of string,
 number, integer, boolean, array, object, null), `properties`, `required`,
 `additionalProperties` (false, or a schema for the others), `items`, `enum`, `const`,
-`minLength` / `maxLength`, `minItems` / `maxItems`, `minimum` / `maximum`. Words that
-only describe (`title`, `description`, `$schema`, `examples`…) are ignored. What it does
-not know and would silently not check (`$ref`, `anyOf`, `oneOf`, `allOf`, `not`, `pattern`,
-a list as `items`) is refused when the config is read, by `schema_problem`.
+`minLength` / `maxLength`, `minItems` / `maxItems`, `minimum` / `maximum`,
+`exclusiveMinimum` / `exclusiveMaximum` and `multipleOf`. Words that only describe
+(`title`, `description`, `$schema`, `examples`, `default`…) are ignored, and so is `format`,
+an annotation in JSON Schema: it goes to the server, which may hold the model to it, but no
+answer is refused for it here. Every other word (`$ref`, `anyOf`, `pattern`,
+`minProperties`, `if`…, or a misspelt one) would silently not be checked: `schema_problem`
+refuses it when the config is read, by a list of the words known.
 
 `first_error` returns the first way a value breaks the schema, as a sentence the model can
 act on ("missing required field 'setting'"), or None.
 """
 from __future__ import annotations
 
+import decimal
+import difflib
+import operator
 from typing import Any, List, Optional
 
+from tagcaption.sinks import shorten
+
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
-UNSUPPORTED = ("$ref", "anyOf", "oneOf", "allOf", "not", "if", "pattern", "patternProperties",
-               "dependentRequired", "dependentSchemas", "prefixItems", "uniqueItems", "contains")
 COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
-BOUNDS = ("minimum", "maximum")
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+CHECKED = ("type", "properties", "required", "additionalProperties", "items", "enum", "const", "multipleOf",
+           *COUNTS, *BOUNDS)
+DESCRIBING = ("title", "description", "$schema", "$id", "$comment", "examples", "default", "deprecated", "readOnly",
+              "writeOnly", "format", "$defs", "definitions")
+"""Words that change no answer's validity (`$defs` only holds schemas for a `$ref`, refused)."""
+KNOWN = frozenset(CHECKED + DESCRIBING)
+BROKEN_BY = (("minimum", operator.lt, "at least"), ("exclusiveMinimum", operator.le, "more than"),
+             ("maximum", operator.gt, "at most"), ("exclusiveMaximum", operator.ge, "less than"))
+"""Each bound, the comparison of the value with it that breaks it, and what it asks for."""
 MAX_DEPTH = 32
 """Levels of nested schemas at most: a caption needs a few."""
 
@@ -75,7 +90,7 @@ def first_error(value: Any, schema: dict, path: str = "") -> Optional[str]:
         return f"{_name(path)} must be {schema['const']!r}"
     if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
         options = ", ".join(repr(option) for option in schema["enum"][:12])
-        return f"{_name(path)} must be one of {options} (got {str(value)[:60]!r})"
+        return f"{_name(path)} must be one of {options} (got {shorten(value, 60)!r})"
     for problem in (_length(value, schema, path), _bound(value, schema, path)):
         if problem:
             return problem
@@ -104,11 +119,22 @@ def _length(value: Any, schema: dict, path: str) -> Optional[str]:
 def _bound(value: Any, schema: dict, path: str) -> Optional[str]:
     if not _is(value, "number"):
         return None
-    if "minimum" in schema and value < schema["minimum"]:
-        return f"{_name(path)} must be at least {schema['minimum']} (got {value})"
-    if "maximum" in schema and value > schema["maximum"]:
-        return f"{_name(path)} must be at most {schema['maximum']} (got {value})"
+    for word, breaks, wanted in BROKEN_BY:
+        if word in schema and breaks(value, schema[word]):
+            return f"{_name(path)} must be {wanted} {schema[word]} (got {shorten(value, 40)})"
+    if "multipleOf" in schema and not _multiple(value, schema["multipleOf"]):
+        return f"{_name(path)} must be a multiple of {schema['multipleOf']} (got {shorten(value, 40)})"
     return None
+
+
+def _multiple(value: Any, step: Any) -> bool:
+    """Whether `value` is a whole number of `step`s, in decimal as they are written (0.3 is a
+    multiple of 0.1, as the model meant it), exactly for any float or integer's size."""
+    with decimal.localcontext(decimal.Context(prec=1000)):
+        try:
+            return decimal.Decimal(repr(value)) % decimal.Decimal(repr(step)) == 0
+        except decimal.DecimalException:  # a quotient past 1000 digits (an integer of thousands)
+            return False
 
 
 def _object_error(value: dict, schema: dict, path: str) -> Optional[str]:
@@ -142,11 +168,13 @@ def schema_problem(schema: Any, where: str = "the schema", depth: int = 0) -> Op
         return f"{where} must be an object (got {_article(type_of(schema))})"
     if depth > MAX_DEPTH:
         return f"{where} is nested more than {MAX_DEPTH} levels deep"
-    unsupported = [word for word in UNSUPPORTED if word in schema]
-    if unsupported:
-        return (f"{where} uses {unsupported[0]}, which the built-in validator does not check: write the schema out "
-                "with type, properties, required, items and enum (a list of types, such as [string, null], "
-                "makes a field nullable)")
+    unknown = [word for word in schema if word not in KNOWN]
+    if unknown:
+        meant = difflib.get_close_matches(str(unknown[0]), sorted(KNOWN), 1, 0.8)
+        hint = f" (did you mean {meant[0]}?)" if meant else ""
+        return (f"{where} uses {shorten(unknown[0], 60)}, which the built-in validator does not check{hint}: write "
+                "the schema out with type, properties, required, items and enum (a list of types, such as "
+                "[string, null], makes a field nullable)")
     for check in (_type_problem, _list_problems, _number_problems):
         problem = check(schema, where)
         if problem:
@@ -186,7 +214,10 @@ def _number_problems(schema: dict, where: str) -> Optional[str]:
     for word in BOUNDS:
         value = schema.get(word)
         if word in schema and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{where}: {word} must be a number (got {value!r})"
+            return f"{where}: {word} must be a number (got {shorten(repr(value), 60)})"
+    step = schema.get("multipleOf", 1)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+        return f"{where}: multipleOf must be a number above 0 (got {shorten(repr(step), 60)})"
     return None
 
 

@@ -89,15 +89,33 @@ ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|
 """Terminal escape sequences (colours, cursor moves, titles): removed whole, not just the ESC."""
 
 
+SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""UTF-16 halves: a stream that sends an emoji's two halves in two events (each escaped in its
+own JSON) joins them as two characters, and a half alone cannot be written as UTF-8 at all."""
+
+
+def whole_characters(text: str) -> str:
+    """`text` with each pair of surrogates made the one character it stands for and any lone
+    one dropped (a U+FFFD of the reply's own is kept)."""
+    if not SURROGATE.search(text):
+        return text
+    text = SURROGATE_PAIR.sub(lambda pair: pair.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"),
+                              text)
+    return SURROGATE.sub("", text)
+
+
 def only_text(text: str) -> str:
-    text = ESCAPE_SEQUENCE.sub("", text)
+    """What a caption may hold: whole characters, no terminal escapes, control characters
+    (but tab and newline) or bidi marks, one kind of line break."""
+    text = ESCAPE_SEQUENCE.sub("", whole_characters(text))
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
     return NOT_TEXT.sub("", text)
 
 
 def only_text_values(value: Any) -> Any:
     """A structured caption's object with every text in it cleaned as a caption's is: no
-    control characters, bidi overrides or terminal escapes (postprocess.only_text)."""
+    lone surrogates, control characters, bidi overrides or terminal escapes (only_text)."""
     if isinstance(value, str):
         return only_text(value)
     if isinstance(value, list):

@@ -16,6 +16,7 @@ import httpx2
 
 from tagcaption.errors import Kind
 from tagcaption.retry import is_retryable, parse_retry_after
+from tagcaption.sinks import redact, shorten
 
 THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
@@ -148,8 +149,9 @@ def content_text(content: Any) -> str:
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """`text` on one line of at most `limit` characters, every configured key masked before
+    it is cut (sinks.shorten): a cut through a key would keep the piece before it."""
+    return shorten(" ".join(redact(str(text)).split()), limit)
 
 
 def token_count(usage: object, key: str) -> int:

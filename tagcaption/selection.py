@@ -180,6 +180,8 @@ class Selection:
                     "(a rerun with another style or template captions only images without a caption)")
         if walked:
             return "no image left to caption (the others failed, see above)"
+        if self.retry_failed and not read_failed_images(self.layout.failures):
+            return f"{self.layout.failures} lists no image: nothing to retry"
         if self.retry_failed:
             return f"none of the images listed in {self.layout.failures} is in the folder now: nothing to retry"
         here = sum(1 for _ in Folder(self.layout.images_root, False).images())

@@ -5,6 +5,9 @@ Every configured API key is registered here when the config is read. `redact` re
 each, in every form it can take on the way out (as given, JSON-escaped, URL-encoded, and
 Danbooru's `login:api_key` as HTTP basic auth's base64), with `***`. Messages, the
 summary, `failures.jsonl`, debug files and the review page all pass through it.
+
+A message cut short is cut by `shorten`, which redacts first: a key cut in half is no longer
+a form `redact` knows, and would leave the program as the piece the cut kept.
 """
 from __future__ import annotations
 
@@ -47,6 +50,12 @@ def redact(text: str) -> str:
         if form in text:
             text = text.replace(form, REDACTED)
     return text
+
+
+def shorten(text: object, limit: int) -> str:
+    """`text` redacted, then cut to at most `limit` characters (the last one an ellipsis)."""
+    text = redact(str(text))
+    return text if len(text) <= limit else text[:max(limit - 1, 0)] + "…"
 
 
 def contains_secret(text: str) -> bool:

@@ -7,7 +7,9 @@ which vLLM, llama.cpp's server, LM Studio and Ollama's /v1 accept too; an endpoi
 prompt ends with the schema, so a server that ignores the field still knows what to answer.
 
 The reply is read leniently (a ```json fence, text around the object: the first `{…}` that
-parses) and checked strictly against the schema (json_schema.py). A reply that does not
+parses) and checked strictly against the schema (json_schema.py); a number no JSON file can
+hold (NaN, 1e999) is refused, and lone surrogates are cleaned from every string as from a
+caption (postprocess.only_text). A reply that does not
 parse or follow the schema trips the `invalid_json` guard and is asked again, the corrective
 turn naming the first problem. The object is kept as `<stem>.caption.json` (layout.py) and
 the text caption is written from it by `interpreter.response_template`: `{field}`, `{a.b}`
@@ -18,15 +20,18 @@ schema's order.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from tagcaption.errors import ConfigError, os_error_text
 from tagcaption.files import read_regular
 from tagcaption.guards import ReplyRejected, Trip
 from tagcaption.json_schema import field_names, first_error, schema_problem
+from tagcaption.postprocess import only_text_values
+from tagcaption.sinks import contains_secret
 from tagcaption.vocabulary import JSON_SCHEMA
 
 if TYPE_CHECKING:
@@ -43,12 +48,32 @@ MAX_DEPTH = 64
 FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 FIELD = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 INVALID_JSON = "invalid_json"
+SECRET = "secret"
+SECRET_REASON = "the reply contains a configured API key (a server that echoes the request?)"
 
 Piece = Union[str, Tuple[str]]
 
 
+class NotFinite(ValueError):
+    """A number JSON cannot hold (NaN, Infinity, or one past a float's range such as 1e999):
+    written out again it would make `.caption.json` and `captions.jsonl` invalid JSON."""
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise NotFinite(f"a number that is not finite ({text})")
+    return number
+
+
+def _schema_number(text: str) -> float:
+    if text in ("NaN", "Infinity", "-Infinity") or not math.isfinite(float(text)):
+        raise NotFinite(f"{text} is not a number JSON allows")
+    return float(text)
 
 
 def extract(text: str) -> Tuple[Any, Optional[str]]:
@@ -56,7 +81,7 @@ def extract(text: str) -> Tuple[Any, Optional[str]]:
     fenced = FENCE.search(text)
     if fenced and "{" in fenced.group(1):
         text = fenced.group(1)
-    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
     start, problem = text.find("{"), "the reply holds no JSON object"
     for _ in range(MAX_STARTS):
         if start < 0:
@@ -65,12 +90,27 @@ def extract(text: str) -> Tuple[Any, Optional[str]]:
             return decoder.raw_decode(text, start)[0], None
         except json.JSONDecodeError as exc:
             problem = f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        except NotFinite as exc:  # the object is there, holding a number no JSON file can
+            return None, str(exc)
         except ValueError as exc:
             problem = f"not valid JSON ({exc})"
         except RecursionError:
             return None, "the JSON is nested too deeply"
         start = text.find("{", start + 1)
     return None, problem
+
+
+def texts(value: Any) -> Iterator[str]:
+    """Every string in a parsed object, keys included (walked without recursion)."""
+    waiting = [value]
+    while waiting:
+        item = waiting.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            waiting += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            waiting += item
 
 
 def depth(value: Any) -> int:
@@ -99,9 +139,18 @@ def as_text(value: Any) -> str:
 
 
 def lookup(value: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+    """The field a template names: `a.b` is the field named so if there is one (a property
+    name may hold a dot), else `b` inside `a`."""
+    if not isinstance(value, dict):
+        return None
+    if dotted in value:
+        return value[dotted]
+    for cut in (index for index, char in enumerate(dotted) if char == "."):
+        if dotted[:cut] in value:
+            found = lookup(value[dotted[:cut]], dotted[cut + 1:])
+            if found is not None:
+                return found
+    return None
 
 
 def tidy(text: str) -> str:
@@ -159,10 +208,12 @@ def load_schema(path: Path) -> dict:
     """The schema in `path`, checked: a JSON object of type object that this validator knows."""
     key = "interpreter.response_schema"
     try:
-        schema = json.loads(_read_text(path, key))
+        schema = json.loads(_read_text(path, key), parse_constant=_schema_number, parse_float=_schema_number)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{key} {path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
             from None
+    except NotFinite as exc:
+        raise ConfigError(f"{key} {path} is not valid JSON: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{key} {path} is nested too deeply") from None
     if not isinstance(schema, dict):
@@ -219,6 +270,11 @@ class StructuredCaption:
         value, problem = extract(text)
         if problem is None and depth(value) > MAX_DEPTH:
             problem = f"the JSON is nested more than {MAX_DEPTH} levels deep"
+        if problem is None:
+            value = only_text_values(value)  # as a caption's text: whole characters, no escapes
+        if problem is None and any(contains_secret(item) for item in texts(value)):
+            # JSON escapes (`\u0073k-…`) hide a key from the guard that reads the reply's text
+            raise ReplyRejected(Trip(SECRET, SECRET_REASON))
         if problem is None:
             problem = first_error(value, self.schema)
         if problem is not None:

@@ -194,7 +194,7 @@ class Writer:
         kept as `.bak` with output.overwrite, else left and the image fails; one that is the
         `<stem>.json` sidecar of an image beside it is never replaced."""
         path = item.structured_file
-        text = json.dumps(only_text_values(data), ensure_ascii=False, indent=2) + "\n"
+        text = json.dumps(only_text_values(data), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
         if path.exists() and not self.record.is_ours(path, path.read_bytes().decode("utf-8", "replace")):
             owner = next((image for ext in IMAGE_EXTENSIONS for image in (path.with_suffix(ext),
                                                                        path.with_suffix(ext.upper())) if image.exists()),

@@ -219,3 +219,62 @@ def test_a_key_of_the_wrong_type_is_not_quoted_in_its_error(tmp_path, llm, booru
     assert code == 2
     one_error_line(err, "api_key")
     assert_no_secret(secret_forms(plain_key), [out, err])
+
+
+# --- a key cut short is still a key: masked before any message is shortened -------------------
+
+def pieces(key: str, size: int = 12):
+    """Every run of `size` characters of the key: what a message cut anywhere in it would keep."""
+    return [key[start:start + size] for start in range(len(key) - size + 1)]
+
+
+def test_a_key_in_a_long_error_is_masked_before_the_message_is_cut(tmp_path, llm, booru, capsys):
+    key = "sk-proj-" + (uuid.uuid4().hex * 2)[:44]  # 52 characters, as OpenAI's project keys
+    message = "Invalid request. " + "x" * 222 + " key was " + key + " (rejected)"
+    llm.hostile = lambda request, headers: Raw(400, json.dumps({"error": {"message": message}}).encode())
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = config_for(tmp_path, llm, booru)
+    code, out, err = run_caption([str(images), "--config", str(config), f"endpoints.default.api_key={key}",
+                                  *every_sink(tmp_path)], capsys)
+    assert code == 1, err
+    no_traceback(out, err)
+    assert "key was *** (rejected)" in err
+    failure = json.loads((images / "failures.jsonl").read_text())
+    assert "key was *** (rejected)" in failure["message"]
+    assert_no_secret(pieces(key), [out, err], [tmp_path])
+
+
+def structured_config(tmp_path, llm, booru, template_text):
+    schema = {"type": "object", "properties": {"subject": {"type": "string"},
+                                               "style": {"enum": ["photo", "anime", "sketch"]},
+                                               "note": {"type": "string"}},
+              "required": ["subject", "style"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "caption.txt").write_text(template_text)
+    return config_for(tmp_path, llm, booru, interpreter={"response_schema": str(tmp_path / "schema.json"),
+                                                         "response_template": str(tmp_path / "caption.txt")})
+
+
+@pytest.mark.parametrize("field", ["style", "note"], ids=["an enum error quoting it", "a field left out"])
+def test_a_key_escaped_inside_a_structured_reply_is_never_saved_or_shown(tmp_path, llm, booru, capsys, field):
+    r"""The reply writes the key as `\u0073k-…` inside a JSON string, which the raw reply text
+    does not show: the enum error quoting 60 characters of the value would keep a piece of it,
+    and a field the template leaves out would keep it whole in .caption.json."""
+    key = "sk-TOPSECRET-" + uuid.uuid4().hex[:10]
+    hidden = "\\u0073" + key[1:]
+    value = "a girl seen by somebody who goes by the name " + hidden  # the cut at 60 falls inside the key
+    reply = '{"subject": "a girl", "style": "photo", "%s": "%s"}' % (field, value) if field == "note" else \
+        '{"subject": "a girl", "style": "%s"}' % value
+    llm.hostile = lambda request, headers: Say(reply)
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    config = structured_config(tmp_path, llm, booru, "{style} of {subject}.")
+    code, out, err = run_caption([str(images), "--config", str(config), f"endpoints.default.api_key={key}",
+                                  *every_sink(tmp_path)], capsys)
+    assert code == 1, err
+    no_traceback(out, err)
+    failure = json.loads((images / "failures.jsonl").read_text())
+    assert "API key" in failure["message"] and failure["kind"] == "guard_secret", failure
+    assert (images / "a.txt").read_text() == "cat" and not (images / "a.caption.json").exists()
+    assert_no_secret(pieces(key), [out, err], [tmp_path])

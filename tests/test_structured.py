@@ -175,6 +175,12 @@ def test_a_huge_json_reply_is_asked_again_fresh(tmp_path, llm_server, danbooru, 
     ('["subject"]', "must hold a JSON Schema object"),
     ('{"type": "string"}', 'the schema must be "type": "object" with the caption\'s fields under "properties"'),
     ('{"type": "object", "properties": {"a": {"type": "text"}}}', "properties.a: unknown type 'text'"),
+    ('{"type": "object", "properties": {"a": {"type": "string"}}, "minProperties": 1}',
+     "the schema uses minProperties, which the built-in validator does not check"),
+    ('{"type": "object", "properties": {"a": {"type": "number", "maximum": Infinity}}}',
+     "is not valid JSON: Infinity is not a number JSON allows"),
+    ('{"type": "object", "properties": {"a": {"type": "number", "minimum": -1e999}}}',
+     "is not valid JSON: -1e999 is not a number JSON allows"),
 ])
 def test_a_bad_schema_stops_the_run_before_any_request(tmp_path, llm_server, danbooru, capsys, schema, message):
     if schema is not None:
@@ -231,3 +237,70 @@ def test_a_server_refusing_response_format_says_what_to_set(tmp_path, llm_server
     code, out, _ = run_caption([str(images), "--config", str(path), "endpoints.default.structured_output=none"],
                                capsys)
     assert code == 0 and (images / "a.txt").read_text() == CAPTION
+
+
+def test_check_asks_with_the_response_format_a_run_sends(tmp_path, llm_server, danbooru, capsys):
+    """A server that refuses response_format fails every image of a run: check says so first."""
+    llm_server.responder = lambda request: Error(400, {"error": {"message": "response_format is not supported",
+                                                                 "type": "invalid_request_error"}}) \
+        if "response_format" in request else Text("OK")
+    path = config(tmp_path, llm_server, danbooru)
+
+    code, out, err = run_caption(["check", "--config", str(path)], capsys)
+
+    assert code == 2, out + err
+    schema = json.loads(open(SCHEMA).read())
+    asked = [request for request in llm_server.chat_requests if "response_format" in request]
+    assert asked and asked[0]["response_format"]["json_schema"]["schema"] == schema
+    assert "response_format is not supported" in out
+    assert "set endpoints.default.structured_output=none" in out
+    assert "Some of what this config needs does not work." in out
+    code, out, _ = run_caption(["check", "--config", str(path), "endpoints.default.structured_output=none"], capsys)
+    assert code == 0, out
+
+
+def test_a_number_that_is_not_finite_is_asked_again(tmp_path, llm_server, danbooru, capsys):
+    """`1e999` parses as infinity: written out it would make .caption.json invalid JSON, and the
+    caption "A girl, inf"."""
+    schema = {"type": "object", "properties": {"subject": {"type": "string"}, "score": {"type": "number"}},
+              "required": ["subject", "score"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    llm_server.responder = in_turn(llm_server, '{"subject": "a girl", "score": 1e999}',
+                                   '{"subject": "a girl", "score": -1E+400}', '{"subject": "a girl", "score": 7.5}')
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "girl"})
+    path = config(tmp_path, llm_server, danbooru, interpreter={"response_schema": "schema.json",
+                                                              "response_template": None},
+                  output={"formats": ["txt", "jsonl"]})
+
+    code, out, _ = run_caption([str(images), "--config", str(path)], capsys)
+
+    assert code == 0, out
+    first, second, third = llm_server.chat_requests
+    assert "a number that is not finite (1e999)" in second["messages"][-1]["content"]
+    assert "a number that is not finite (-1E+400)" in third["messages"][-1]["content"]
+    assert (images / "a.txt").read_text() == "A girl, 7.5"
+
+    def strict(name):
+        raise AssertionError(f"{name} written")
+    assert json.loads((images / "a.caption.json").read_text(), parse_constant=strict) == {"subject": "a girl",
+                                                                                           "score": 7.5}
+    assert json.loads((images / "captions.jsonl").read_text(), parse_constant=strict)["structured"]["score"] == 7.5
+
+
+def test_a_field_whose_name_holds_a_dot_is_written_by_its_whole_name(tmp_path, llm_server, danbooru, capsys):
+    schema = {"type": "object", "properties": {"a.b": {"type": "string"},
+                                               "camera": {"type": "object", "properties": {"angle": {}}}},
+              "required": ["a.b", "camera"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "template.txt").write_text("Picture: {a.b}, {camera.angle}.")
+    llm_server.responder = lambda request: Text(json.dumps({"a.b": "a red cat", "camera": {"angle": "from below"}}))
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    path = config(tmp_path, llm_server, danbooru, interpreter={"response_schema": "schema.json",
+                                                              "response_template": "template.txt"})
+
+    code, out, _ = run_caption([str(images), "--config", str(path)], capsys)
+
+    assert code == 0, out
+    assert (images / "a.txt").read_text() == "Picture: a red cat, from below."

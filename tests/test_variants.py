@@ -143,3 +143,37 @@ def test_the_dry_run_shows_each_captions_request(tmp_path, llm_server, danbooru,
     assert "captions: 3 per image, one a line of the caption file" in out
     assert "interpreter:  3 requests" in out
     assert llm_server.chat_requests == [] and (images / "a.txt").read_text() == "cat"
+
+
+def test_a_repeat_that_fails_the_image_says_how_to_get_other_captions(tmp_path, llm_server, danbooru, capsys):
+    """A server whose answers do not vary (no temperature set) repeats caption 1 however often
+    it is asked: the failure line names the settings that give it room."""
+    llm_server.responder = lambda request: Text("A red cat sits on a mat.")
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    path = config(tmp_path, llm_server, danbooru, output={"variants": 3})
+
+    code, out, err = run_caption([str(images), "--config", str(path)], capsys)
+
+    assert code == 1
+    hint = ("set interpreter.temperature (e.g. 0.8) or add interpreter.prompt_variants, or lower output.variants")
+    (line,) = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert "a caption that repeats caption 1 of this image" in line and line.endswith(hint), line
+    (failure,) = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
+    assert failure["message"].endswith(hint)
+
+
+def test_a_captioning_vlm_that_repeats_itself_is_told_of_its_own_settings(tmp_path, vision_server, danbooru,
+                                                                           capsys):
+    vision_server.responder = lambda request: Text("A red square on white.")
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    path = write_config(tmp_path / "config.yaml", vision_server.base_url, danbooru.url,
+                        interrogator={"skip": False, "prompts": ["Describe it."]}, interpreter={"skip": True},
+                        output={"variants": 2}, tags_extension=None)
+
+    code, out, err = run_caption([str(images), "--config", str(path)], capsys)
+
+    assert code == 1
+    assert "set interrogator.temperature (e.g. 0.8) or add interrogator.prompt_variants, or lower output.variants" \
+        in err
