@@ -9,6 +9,7 @@ import typing
 from typing import Any, Optional
 
 from tagcaption.errors import ConfigError
+from tagcaption.sinks import shorten
 
 EXAMPLES = {"output.formats": "[txt,jsonl]", "interrogator.prompts": '["Describe the image."]',
             "interrogator.hint_sources": "[full_path,tags]", "tags.sources": "[txt,sidecar]",
@@ -82,7 +83,7 @@ def check_keys(data: object, schema: type, prefix: str) -> None:
     if not isinstance(data, dict):
         where = f"config key {prefix.rstrip('.')}" if prefix else "the config file"
         raise ConfigError(f"{where} must be a mapping of keys (like `key: value` lines), "
-                          f"not {type(data).__name__} {str(data)[:60]!r}")
+                          f"not {type(data).__name__} {shorten(data, 60)!r}")
     known = {f.name: f for f in dataclasses.fields(schema) if not f.metadata.get("internal")}
     for key, value in data.items():
         full = f"{prefix}{key}"

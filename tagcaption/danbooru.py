@@ -30,7 +30,7 @@ from tagcaption.config import TagProviderConfig
 from tagcaption.endpoint import is_loopback
 from tagcaption.errors import Kind, SourceError, SourceUnreachable
 from tagcaption.retry import RetryPolicy, is_retryable, parse_retry_after
-from tagcaption.sinks import register_secret
+from tagcaption.sinks import register_secret, shorten
 from tagcaption.tag_sources import TagInfo, TagSource, category_name, implied_by
 from tagcaption.tally import Tally
 from tagcaption.version import NAME, USER_AGENT, VERSION
@@ -245,7 +245,7 @@ class DanbooruSource(TagSource):
             raise SourceError(f"{self.describe()} sent malformed JSON for {path}") from None
         if not isinstance(data, list):  # e.g. {"success": false, "error": "RateLimiter::RateLimitError"}
             message = data.get("message") or data.get("error") if isinstance(data, dict) else None
-            raise SourceError(f"{self.describe()} answered {path} with an error: {message or str(data)[:120]}")
+            raise SourceError(f"{self.describe()} answered {path} with an error: {shorten(message or data, 120)}")
         return data
 
     async def close(self) -> None:

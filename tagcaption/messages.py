@@ -92,7 +92,7 @@ def log_to_terminal(debug: bool) -> TerminalHandler:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library's warning (Pillow's "Corrupt EXIF data", "Truncated File Read"…) as one line."""
-    text = " ".join(str(message).split())
+    text = " ".join(redact(str(message)).split())
     logging.getLogger("caption").warning(f"warning: {text}", extra={
         "group": f"{category.__name__}:{text[:40]}", "item": text[:60],
         "summary": f"warning: {{count}} {category.__name__}s from the image library"})

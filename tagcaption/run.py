@@ -151,8 +151,8 @@ class Run:
 
     async def _note_unread(self) -> None:
         """A folder not walked recursively whose subfolders hold images says so once, at the end."""
-        folder = self.selection.folder
-        if folder.recursive or not folder.unwalked:
+        folder = getattr(self.selection, "folder", None)  # a dataset's rows have none
+        if folder is None or folder.recursive or not folder.unwalked:
             return
         names = await off_loop(unread_images, folder, seconds=self.config.file_timeout, what="the subfolders")
         if names:

@@ -13,6 +13,7 @@ import time
 from tagcaption.config import Config
 from tagcaption.errors import GuardTripped, LLMError
 from tagcaption.llm import LLM
+from tagcaption.postprocess import only_text
 from tagcaption.placeholders import SUMMARY_PLACEHOLDERS
 from tagcaption.tally import Tally
 from tagcaption.templates import Template
@@ -50,7 +51,7 @@ class Summariser:
         messages.append({"role": "user", "content": self.template.render(tag=tag.replace("_", " "),
                                                                          wiki=entry["wiki"])})
         try:
-            summary = " ".join((await self.llm.complete(TAG_PROVIDER, self.settings, messages)).split())
+            summary = " ".join(only_text(await self.llm.complete(TAG_PROVIDER, self.settings, messages)).split())
         except LLMError as exc:
             if not isinstance(exc, GuardTripped):
                 self.tally.update("tags.failed")
