@@ -39,7 +39,8 @@ def reply(body: bytes, status: str = "200 OK", *headers: str, length: Optional[i
 
 class RawServer:
     """Answers the n-th request with `script(n, request)`: the bytes to send, and whether to
-    close the connection afterwards. Counts connections and keeps each request's head."""
+    close the connection afterwards (`"half"`: stop sending but read on, answering nothing).
+    Counts connections and keeps each request's head."""
 
     def __init__(self, script: Callable[[int, bytes], tuple]):
         self.script = script
@@ -61,6 +62,12 @@ class RawServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        except OSError:  # the client hung up on a reply it refused
+            pass
+
+    def _answer(self, conn: socket.socket) -> None:
         buffer = b""
         with conn:
             while True:
@@ -70,8 +77,8 @@ class RawServer:
                         return
                     buffer += data
                 head, buffer = buffer.split(b"\r\n\r\n", 1)
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length"))
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
                 while len(buffer) < length:
                     buffer += conn.recv(65536)
                 buffer = buffer[length:]
@@ -79,6 +86,10 @@ class RawServer:
                 data, close = self.script(len(self.heads), head)
                 for piece in data if isinstance(data, list) else [data]:
                     conn.sendall(piece)
+                if close == "half":
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):
+                        pass
                 if close:
                     return
 
@@ -99,6 +110,27 @@ def raw_server():
 
 
 def ask(url: str, times: int = 1, **settings):
+    """`times` chat requests to `url`, one after the other, in a thread: a client that hangs
+    (even one spinning the event loop, which no timeout of its own can stop) fails the test."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append((True, asyncio.run(_ask(url, times, settings))))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append((False, exc))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        pytest.fail("the client hung")
+    ok, result = outcome[0]
+    if not ok:
+        raise result
+    return result
+
+
+def _ask(url: str, times: int, settings: dict):
     async def go():
         options = {"timeout": 5, "max_retries": 0, "retry_backoff": 0.01, **settings}
         endpoint = Endpoint("default", EndpointConfig(base_url=url, **options))
@@ -108,7 +140,7 @@ def ask(url: str, times: int = 1, **settings):
         finally:
             for replica in endpoint.replicas:
                 await replica.close()
-    return asyncio.run(go())
+    return go()
 
 
 def test_a_chunked_stream_in_odd_pieces_with_trailers_and_kept_alive(raw_server):
