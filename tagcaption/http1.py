@@ -14,6 +14,7 @@ both transports alike; `endpoints.<name>.transport: httpx` turns it off.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from typing import AsyncIterator, Dict, List, Optional, Union
 
@@ -23,6 +24,10 @@ MAX_HEAD = 64 * 1024
 """Bytes of status line and headers at most."""
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_SIZE = 256 * 1024
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+"""A chunk's size: hex digits only (`int(_, 16)` also takes a sign, `0x`, `_` and spaces)."""
+MAX_INTERIM = 16
+"""Interim (1xx) answers at most before the reply."""
 
 
 class _Connection(asyncio.Protocol):
@@ -87,7 +92,9 @@ class _Connection(asyncio.Protocol):
             await self.more(timeout)
 
     async def take(self, most: int, timeout: float) -> bytes:
-        """Up to `most` bytes, at least one."""
+        """Up to `most` bytes, at least one (so a loop over it always moves on)."""
+        if most < 1:
+            raise ValueError(f"take({most}): at least one byte must be asked for")
         while not self.buffer:
             await self.more(timeout)
         piece = bytes(self.buffer[:most])
@@ -191,15 +198,19 @@ class Response:
 
 async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[bytes]:
     while True:
-        size_text = (await connection.line(timeout)).split(b";", 1)[0].strip()
-        try:
-            left = int(size_text, 16)
-        except ValueError:
-            raise httpx2.RemoteProtocolError(f"malformed chunk size: {size_text[:20]!r}") from None
+        size_text = (await connection.line(timeout)).split(b";", 1)[0].strip(b" \t")
+        if not CHUNK_SIZE.fullmatch(size_text):
+            raise httpx2.RemoteProtocolError(f"malformed chunk size: {size_text[:20]!r}")
+        left = int(size_text, 16)
         if left == 0:
-            while await connection.line(timeout):  # trailers, up to the blank line
-                pass
-            return
+            trailers = 0
+            while True:  # trailers, up to the blank line
+                line = await connection.line(timeout)
+                trailers += len(line) + 2
+                if not line:
+                    return
+                if trailers > MAX_HEAD:
+                    raise httpx2.RemoteProtocolError(f"reply trailers longer than {MAX_HEAD // 1024} KB")
         while left:
             piece = await connection.take(min(left, READ_SIZE), timeout)
             left -= len(piece)
@@ -256,10 +267,11 @@ class Pool:
 
     async def _send(self, connection: _Connection, head: bytes, body: bytes) -> Response:
         connection.transport.writelines((head, body))
-        while True:
+        for _ in range(MAX_INTERIM + 1):
             response = Response(self, connection, await connection.head(self.timeout))
             if not response.interim:
                 return response
+        raise httpx2.RemoteProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
 
     async def _connection(self):
         while self._idle:

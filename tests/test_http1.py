@@ -18,6 +18,7 @@ from conftest import make_dataset, run_caption, write_config
 from tagcaption.config import EndpointConfig
 from tagcaption.endpoint import Endpoint, builtin_transport
 from tagcaption.errors import LLMError
+from tagcaption.http1 import _Connection
 
 COMPLETION = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
                                                                            "content": "A red square."}}],
@@ -190,6 +191,8 @@ def test_a_redirect_is_followed_through_httpx(raw_server):
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", "headers longer than 64 KB", 3),
     (b"SMTP ready\r\n\r\n", "not an HTTP reply", 3),
     (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"zz\r\n", "malformed chunk size", 3),
+    (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"0\r\n" + b"X-T: y\r\n" * 9000, "trailers longer", 3),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + reply(b"{}"), "more than 16 interim (1xx) answers", 3),
     (reply(b"junk", "200 OK", "Content-Encoding: br"), "unsupported Content-Encoding 'br'", 1),  # will not change
 ])
 def test_broken_framing_is_one_clear_error(raw_server, wire, expected, attempts):
@@ -198,6 +201,28 @@ def test_broken_framing_is_one_clear_error(raw_server, wire, expected, attempts)
         ask(server.url, max_retries=2)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
     assert ("after 3 attempts" in str(caught.value)) == (attempts == 3) and len(server.heads) == attempts
+
+
+@pytest.mark.parametrize("size", [b"-1", b"+3", b"0x3", b"0_3", b"3 3", b"", b"0" * 16 + b"3", b"\xb3"])
+def test_a_chunk_size_is_plain_hex_digits(raw_server, size):
+    # `int(..., 16)` takes all of these; "-1" made the client spin for good, the whole program with it
+    wire = reply(b"", "200 OK", "Content-Type: application/json", "Transfer-Encoding: chunked") + \
+        size + b"\r\nabc\r\n0\r\n\r\n"
+    server = raw_server(lambda n, head: (wire, False))  # and then stalls
+    with pytest.raises(LLMError) as caught:
+        ask(server.url, timeout=2)
+    assert "malformed chunk size" in str(caught.value)
+
+
+def test_taking_nothing_is_refused():
+    async def go():
+        connection = _Connection(asyncio.get_running_loop())
+        connection.buffer += b"abc"
+        for most in (0, -1):
+            with pytest.raises(ValueError):
+                await connection.take(most, 1)
+        assert await connection.take(2, 1) == b"ab"
+    asyncio.run(go())
 
 
 def test_a_silent_server_times_out_per_read(raw_server):
