@@ -131,7 +131,7 @@ class Response:
         status_line, *lines = head.decode("latin-1").split("\r\n")
         version, _, rest = status_line.partition(" ")
         code, _, self.reason_phrase = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
+        if not version.startswith("HTTP/1.") or not _digits(code) or len(code) != 3:
             raise httpx2.RemoteProtocolError(f"not an HTTP reply: {status_line[:80]!r}")
         self.status_code = int(code)
         self.headers: Dict[str, str] = {}
@@ -141,6 +141,9 @@ class Response:
                 raise httpx2.RemoteProtocolError(f"malformed reply header: {line[:80]!r}")
             name = name.strip().lower()
             self.headers[name] = f"{self.headers[name]}, {value.strip()}" if name in self.headers else value.strip()
+        length = self.headers.get("content-length")
+        if length is not None and not _digits(length):  # read by wire.py too, before the body
+            raise httpx2.RemoteProtocolError(f"malformed Content-Length: {length[:40]!r}")
         self._keep = version == "HTTP/1.1" and "close" not in self.headers.get("connection", "").lower()
         self._done = False
 
@@ -170,10 +173,7 @@ class Response:
             async for piece in _chunks(connection, timeout):
                 yield piece
         elif "content-length" in self.headers:
-            length = self.headers["content-length"]
-            if not length.isdigit():
-                raise httpx2.RemoteProtocolError(f"malformed Content-Length: {length[:40]!r}")
-            left = int(length)
+            left = int(self.headers["content-length"])
             while left:
                 piece = await connection.take(min(left, READ_SIZE), timeout)
                 left -= len(piece)
@@ -217,6 +217,11 @@ async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[byte
             yield piece
         if await connection.line(timeout):
             raise httpx2.RemoteProtocolError("a chunk longer than its size")
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes '²', which `int` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _decoder(encoding: str):

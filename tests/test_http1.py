@@ -190,6 +190,7 @@ def test_a_redirect_is_followed_through_httpx(raw_server):
     (reply(b'{"choices": [', length=500), "connection", 3),  # the body stops short, then the server hangs up
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", "headers longer than 64 KB", 3),
     (b"SMTP ready\r\n\r\n", "not an HTTP reply", 3),
+    (b"HTTP/1.1 2\xb20 OK\r\n\r\n", "not an HTTP reply", 3),  # '2\xb20'.isdigit(), but not int()'s
     (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"zz\r\n", "malformed chunk size", 3),
     (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"0\r\n" + b"X-T: y\r\n" * 9000, "trailers longer", 3),
     (b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + reply(b"{}"), "more than 16 interim (1xx) answers", 3),
@@ -223,6 +224,15 @@ def test_taking_nothing_is_refused():
                 await connection.take(most, 1)
         assert await connection.take(2, 1) == b"ab"
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("header", ["Content-Length: \xb2", "Content-Length: +2", "Content-Length: 2, 3"])
+def test_a_content_length_is_plain_digits(raw_server, header):
+    wire = ("HTTP/1.1 200 OK\r\n" + header + "\r\n\r\n{}").encode("latin-1")
+    server = raw_server(lambda n, head: (wire, True))
+    with pytest.raises(LLMError) as caught:
+        ask(server.url)
+    assert "malformed Content-Length" in str(caught.value)
 
 
 def test_a_silent_server_times_out_per_read(raw_server):
