@@ -6,7 +6,9 @@ anyio) cost about 1 ms of CPU per request, this about 0.1 ms (bench/README.md). 
 what a chat request needs: one POST on a kept-alive connection, a reply framed by
 Content-Length, chunked or by the connection closing, gzip or deflate undone. Anything else
 goes to httpx2: `https://` (TLS), a proxy from the environment (`Replica` decides), and a
-redirect (the request goes to where it points through httpx2, which follows any further).
+redirect: the request is sent again from the start through httpx2, so that its rules for
+redirects apply (no Authorization to another origin, 301/302/303 turned into a GET, a bound
+on the hops). That costs one more request to the server, only when it redirects.
 
 Its failures are httpx2's exception types, so `replies.classify` and the retry policy treat
 both transports alike; `endpoints.<name>.transport: httpx` turns it off.
@@ -237,7 +239,7 @@ def _decoder(encoding: str):
 
 class Pool:
     """Kept-alive connections to one `http://` server, for its chat requests; `fallback` is
-    the replica's httpx2 client, which sends again any request that was redirected."""
+    the replica's httpx2 client, which sends again from the start any request that was redirected."""
 
     def __init__(self, url: httpx2.URL, timeout: float, fallback: httpx2.AsyncClient):
         self.host, self.port = url.host, url.port or 80
@@ -263,9 +265,8 @@ class Pool:
                 connection.close()
                 raise
             if response.status_code in REDIRECTS and response.headers.get("location"):
-                await response.aclose()
-                target = url.join(response.headers["location"])
-                return await self.fallback.send(self.fallback.build_request("POST", target, content=body,
+                await response.aclose()  # httpx2 asks again and follows with its own rules (see above)
+                return await self.fallback.send(self.fallback.build_request("POST", url, content=body,
                                                                             headers=headers), stream=True)
             return response
         raise AssertionError("unreachable")

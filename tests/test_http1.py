@@ -181,9 +181,22 @@ def test_a_redirect_is_followed_through_httpx(raw_server):
             return reply(json.dumps(COMPLETION).encode()), False
         return reply(b"", "307 Temporary Redirect", "Location: /v2/chat/completions"), False
     server = raw_server(script)
-    [(answer, _)] = ask(server.url)
+    [(answer, _)] = ask(server.url, api_key="sk-secret")
+    # httpx2 sends the request again from the start, so its own rules for redirects apply
     assert answer.text == "A red square." and [h.split(b" ")[1] for h in server.heads] == \
-        [b"/v1/chat/completions", b"/v2/chat/completions"]
+        [b"/v1/chat/completions", b"/v1/chat/completions", b"/v2/chat/completions"]
+    assert all(b"\r\nAuthorization: Bearer sk-secret" in head for head in server.heads)  # the same origin
+
+
+def test_a_redirect_to_another_origin_does_not_carry_the_api_key(raw_server):
+    other = raw_server(lambda n, head: (reply(json.dumps(COMPLETION).encode()), False))
+    target = other.url.replace("127.0.0.1", "localhost")  # the same machine, another origin
+    server = raw_server(lambda n, head: (reply(b"", "307 Temporary Redirect",
+                                               f"Location: {target}/chat/completions"), False))
+    [(answer, _)] = ask(server.url, api_key="sk-secret")
+    assert answer.text == "A red square." and len(other.heads) == 1
+    assert b"sk-secret" not in other.heads[0] and b"POST /v1/chat/completions" in other.heads[0]
+    assert b"sk-secret" in server.heads[0]
 
 
 @pytest.mark.parametrize("wire, expected, attempts", [
