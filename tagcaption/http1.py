@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from typing import AsyncIterator, Dict, List, Optional, Union
+from typing import AsyncIterator, Dict, Iterator, List, Optional, Union
 
 import httpx2
 
@@ -26,6 +26,8 @@ MAX_HEAD = 64 * 1024
 """Bytes of status line and headers at most."""
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_SIZE = 256 * 1024
+INFLATE_STEP = 64 * 1024
+"""Bytes a compressed body is undone by at a time."""
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 """A chunk's size: hex digits only (`int(_, 16)` also takes a sign, `0x`, `_` and spaces)."""
 MAX_INTERIM = 16
@@ -155,12 +157,15 @@ class Response:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         decoder = _decoder(self.headers.get("content-encoding", ""))
+        if decoder is None:
+            async for piece in self._body():
+                yield piece
+            return
         try:
             async for piece in self._body():
-                data = decoder.decompress(piece) if decoder else piece
-                if data:
+                for data in _inflated(decoder, piece):
                     yield data
-            rest = decoder.flush() if decoder else b""
+            rest = decoder.flush()
         except zlib.error as exc:
             raise httpx2.DecodingError(f"the reply's Content-Encoding could not be undone ({exc})") from None
         if rest:
@@ -219,6 +224,18 @@ async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[byte
             yield piece
         if await connection.line(timeout):
             raise httpx2.RemoteProtocolError("a chunk longer than its size")
+
+
+def _inflated(decoder, piece: bytes) -> Iterator[bytes]:
+    """`piece` undone in steps of INFLATE_STEP bytes at most, so that wire.py's max_reply_bytes
+    stops a small body that inflates to gigabytes (a "zip bomb") before it is all in memory."""
+    while piece:
+        data = decoder.decompress(piece, INFLATE_STEP)
+        if data:
+            yield data
+        elif len(decoder.unconsumed_tail) >= len(piece):  # never the case: zlib takes or gives
+            raise zlib.error("no progress")
+        piece = decoder.unconsumed_tail
 
 
 def _digits(text: str) -> bool:

@@ -10,6 +10,8 @@ import gzip
 import json
 import socket
 import threading
+import tracemalloc
+import zlib
 from typing import Callable, List, Optional
 
 import pytest
@@ -246,6 +248,39 @@ def test_a_content_length_is_plain_digits(raw_server, header):
     with pytest.raises(LLMError) as caught:
         ask(server.url)
     assert "malformed Content-Length" in str(caught.value)
+
+
+def _bomb(size: int, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(1 << 20)
+    return b"".join(packer.compress(block) for _ in range(size >> 20)) + packer.flush()
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(raw_server):
+    bomb = _bomb(128 << 20)  # 128 MB of zeros in 125 KB: undone at once, 128 MB in memory
+    server = raw_server(lambda n, head: (reply(bomb, "200 OK", "Content-Type: application/json",
+                                               "Content-Encoding: gzip"), False))
+    tracemalloc.start()
+    try:
+        with pytest.raises(LLMError) as caught:
+            ask(server.url, max_reply_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "more than max_reply_bytes" in str(caught.value)
+    assert peak < 30 << 20, f"{peak / 2**20:.0f} MB at the peak"
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 16 + zlib.MAX_WBITS), ("deflate", zlib.MAX_WBITS)])
+def test_a_big_compressed_reply_is_undone_in_steps(raw_server, encoding, wbits):
+    text = "A red square. " * 40_000  # 560 KB, many steps of inflating
+    completion = dict(COMPLETION, choices=[dict(COMPLETION["choices"][0], message={"role": "assistant",
+                                                                                   "content": text})])
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    packed = packer.compress(json.dumps(completion).encode()) + packer.flush()
+    server = raw_server(lambda n, head: (reply(packed, "200 OK", f"Content-Encoding: {encoding}"), False))
+    [(answer, _)] = ask(server.url)
+    assert answer.text == text
 
 
 def test_a_silent_server_times_out_per_read(raw_server):
