@@ -18,7 +18,7 @@ import pytest
 
 from conftest import make_dataset, run_caption, write_config
 from tagcaption.config import EndpointConfig
-from tagcaption.endpoint import Endpoint, builtin_transport
+from tagcaption.endpoint import Endpoint, builtin_transport, is_loopback
 from tagcaption.errors import LLMError
 from tagcaption.http1 import _Connection
 
@@ -301,8 +301,29 @@ def test_which_requests_use_the_builtin_transport(monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
     assert not builtin_transport("http://gpu-box.lan:8000/v1", auto)  # the proxy is used, by httpx2
     assert builtin_transport("http://localhost:1234/v1", auto)  # never a proxy for this machine
+    for url in ("http://0.0.0.0:8080/v1", "http://[::]:8080/v1", "http://[::1]:8080/v1",
+                "http://127.0.1.1:8080/v1", "http://[::ffff:127.0.0.1]:8080/v1", "http://LocalHost:1234/v1",
+                "http://llm.localhost:8080/v1", "http://localhost.:8080/v1", "http://127.1:8080/v1",
+                "http://2130706433:8080/v1", f"http://{socket.gethostname().upper()}:8080/v1",
+                f"http://{socket.getfqdn()}:8080/v1"):
+        assert is_loopback(url) and builtin_transport(url, auto), url  # this machine: no proxy
+    for url in ("http://gpu-box.lan:8000/v1", "http://localhost.evil.example:80/v1", "http://10.0.0.5/v1",
+                "http://1e100.net/v1", "http://10.1/v1", "http://[fe80::1]:8080/v1",
+                f"http://{socket.gethostname()}.evil.example/v1"):
+        assert not is_loopback(url), url
     monkeypatch.setenv("NO_PROXY", "gpu-box.lan")
     assert builtin_transport("http://gpu-box.lan:8000/v1", auto)
+
+
+def test_this_machines_own_names_are_loopback_without_looking_others_up(monkeypatch):
+    from tagcaption import endpoint
+    asked = []
+    monkeypatch.setattr(endpoint, "_own_name", lambda: "gpu-box")
+    monkeypatch.setattr(endpoint, "_own_fqdn", lambda: asked.append(1) or "gpu-box.example.lan")
+    assert is_loopback("http://GPU-BOX:8080/v1") and not asked
+    assert not is_loopback("http://other-box.example.lan/v1") and not asked  # not like this machine's name
+    assert is_loopback("http://gpu-box.example.lan.:8080/v1") and asked
+    assert not is_loopback("http://gpu-box.elsewhere.lan/v1")
 
 
 @pytest.mark.parametrize("transport", ["auto", "httpx"])
