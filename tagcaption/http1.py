@@ -28,6 +28,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 READ_SIZE = 256 * 1024
 INFLATE_STEP = 64 * 1024
 """Bytes a compressed body is undone by at a time."""
+HEAD_END = re.compile(rb"\n\r?\n")
+"""The blank line after the headers: CRLF CRLF, or bare LFs."""
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 """A chunk's size: hex digits only (`int(_, 16)` also takes a sign, `0x`, `_` and spaces)."""
 MAX_INTERIM = 16
@@ -82,13 +84,14 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     async def head(self, timeout: float) -> bytes:
-        """The status line and headers, without the blank line ending them."""
+        """The status line and headers, without the blank line ending them (lines may end
+        with a bare LF, as httpx2 takes them too)."""
         searched = 0
         while True:
-            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
-            if 0 <= end <= MAX_HEAD:
-                head = bytes(self.buffer[:end])
-                del self.buffer[:end + 4]
+            end = HEAD_END.search(self.buffer, max(0, searched - 2))
+            if end and end.start() <= MAX_HEAD:
+                head = bytes(self.buffer[:end.start()])
+                del self.buffer[:end.end()]
                 return head
             if len(self.buffer) > MAX_HEAD:
                 raise httpx2.RemoteProtocolError(f"reply headers longer than {MAX_HEAD // 1024} KB")
@@ -106,11 +109,12 @@ class _Connection(asyncio.Protocol):
         return piece
 
     async def line(self, timeout: float) -> bytes:
+        """A line of chunked framing, without the CRLF (or bare LF) ending it."""
         while True:
-            end = self.buffer.find(b"\r\n")
+            end = self.buffer.find(b"\n")
             if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[:end + 2]
+                line = bytes(self.buffer[:end - 1 if end and self.buffer[end - 1] == 13 else end])
+                del self.buffer[:end + 1]
                 return line
             if len(self.buffer) > MAX_HEAD:
                 raise httpx2.RemoteProtocolError("a chunk header longer than 64 KB")
@@ -132,7 +136,7 @@ class Response:
 
     def __init__(self, pool: "Pool", connection: _Connection, head: bytes):
         self._pool, self._connection = pool, connection
-        status_line, *lines = head.decode("latin-1").split("\r\n")
+        status_line, *lines = (line.rstrip("\r") for line in head.decode("latin-1").split("\n"))
         version, _, rest = status_line.partition(" ")
         code, _, self.reason_phrase = rest.partition(" ")
         if not version.startswith("HTTP/1.") or not _digits(code) or len(code) != 3:

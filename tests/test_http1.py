@@ -250,6 +250,18 @@ def test_a_content_length_is_plain_digits(raw_server, header):
     assert "malformed Content-Length" in str(caught.value)
 
 
+def test_bare_line_feeds_end_header_lines_and_chunk_lines(raw_server):
+    body = json.dumps(COMPLETION).encode()
+    replies = {
+        1: (b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: %d\n\n%s" % (len(body), body), False),
+        2: (b"HTTP/1.1 200 OK\r\nContent-Length: %d\n\r\n%s" % (len(body), body), False),
+        3: (b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\r\n\n%x\n%s\n0\n\n" % (len(body), body), False),
+    }
+    server = raw_server(lambda n, head: replies[n])
+    assert [reply.text for reply, _ in ask(server.url, times=3)] == ["A red square."] * 3
+    assert server.connections == 1
+
+
 def _bomb(size: int, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
     packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
     block = bytes(1 << 20)
