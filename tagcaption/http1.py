@@ -43,6 +43,8 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: Optional[asyncio.Transport] = None
         self.buffer = bytearray()
+        self.received = 0
+        """Bytes arrived in all."""
         self.closed = False
         self._waiter: Optional[asyncio.Future] = None
 
@@ -52,6 +54,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.received += len(data)
         self._wake()
 
     def eof_received(self) -> bool:
@@ -275,12 +278,13 @@ class Pool:
                         f"Content-Length: {len(body)}\r\n\r\n"]).encode("latin-1")
         for last_try in (False, True):
             connection, reused = await self._connection()
+            before = connection.received
             try:
                 response = await self._send(connection, head, body)
             except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
                 connection.close()
-                if reused and not last_try and not connection.buffer:
-                    continue  # an idle connection the server had just closed: once more, on a new one
+                if reused and not last_try and connection.received == before:
+                    continue  # an idle connection the server had just closed, unheard: once more, on a new one
                 raise exc
             except BaseException:
                 connection.close()

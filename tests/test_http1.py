@@ -49,6 +49,8 @@ class RawServer:
         self.script = script
         self.heads: List[bytes] = []
         self.connections = 0
+        self.unanswered = 0
+        """Reads on connections half-closed already (requests sent to a server that had stopped)."""
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -92,7 +94,7 @@ class RawServer:
                 if close == "half":
                     conn.shutdown(socket.SHUT_WR)
                     while conn.recv(65536):
-                        pass
+                        self.unanswered += 1
                 if close:
                     return
 
@@ -112,14 +114,16 @@ def raw_server():
         server.stop()
 
 
-def ask(url: str, times: int = 1, **settings):
-    """`times` chat requests to `url`, one after the other, in a thread: a client that hangs
-    (even one spinning the event loop, which no timeout of its own can stop) fails the test."""
+def ask(url: str, times: int = 1, pause: float = 0.0, settle: bool = False, **settings):
+    """`times` chat requests to `url`, one after the other (`pause` seconds apart) on one
+    endpoint, in a thread: a client that hangs (even one spinning the event loop, which no
+    timeout of its own can stop) fails the test. `settle`: each request's error is returned
+    in its place instead of raised."""
     outcome: list = []
 
     def run():
         try:
-            outcome.append((True, asyncio.run(_ask(url, times, settings))))
+            outcome.append((True, asyncio.run(_ask(url, times, pause, settle, settings))))
         except BaseException as exc:  # handed to the test's thread
             outcome.append((False, exc))
     thread = threading.Thread(target=run, daemon=True)
@@ -133,13 +137,22 @@ def ask(url: str, times: int = 1, **settings):
     return result
 
 
-def _ask(url: str, times: int, settings: dict):
+def _ask(url: str, times: int, pause: float, settle: bool, settings: dict):
     async def go():
         options = {"timeout": 5, "max_retries": 0, "retry_backoff": 0.01, **settings}
         endpoint = Endpoint("default", EndpointConfig(base_url=url, **options))
+        answers: list = []
         try:
-            return [await endpoint.chat({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                         "max_tokens": 10}, lambda key, n: None) for _ in range(times)]
+            for n in range(times):
+                await asyncio.sleep(pause if n else 0)
+                try:
+                    answers.append(await endpoint.chat({"model": "m", "max_tokens": 10, "messages": [
+                        {"role": "user", "content": "hi"}]}, lambda key, n: None))
+                except LLMError as exc:
+                    if not settle:
+                        raise
+                    answers.append(exc)
+            return answers
         finally:
             for replica in endpoint.replicas:
                 await replica.close()
@@ -293,6 +306,35 @@ def test_a_big_compressed_reply_is_undone_in_steps(raw_server, encoding, wbits):
     server = raw_server(lambda n, head: (reply(packed, "200 OK", f"Content-Encoding: {encoding}"), False))
     [(answer, _)] = ask(server.url)
     assert answer.text == text
+
+
+def test_a_body_left_unread_closes_its_connection(raw_server):
+    big = b"x" * 5000
+    chunked = reply(b"", "200 OK", "Content-Type: application/json", "Transfer-Encoding: chunked") + \
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+    replies = {1: (chunked, False), 2: (reply(json.dumps(COMPLETION).encode()), False)}
+    server = raw_server(lambda n, head: replies[n])
+    refused, (answer, _) = ask(server.url, times=2, settle=True, max_reply_bytes=1000)  # the first half read
+    assert "more than max_reply_bytes" in str(refused)
+    assert answer.text == "A red square." and server.connections == 2 and len(server.heads) == 2
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.2])
+def test_a_connection_the_server_half_closed_is_not_reused(raw_server, pause):
+    # At once, the request may go out before the server's FIN is in: it goes again on a new connection
+    server = raw_server(lambda n, head: (reply(json.dumps(COMPLETION).encode()), "half"))  # reads on, says nothing
+    assert [reply.text for reply, _ in ask(server.url, times=3, pause=pause)] == ["A red square."] * 3
+    assert server.connections == 3 and len(server.heads) == 3
+    if pause:
+        assert server.unanswered == 0  # a FIN that is in already: nothing is sent on it
+
+
+def test_a_reused_connection_is_tried_again_only_if_the_server_said_nothing(raw_server):
+    replies = {1: (reply(json.dumps(COMPLETION).encode()), False), 2: (b"SMTP ready\r\n\r\n", True)}
+    server = raw_server(lambda n, head: replies.get(n, (reply(json.dumps(COMPLETION).encode()), False)))
+    answer, refused = ask(server.url, times=2, settle=True)
+    assert answer[0].text == "A red square." and "not an HTTP reply" in str(refused)
+    assert len(server.heads) == 2  # the second request was answered (badly): not sent again
 
 
 def test_a_silent_server_times_out_per_read(raw_server):
