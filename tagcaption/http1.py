@@ -46,6 +46,8 @@ class _Connection(asyncio.Protocol):
         self.received = 0
         """Bytes arrived in all."""
         self.closed = False
+        self.idle = False
+        """In the pool, between requests: whatever the server sends now ends the connection."""
         self._waiter: Optional[asyncio.Future] = None
 
     def connection_made(self, transport) -> None:
@@ -53,6 +55,9 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=16 * 1024 * 1024)  # a body is handed over whole
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:  # unasked: not kept, however much more of it the server would send
+            self.close()
+            return
         self.buffer += data
         self.received += len(data)
         self._wake()
@@ -236,7 +241,7 @@ async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[byte
 def _inflated(decoder, piece: bytes) -> Iterator[bytes]:
     """`piece` undone in steps of INFLATE_STEP bytes at most, so that wire.py's max_reply_bytes
     stops a small body that inflates to gigabytes (a "zip bomb") before it is all in memory."""
-    while piece:
+    while piece and not decoder.eof:  # after the end, the rest is dropped (zlib would keep it all)
         data = decoder.decompress(piece, INFLATE_STEP)
         if data:
             yield data
@@ -307,6 +312,7 @@ class Pool:
     async def _connection(self):
         while self._idle:
             connection = self._idle.pop()
+            connection.idle = False
             if connection.reusable():
                 return connection, True
             connection.close()
@@ -321,6 +327,7 @@ class Pool:
         return connection, False
 
     def give_back(self, connection: _Connection) -> None:
+        connection.idle = True
         self._idle.append(connection)
 
     async def aclose(self) -> None:

@@ -10,8 +10,7 @@ import gzip
 import json
 import socket
 import threading
-import tracemalloc
-import zlib
+import time
 from typing import Callable, List, Optional
 
 import pytest
@@ -41,8 +40,8 @@ def reply(body: bytes, status: str = "200 OK", *headers: str, length: Optional[i
 
 
 class RawServer:
-    """Answers the n-th request with `script(n, request)`: the bytes to send, and whether to
-    close the connection afterwards (`"half"`: stop sending but read on, answering nothing).
+    """Answers the n-th request with `script(n, request)`: the bytes to send (a float among
+    them: seconds to wait), and whether to close the connection afterwards (`"half"`: stop sending but read on, answering nothing).
     Counts connections and keeps each request's head."""
 
     def __init__(self, script: Callable[[int, bytes], tuple]):
@@ -90,7 +89,7 @@ class RawServer:
                 self.heads.append(head)
                 data, close = self.script(len(self.heads), head)
                 for piece in data if isinstance(data, list) else [data]:
-                    conn.sendall(piece)
+                    time.sleep(piece) if isinstance(piece, float) else conn.sendall(piece)
                 if close == "half":
                     conn.shutdown(socket.SHUT_WR)
                     while conn.recv(65536):
@@ -219,6 +218,8 @@ def test_a_redirect_to_another_origin_does_not_carry_the_api_key(raw_server):
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", "headers longer than 64 KB", 3),
     (b"SMTP ready\r\n\r\n", "not an HTTP reply", 3),
     (b"HTTP/1.1 2\xb20 OK\r\n\r\n", "not an HTTP reply", 3),  # '2\xb20'.isdigit(), but not int()'s
+    *((b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\n{}" % n, "malformed Content-Length", 3)
+      for n in (b"\xb2", b"+2", b"2, 3")),
     (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"zz\r\n", "malformed chunk size", 3),
     (reply(b"", "200 OK", "Transfer-Encoding: chunked") + b"0\r\n" + b"X-T: y\r\n" * 9000, "trailers longer", 3),
     (b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + reply(b"{}"), "more than 16 interim (1xx) answers", 3),
@@ -254,15 +255,6 @@ def test_taking_nothing_is_refused():
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("header", ["Content-Length: \xb2", "Content-Length: +2", "Content-Length: 2, 3"])
-def test_a_content_length_is_plain_digits(raw_server, header):
-    wire = ("HTTP/1.1 200 OK\r\n" + header + "\r\n\r\n{}").encode("latin-1")
-    server = raw_server(lambda n, head: (wire, True))
-    with pytest.raises(LLMError) as caught:
-        ask(server.url)
-    assert "malformed Content-Length" in str(caught.value)
-
-
 def test_bare_line_feeds_end_header_lines_and_chunk_lines(raw_server):
     body = json.dumps(COMPLETION).encode()
     replies = {
@@ -273,39 +265,6 @@ def test_bare_line_feeds_end_header_lines_and_chunk_lines(raw_server):
     server = raw_server(lambda n, head: replies[n])
     assert [reply.text for reply, _ in ask(server.url, times=3)] == ["A red square."] * 3
     assert server.connections == 1
-
-
-def _bomb(size: int, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
-    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
-    block = bytes(1 << 20)
-    return b"".join(packer.compress(block) for _ in range(size >> 20)) + packer.flush()
-
-
-def test_a_gzip_bomb_is_refused_without_inflating_it(raw_server):
-    bomb = _bomb(128 << 20)  # 128 MB of zeros in 125 KB: undone at once, 128 MB in memory
-    server = raw_server(lambda n, head: (reply(bomb, "200 OK", "Content-Type: application/json",
-                                               "Content-Encoding: gzip"), False))
-    tracemalloc.start()
-    try:
-        with pytest.raises(LLMError) as caught:
-            ask(server.url, max_reply_bytes=1 << 20)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert "more than max_reply_bytes" in str(caught.value)
-    assert peak < 30 << 20, f"{peak / 2**20:.0f} MB at the peak"
-
-
-@pytest.mark.parametrize("encoding, wbits", [("gzip", 16 + zlib.MAX_WBITS), ("deflate", zlib.MAX_WBITS)])
-def test_a_big_compressed_reply_is_undone_in_steps(raw_server, encoding, wbits):
-    text = "A red square. " * 40_000  # 560 KB, many steps of inflating
-    completion = dict(COMPLETION, choices=[dict(COMPLETION["choices"][0], message={"role": "assistant",
-                                                                                   "content": text})])
-    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
-    packed = packer.compress(json.dumps(completion).encode()) + packer.flush()
-    server = raw_server(lambda n, head: (reply(packed, "200 OK", f"Content-Encoding: {encoding}"), False))
-    [(answer, _)] = ask(server.url)
-    assert answer.text == text
 
 
 def test_a_body_left_unread_closes_its_connection(raw_server):
