@@ -16,9 +16,11 @@ slots.py); until then, and where the server does not say, the documented default
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
+import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 import urllib.request
@@ -70,13 +72,40 @@ def builtin_transport(url: str, config: EndpointConfig) -> bool:
 
 
 def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
+    """Whether `url` names this machine: `localhost` or `*.localhost`, a loopback address or
+    an unspecified one (0.0.0.0, ::), or this machine's own host name. Nothing is looked up
+    but this machine's fully qualified name, and that only for a name that starts like it."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        address = _inet_aton(host)
+        if address is None:
+            return host == _own_name() or host.split(".")[0] == _own_name().split(".")[0] and host == _own_fqdn()
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_loopback or address.is_unspecified
+
+
+def _inet_aton(host: str) -> Optional[ipaddress.IPv4Address]:
+    """The address of an IPv4 short form that connecting takes (`127.1`, `0x7f.1`, `2130706433`)."""
+    if not host or host.strip("0123456789abcdefx.") or not host[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _own_name() -> str:
+    return socket.gethostname().rstrip(".").lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _own_fqdn() -> str:
+    return socket.getfqdn().rstrip(".").lower()
 
 
 class Replica:

@@ -6,7 +6,9 @@ anyio) cost about 1 ms of CPU per request, this about 0.1 ms (bench/README.md). 
 what a chat request needs: one POST on a kept-alive connection, a reply framed by
 Content-Length, chunked or by the connection closing, gzip or deflate undone. Anything else
 goes to httpx2: `https://` (TLS), a proxy from the environment (`Replica` decides), and a
-redirect (the request goes to where it points through httpx2, which follows any further).
+redirect: the request is sent again from the start through httpx2, so that its rules for
+redirects apply (no Authorization to another origin, 301/302/303 turned into a GET, a bound
+on the hops). That costs one more request to the server, only when it redirects.
 
 Its failures are httpx2's exception types, so `replies.classify` and the retry policy treat
 both transports alike; `endpoints.<name>.transport: httpx` turns it off.
@@ -14,15 +16,26 @@ both transports alike; `endpoints.<name>.transport: httpx` turns it off.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
-from typing import AsyncIterator, Dict, List, Optional, Union
+from typing import AsyncIterator, Dict, Iterator, List, Optional, Union
 
 import httpx2
+
+from tagcaption.sinks import shorten
 
 MAX_HEAD = 64 * 1024
 """Bytes of status line and headers at most."""
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_SIZE = 256 * 1024
+INFLATE_STEP = 64 * 1024
+"""Bytes a compressed body is undone by at a time."""
+HEAD_END = re.compile(rb"\n\r?\n")
+"""The blank line after the headers: CRLF CRLF, or bare LFs."""
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+"""A chunk's size: hex digits only (`int(_, 16)` also takes a sign, `0x`, `_` and spaces)."""
+MAX_INTERIM = 16
+"""Interim (1xx) answers at most before the reply."""
 
 
 class _Connection(asyncio.Protocol):
@@ -32,7 +45,11 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: Optional[asyncio.Transport] = None
         self.buffer = bytearray()
+        self.received = 0
+        """Bytes arrived in all."""
         self.closed = False
+        self.idle = False
+        """In the pool, between requests: whatever the server sends now ends the connection."""
         self._waiter: Optional[asyncio.Future] = None
 
     def connection_made(self, transport) -> None:
@@ -40,7 +57,11 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=16 * 1024 * 1024)  # a body is handed over whole
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:  # unasked: not kept, however much more of it the server would send
+            self.close()
+            return
         self.buffer += data
+        self.received += len(data)
         self._wake()
 
     def eof_received(self) -> bool:
@@ -73,13 +94,14 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     async def head(self, timeout: float) -> bytes:
-        """The status line and headers, without the blank line ending them."""
+        """The status line and headers, without the blank line ending them (lines may end
+        with a bare LF, as httpx2 takes them too)."""
         searched = 0
         while True:
-            end = self.buffer.find(b"\r\n\r\n", max(0, searched - 3))
-            if 0 <= end <= MAX_HEAD:
-                head = bytes(self.buffer[:end])
-                del self.buffer[:end + 4]
+            end = HEAD_END.search(self.buffer, max(0, searched - 2))
+            if end and end.start() <= MAX_HEAD:
+                head = bytes(self.buffer[:end.start()])
+                del self.buffer[:end.end()]
                 return head
             if len(self.buffer) > MAX_HEAD:
                 raise httpx2.RemoteProtocolError(f"reply headers longer than {MAX_HEAD // 1024} KB")
@@ -87,7 +109,9 @@ class _Connection(asyncio.Protocol):
             await self.more(timeout)
 
     async def take(self, most: int, timeout: float) -> bytes:
-        """Up to `most` bytes, at least one."""
+        """Up to `most` bytes, at least one (so a loop over it always moves on)."""
+        if most < 1:
+            raise ValueError(f"take({most}): at least one byte must be asked for")
         while not self.buffer:
             await self.more(timeout)
         piece = bytes(self.buffer[:most])
@@ -95,11 +119,12 @@ class _Connection(asyncio.Protocol):
         return piece
 
     async def line(self, timeout: float) -> bytes:
+        """A line of chunked framing, without the CRLF (or bare LF) ending it."""
         while True:
-            end = self.buffer.find(b"\r\n")
+            end = self.buffer.find(b"\n")
             if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[:end + 2]
+                line = bytes(self.buffer[:end - 1 if end and self.buffer[end - 1] == 13 else end])
+                del self.buffer[:end + 1]
                 return line
             if len(self.buffer) > MAX_HEAD:
                 raise httpx2.RemoteProtocolError("a chunk header longer than 64 KB")
@@ -121,19 +146,22 @@ class Response:
 
     def __init__(self, pool: "Pool", connection: _Connection, head: bytes):
         self._pool, self._connection = pool, connection
-        status_line, *lines = head.decode("latin-1").split("\r\n")
+        status_line, *lines = (line.rstrip("\r") for line in head.decode("latin-1").split("\n"))
         version, _, rest = status_line.partition(" ")
         code, _, self.reason_phrase = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise httpx2.RemoteProtocolError(f"not an HTTP reply: {status_line[:80]!r}")
+        if not version.startswith("HTTP/1.") or not _digits(code) or len(code) != 3:
+            raise httpx2.RemoteProtocolError(f"not an HTTP reply: {shorten(status_line, 80)!r}")
         self.status_code = int(code)
         self.headers: Dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(":")
             if not colon:
-                raise httpx2.RemoteProtocolError(f"malformed reply header: {line[:80]!r}")
+                raise httpx2.RemoteProtocolError(f"malformed reply header: {shorten(line, 80)!r}")
             name = name.strip().lower()
             self.headers[name] = f"{self.headers[name]}, {value.strip()}" if name in self.headers else value.strip()
+        length = self.headers.get("content-length")
+        if length is not None and not _digits(length):  # read by wire.py too, before the body
+            raise httpx2.RemoteProtocolError(f"malformed Content-Length: {shorten(length, 40)!r}")
         self._keep = version == "HTTP/1.1" and "close" not in self.headers.get("connection", "").lower()
         self._done = False
 
@@ -143,12 +171,15 @@ class Response:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         decoder = _decoder(self.headers.get("content-encoding", ""))
+        if decoder is None:
+            async for piece in self._body():
+                yield piece
+            return
         try:
             async for piece in self._body():
-                data = decoder.decompress(piece) if decoder else piece
-                if data:
+                for data in _inflated(decoder, piece):
                     yield data
-            rest = decoder.flush() if decoder else b""
+            rest = decoder.flush()
         except zlib.error as exc:
             raise httpx2.DecodingError(f"the reply's Content-Encoding could not be undone ({exc})") from None
         if rest:
@@ -163,10 +194,7 @@ class Response:
             async for piece in _chunks(connection, timeout):
                 yield piece
         elif "content-length" in self.headers:
-            length = self.headers["content-length"]
-            if not length.isdigit():
-                raise httpx2.RemoteProtocolError(f"malformed Content-Length: {length[:40]!r}")
-            left = int(length)
+            left = int(self.headers["content-length"])
             while left:
                 piece = await connection.take(min(left, READ_SIZE), timeout)
                 left -= len(piece)
@@ -191,21 +219,42 @@ class Response:
 
 async def _chunks(connection: _Connection, timeout: float) -> AsyncIterator[bytes]:
     while True:
-        size_text = (await connection.line(timeout)).split(b";", 1)[0].strip()
-        try:
-            left = int(size_text, 16)
-        except ValueError:
-            raise httpx2.RemoteProtocolError(f"malformed chunk size: {size_text[:20]!r}") from None
+        size_text = (await connection.line(timeout)).split(b";", 1)[0].strip(b" \t")
+        if not CHUNK_SIZE.fullmatch(size_text):
+            raise httpx2.RemoteProtocolError(f"malformed chunk size: {size_text[:20]!r}")
+        left = int(size_text, 16)
         if left == 0:
-            while await connection.line(timeout):  # trailers, up to the blank line
-                pass
-            return
+            trailers = 0
+            while True:  # trailers, up to the blank line
+                line = await connection.line(timeout)
+                trailers += len(line) + 2
+                if not line:
+                    return
+                if trailers > MAX_HEAD:
+                    raise httpx2.RemoteProtocolError(f"reply trailers longer than {MAX_HEAD // 1024} KB")
         while left:
             piece = await connection.take(min(left, READ_SIZE), timeout)
             left -= len(piece)
             yield piece
         if await connection.line(timeout):
             raise httpx2.RemoteProtocolError("a chunk longer than its size")
+
+
+def _inflated(decoder, piece: bytes) -> Iterator[bytes]:
+    """`piece` undone in steps of INFLATE_STEP bytes at most, so that wire.py's max_reply_bytes
+    stops a small body that inflates to gigabytes (a "zip bomb") before it is all in memory."""
+    while piece and not decoder.eof:  # after the end, the rest is dropped (zlib would keep it all)
+        data = decoder.decompress(piece, INFLATE_STEP)
+        if data:
+            yield data
+        elif len(decoder.unconsumed_tail) >= len(piece):  # never the case: zlib takes or gives
+            raise zlib.error("no progress")
+        piece = decoder.unconsumed_tail
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes '²', which `int` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _decoder(encoding: str):
@@ -221,7 +270,7 @@ def _decoder(encoding: str):
 
 class Pool:
     """Kept-alive connections to one `http://` server, for its chat requests; `fallback` is
-    the replica's httpx2 client, which sends again any request that was redirected."""
+    the replica's httpx2 client, which sends again from the start any request that was redirected."""
 
     def __init__(self, url: httpx2.URL, timeout: float, fallback: httpx2.AsyncClient):
         self.host, self.port = url.host, url.port or 80
@@ -236,34 +285,36 @@ class Pool:
                         f"Content-Length: {len(body)}\r\n\r\n"]).encode("latin-1")
         for last_try in (False, True):
             connection, reused = await self._connection()
+            before = connection.received
             try:
                 response = await self._send(connection, head, body)
             except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
                 connection.close()
-                if reused and not last_try and not connection.buffer:
-                    continue  # an idle connection the server had just closed: once more, on a new one
+                if reused and not last_try and connection.received == before:
+                    continue  # an idle connection the server had just closed, unheard: once more, on a new one
                 raise exc
             except BaseException:
                 connection.close()
                 raise
             if response.status_code in REDIRECTS and response.headers.get("location"):
-                await response.aclose()
-                target = url.join(response.headers["location"])
-                return await self.fallback.send(self.fallback.build_request("POST", target, content=body,
+                await response.aclose()  # httpx2 asks again and follows with its own rules (see above)
+                return await self.fallback.send(self.fallback.build_request("POST", url, content=body,
                                                                             headers=headers), stream=True)
             return response
         raise AssertionError("unreachable")
 
     async def _send(self, connection: _Connection, head: bytes, body: bytes) -> Response:
         connection.transport.writelines((head, body))
-        while True:
+        for _ in range(MAX_INTERIM + 1):
             response = Response(self, connection, await connection.head(self.timeout))
             if not response.interim:
                 return response
+        raise httpx2.RemoteProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
 
     async def _connection(self):
         while self._idle:
             connection = self._idle.pop()
+            connection.idle = False
             if connection.reusable():
                 return connection, True
             connection.close()
@@ -278,6 +329,7 @@ class Pool:
         return connection, False
 
     def give_back(self, connection: _Connection) -> None:
+        connection.idle = True
         self._idle.append(connection)
 
     async def aclose(self) -> None:
