@@ -85,6 +85,9 @@ def _check_endpoints(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.request_timeout must be more than 0 seconds")
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
+        if any(char in str(endpoint.api_key or "") for char in "\r\n\x00"):
+            raise ConfigError(f"endpoints.{name}.api_key holds a line break or NUL (copied with the end of a line?): "
+                              "it cannot go into a request header")
         if endpoint.transport not in TRANSPORTS:
             raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)} (got {endpoint.transport!r})")
         if endpoint.structured_output not in STRUCTURED_OUTPUTS:
