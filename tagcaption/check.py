@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+import httpx2
 import openai
 from PIL import Image
 
@@ -25,7 +26,7 @@ from tagcaption import tls
 from tagcaption.config import Config, StageConfig
 from tagcaption.deadlines import MODELS_SECONDS
 from tagcaption.endpoint import Endpoint, Replica, is_loopback
-from tagcaption.errors import ConfigError, Kind, SourceError
+from tagcaption.errors import ConfigError, Kind, ServerUnreachable, SourceError
 from tagcaption.faithfulness import Faithfulness
 from tagcaption.llm import LLM
 from tagcaption.interpreter import REFUSED, Interpreter
@@ -111,34 +112,41 @@ def _fix_for(exc: BaseException, row: Row, url: str) -> str:
 async def _check_replica(llm: LLM, row: Row, settings: StageConfig, replica: Replica, vision: bool,
                          extra: Dict[str, Any]) -> None:
     started = time.monotonic()
-    owners: List[str] = []
     try:
-        page = await replica.client.with_options(timeout=MODELS_SECONDS).models.list()
-        row.reachable = "yes"
-        listed = [model.id for model in page.data]
-        owners = [getattr(model, "owned_by", "") for model in page.data]
-        row.listed = "yes" if settings.model in listed else "no"
-        if row.listed == "no" and "llamacpp" in owners:  # llama.cpp answers to any model name
-            row.listed = "any name"
-        if row.listed == "no":
-            row.fixes.append(f"warning: '{settings.model}' is not among the models listed ({', '.join(listed[:6])})")
-    except openai.APIConnectionError as exc:
+        models = await llm.endpoints[settings.endpoint].models_of(replica, MODELS_SECONDS)
+    except httpx2.TransportError as exc:
         row.reachable = "no"
         row.fixes.append(_fix_for(exc, row, replica.base_url))
         other = await _other_port(replica.base_url)
         if other:
             row.fixes.append(other)
         return
-    except openai.APIStatusError as exc:
-        row.reachable = "yes"
-        row.listed = "?"
-        if isinstance(exc, openai.AuthenticationError):
-            row.text = row.vision = "refused"
-            row.fixes.append(_fix_for(exc, row, replica.base_url))
-            return
+    except ServerUnreachable as exc:  # a refused key, or a base_url without its /v1: no request would do
+        row.reachable, row.listed = "yes", "?"
+        row.text = "refused" if "API key" in str(exc) else "failed"
+        row.vision = row.text if vision else row.vision
+        row.fixes.append(str(exc))
+        return
+    row.reachable = "yes"
+    _note_listed(row, settings.model, models)
+    owners = [str(model.get("owned_by", "")) for model in models]
     row.latency = f"{(time.monotonic() - started) * 1000:.0f} ms"
     await _check_slots(llm, row, settings, replica, owners)
     await _check_chat(llm.endpoints[settings.endpoint], row, settings, replica, vision, extra)
+
+
+def _note_listed(row: Row, model: str, models: List[dict]) -> None:
+    """Whether the server lists the stage's model ("?" when it lists nothing readable: the
+    run's own reading of /models has said why)."""
+    listed = [str(entry.get("id")) for entry in models if entry.get("id") is not None]
+    if not listed:
+        row.listed = "?"
+        return
+    row.listed = "yes" if model in listed else "no"
+    if row.listed == "no" and any(entry.get("owned_by") == "llamacpp" for entry in models):
+        row.listed = "any name"  # llama.cpp answers to any model name
+    if row.listed == "no":
+        row.fixes.append(f"warning: '{model}' is not among the models listed ({', '.join(listed[:6])})")
 
 
 async def _check_chat(endpoint: Endpoint, row: Row, settings: StageConfig, replica: Replica, vision: bool,

@@ -236,6 +236,10 @@ class Endpoint:
             log.warning("warning: %s; resting it, the other replicas carry on", line)
         return listed
 
+    async def models_of(self, replica: Replica, timeout: float = MODELS_SECONDS) -> List[dict]:
+        """`replica`'s `/models` entries, read as a run reads them (what `check` shows)."""
+        return await self._models(replica, timeout)
+
     async def _models(self, replica: Replica, timeout: float) -> List[dict]:
         response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
         body = response.text

@@ -7,6 +7,7 @@ killed run can be recognised and removed.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -18,6 +19,18 @@ from tagcaption.sinks import redact
 
 TEMP_MARK = ".tagcaption-"
 TEMP_NAME = re.compile(r"^\..+\.tagcaption-[A-Za-z0-9_]+\.tmp$")
+
+
+def json_text(value: object) -> str:
+    """`value` as one line of JSON that can be written as UTF-8: non-ASCII text as it is, unless
+    it holds a lone surrogate (a file name that is not UTF-8, kept by Python as `\\udcff`), in
+    which case everything is escaped, which `json.loads` reads back exactly."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 def is_leftover_temp(name: str) -> bool:
@@ -62,8 +75,9 @@ def _write_temp(path: Path, data: bytes, mode: Optional[int] = None) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step (temp file in the same folder + rename). Every
-    text the program writes passes here, so no configured API key reaches a file."""
-    temp = _write_temp(path, redact(text).encode("utf-8"))
+    text the program writes passes here, so no configured API key reaches a file, and no text a
+    server sent (a lone UTF-16 surrogate in an error message) can stop a file being written."""
+    temp = _write_temp(path, redact(text).encode("utf-8", "replace"))  # a lone surrogate from a server: '?' 
     try:
         os.replace(temp, path)
     except BaseException:

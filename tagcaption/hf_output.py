@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from tagcaption.errors import ConfigError
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, json_text
 from tagcaption.layout import CAPTIONS_FILE, FAILURES_FILE, STATE_DIR
 from tagcaption.sinks import redact
 
@@ -175,7 +175,7 @@ class PartStore:
     def record(self, record: dict) -> None:
         """One caption's line in captions.jsonl (called in a thread)."""
         with open(self.layout.captions_jsonl, "a", encoding="utf-8") as handle:
-            handle.write(redact(json.dumps(record, ensure_ascii=False)) + "\n")
+            handle.write(redact(json_text(record)) + "\n")
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, json_text
 from tagcaption.sinks import redact
 from tagcaption.layout import Layout
 from tagcaption.vocabulary import OUTPUT_FORMATS, TXT
@@ -37,7 +37,7 @@ class DatasetOutputs:
         with self._lock:
             self.journal.parent.mkdir(exist_ok=True)
             with open(self.journal, "a", encoding="utf-8") as handle:
-                handle.write(redact(json.dumps(record, ensure_ascii=False)) + "\n")
+                handle.write(redact(json_text(record)) + "\n")
 
     def merge(self) -> None:
         """Fold the journal into the records and the dataset files, then drop it."""
@@ -59,7 +59,7 @@ class DatasetOutputs:
         for record in records:
             line = shape(record)
             lines[line[key]] = line
-        atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n"
+        atomic_write_text(path, "".join(json_text(line) + "\n"
                                         for _, line in sorted(lines.items())))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from tagcaption.errors import LockedError
-from tagcaption.files import atomic_write_text
+from tagcaption.files import atomic_write_text, json_text
 
 @dataclass
 class Failure:
@@ -26,7 +26,7 @@ class Failure:
 
 
 def sha1(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class RunLock:
@@ -146,7 +146,7 @@ class CaptionRecord:
 
     @staticmethod
     def _line(file: str, digest: str) -> str:
-        return json.dumps({"file": file, "sha1": digest}, ensure_ascii=False) + "\n"
+        return json_text({"file": file, "sha1": digest}) + "\n"
 
     def wrote(self, path: Path) -> bool:
         """Whether this program wrote a caption at `path` (edited since or not)."""
@@ -188,7 +188,7 @@ class CaptionRecord:
 
 
 def write_failures(path: Path, failures: Iterable[Failure]) -> None:
-    atomic_write_text(path, "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in failures))
+    atomic_write_text(path, "".join(json_text(asdict(f)) + "\n" for f in failures))
 
 
 def read_failed_images(path: Path) -> List[str]:

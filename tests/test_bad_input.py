@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import struct
 import zlib
@@ -264,3 +265,30 @@ def test_a_damaged_failures_file_and_a_bottomless_sidecar_cost_a_line(tmp_path, 
     code, out, err = run_caption([str(images), "--config", str(config), "--retry-failed"], capsys)
     assert "unexpected" not in err and "1 captioned" in out, err
     assert (images / "a.txt").read_text() == "A red square."
+
+
+def test_a_file_name_that_is_not_utf8_and_an_error_holding_a_lone_surrogate(tmp_path, llm_server, danbooru, capsys):
+    """Linux file names are bytes: one that is not UTF-8 is captioned, recorded as ours and
+    skipped on a rerun; a server error text with a lone surrogate still reaches failures.jsonl."""
+    from fake_servers import Error
+
+    images = tmp_path / "images"
+    images.mkdir()
+    odd = os.fsdecode(b"\xffodd")
+    make_image(images / f"{odd}.png")
+    (images / f"{odd}.txt").write_text("red_square")
+    make_image(images / "b.png")
+    (images / "b.txt").write_text("blue_square")
+    llm_server.responder = lambda request: Error(400, {"error": {"message": "bad \ud800 thing"}}) \
+        if "blue" in user_text(request) else Text("A red square.")
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"formats": ["txt", "jsonl", "metadata"], "report": True})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and "1 captioned" in out and "unexpected" not in out + err, out + err
+    assert (images / f"{odd}.txt").read_text() == "A red square."
+    (failure,) = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
+    assert failure["image"].endswith("b.png") and "bad" in failure["message"]
+    code, out, err = run_caption([str(images), "--config", str(config), "--retry-failed"], capsys)
+    assert "unexpected" not in out + err and (images / f"{odd}.txt").read_text() == "A red square."
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert "1 skipped" in out and not (images / f"{odd}.tags.txt").read_text().startswith("A red")

@@ -339,3 +339,36 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
     assert result.tally["images.selected"] == 140
     assert bar_states[-1] == (140, 140), bar_states[-3:]
     assert all(done <= total for done, total in bar_states)
+
+
+class OddModels(__import__("fake_servers").FakeOpenAIServer):
+    """Answers `GET /v1/models` with `models_body` (whatever it is); chat as usual."""
+    models_body: object = None
+
+    def handle(self, handler, method, path, query, body) -> None:
+        if method == "GET" and path == "/v1/models":
+            handler.send_body(200, self.models_body)
+            return
+        super().handle(handler, method, path, query, body)
+
+
+@pytest.mark.parametrize("models_body", [[], "null", "text", "<html>web UI</html>", {"data": "x"},
+                                         {"object": "list"}, {"data": [{"id": 5}]}])
+def test_check_reads_a_model_list_as_the_run_does_whatever_it_holds(tmp_path, danbooru, capsys, models_body):
+    server = OddModels(models=["instruct-model"]).start()
+    try:
+        server.models_body = models_body
+        config = write_config(tmp_path / "config.yaml", server.base_url, danbooru.url,
+                              tag_provider={"source": "none"})
+        code, out, err = run_caption(["check", "--config", str(config)], capsys)
+    finally:
+        server.stop()
+    assert "unexpected" not in out + err and code in (0, 2), out + err
+    assert re.search(r"interpreter\s+default\s+instruct-model\s+yes\s+(\?|no|yes)\s+ok", out), out
+
+
+def test_check_names_a_base_url_without_its_v1(tmp_path, llm_server, danbooru, capsys):
+    config = write_config(tmp_path / "config.yaml", llm_server.url, danbooru.url, tag_provider={"source": "none"})
+    code, out, err = run_caption(["check", "--config", str(config)], capsys)
+    assert code == 2 and f"set endpoints.default.base_url={llm_server.url}/v1" in out + err
+    assert "load the model" not in out + err and not llm_server.chat_requests
