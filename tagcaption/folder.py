@@ -69,14 +69,14 @@ class Folder:
             return
 
 
-def unread_images(folder: Folder, most: int = 20) -> List[str]:
-    """The names of the first `most` subfolders a walk that was not recursive passed by and
-    that hold an image (at any depth). File I/O: call it in a thread."""
-    found = []
-    for sub in sorted(set(folder.unwalked))[:most]:
-        if next(iter(Folder(sub, True, skip=folder.skip).images()), None) is not None:
-            found.append(sub.name)
-    return found
+def unread_images(folder: Folder, most: int = 2000) -> Tuple[List[str], bool]:
+    """The subfolders a walk that was not recursive passed by that hold images of their own
+    (kohya's `10_name/`), and whether every one was looked at: a look one level down, at most
+    `most` of them, so a huge tree costs no more than a glance. File I/O: call it in a thread."""
+    subfolders = sorted(set(folder.unwalked))
+    found = [sub.name for sub in subfolders[:most]
+             if next(iter(Folder(sub, False)._read_folder(sub, [])), None) is not None]
+    return found, len(subfolders) <= most
 
 
 def _is_file(entry: os.DirEntry) -> bool:

@@ -154,13 +154,17 @@ class Run:
         folder = getattr(self.selection, "folder", None)  # a dataset's rows have none
         if folder is None or folder.recursive or not folder.unwalked:
             return
-        names = await off_loop(unread_images, folder, seconds=self.config.file_timeout, what="the subfolders")
+        try:
+            names, complete = await off_loop(unread_images, folder, seconds=self.config.file_timeout,
+                                             what="the subfolders")
+        except ImageProblem:  # a slow share: the note is a courtesy, never a failure of the run
+            return
         if names:
             shown = ", ".join(f"{name}/" for name in names[:5]) + (", …" if len(names) > 5 else "")
             many = len(names) != 1
-            log.warning("note: %d subfolder%s of %s hold%s images this run did not read (%s); add recursive=true to "
-                        "caption them too", len(names), "s" if many else "", self.layout.images_root.name,
-                        "" if many else "s", shown)
+            log.warning("note: %s%d subfolder%s of %s hold%s images this run did not read (%s); add recursive=true "
+                        "to caption them too", "" if complete else "at least ", len(names), "s" if many else "",
+                        self.layout.images_root.name, "" if many else "s", shown)
 
     async def _start(self) -> None:
         if not self.options.dry_run:

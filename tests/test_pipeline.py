@@ -414,7 +414,7 @@ def test_subfolders_a_run_did_not_read_are_named_once(tmp_path, llm_server, danb
     """A folder with images of its own and a kohya subfolder: the run captions the top and says
     what it left; with recursive=true, nothing is left and nothing is said."""
     images = tmp_path / "images"
-    make_dataset(images, {"a.png": "cat", "10_miku/b.png": "cat", "deep/er/c.png": "cat"})
+    make_dataset(images, {"a.png": "cat", "10_miku/b.png": "cat", "deep/c.png": "cat"})
     (images / "empty").mkdir()
     llm_server.responder = lambda request: Text("A cat.")
     config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
