@@ -75,7 +75,7 @@ class Distinct:
     def __init__(self, answer_with: str = "the caption only", stage: str = INTERPRETER):
         self.earlier: List[str] = []
         self.answer_with = answer_with
-        self.fix = f"set {stage}.temperature (e.g. 0.8) or add {stage}.prompt_variants, or lower output.variants"
+        self.fix = f"raise {stage}.temperature (to 0.8 or more), add {stage}.prompt_variants, or lower output.variants"
         """For the failure line: a server whose answers do not vary repeats caption 1 however often it is asked."""
 
     def check(self, text: str) -> None:

@@ -156,7 +156,7 @@ def test_a_repeat_that_fails_the_image_says_how_to_get_other_captions(tmp_path, 
     code, out, err = run_caption([str(images), "--config", str(path)], capsys)
 
     assert code == 1
-    hint = ("set interpreter.temperature (e.g. 0.8) or add interpreter.prompt_variants, or lower output.variants")
+    hint = ("raise interpreter.temperature (to 0.8 or more), add interpreter.prompt_variants, or lower output.variants")
     (line,) = [line for line in err.splitlines() if line.startswith("failed:")]
     assert "a caption that repeats caption 1 of this image" in line and line.endswith(hint), line
     (failure,) = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
@@ -175,5 +175,5 @@ def test_a_captioning_vlm_that_repeats_itself_is_told_of_its_own_settings(tmp_pa
     code, out, err = run_caption([str(images), "--config", str(path)], capsys)
 
     assert code == 1
-    assert "set interrogator.temperature (e.g. 0.8) or add interrogator.prompt_variants, or lower output.variants" \
+    assert "raise interrogator.temperature (to 0.8 or more), add interrogator.prompt_variants, or lower output.variants" \
         in err
