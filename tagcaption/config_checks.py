@@ -6,6 +6,7 @@ import difflib
 import math
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
+from tagcaption.config_errors import check_text_lists
 from tagcaption.errors import ConfigError
 from tagcaption.outputs import check_formats
 from tagcaption.vocabulary import (CATEGORIES, DANBOORU_CATEGORIES, FAITHFULNESS_MODES, IMAGE_EXTENSIONS,
@@ -42,6 +43,7 @@ where the section's other values are. An unset optional number (null) is not che
 
 def check_config(config: Config) -> None:
     """Raise ConfigError for the first value the program cannot use."""
+    check_text_lists(config)
     for check in (_check_stages, _check_endpoints, _check_tag_provider, _check_tags, _check_guards,
                   _check_variants, _check_interrogator, _check_interpreter, _check_output, _check_dataset,
                   _check_structured):

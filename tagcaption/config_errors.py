@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any, Optional
 
@@ -55,10 +56,19 @@ def expected(schema: type, key: str) -> str:
     return f"{words} or null" if optional else words
 
 
+ITEM_EXAMPLES = {"prompt_variants": "{style: descriptive, weight: 2} or {prompts: [\"Describe it.\"]}"}
+"""What one entry of a list of mappings looks like, by the list's last key."""
+
+
 def in_user_words(exc: Exception, schema: type) -> str:
-    """One line for an OmegaConf error about a key."""
+    """One line for an OmegaConf error about a key (or an entry of a list, `key[0]`)."""
     key = getattr(exc, "full_key", None) or ""
     value = getattr(exc, "value", None)
+    entry = re.fullmatch(r"(.+)\[\d+\]", key)
+    if entry and field_type(schema, entry.group(1)) is not None:
+        example = ITEM_EXAMPLES.get(entry.group(1).rsplit(".", 1)[-1], "`key: value` lines")
+        given = f", got {value!r}" if value is not None else ""
+        return f"{key}: each entry is a mapping of keys, such as {example}{given}"
     if key and field_type(schema, key) is not None:
         given = f", got {value!r}" if value is not None else ""
         return f"{key}: expected {expected(schema, key)}{given}"
@@ -103,3 +113,27 @@ def check_keys(data: object, schema: type, prefix: str) -> None:
 def _suggest(key: str, known, prefix: str) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
+
+
+def check_text_lists(value: object, key: str = "") -> None:
+    """Every list of text in the config holds text only: OmegaConf lets `[[1]]` or `[{a: b}]`
+    through where the program expects names, and they would fail far from the config."""
+    if dataclasses.is_dataclass(value):
+        hints = typing.get_type_hints(type(value))
+        for item in dataclasses.fields(value):
+            sub = getattr(value, item.name)
+            full = f"{key}.{item.name}" if key else item.name
+            base = _unwrap(hints.get(item.name))
+            if typing.get_origin(base) is list and typing.get_args(base) == (str,) and isinstance(sub, list):
+                wrong = next((entry for entry in sub if not isinstance(entry, str)), None)
+                if wrong is not None:
+                    raise ConfigError(f"{full}: expected a list such as {EXAMPLES.get(full, '[a,b]')} (text "
+                                      f"only), got {wrong!r} in it")
+            else:
+                check_text_lists(sub, full)
+    elif isinstance(value, dict):
+        for name, sub in value.items():
+            check_text_lists(sub, f"{key}.{name}")
+    elif isinstance(value, list):
+        for index, sub in enumerate(value):
+            check_text_lists(sub, f"{key}[{index}]")

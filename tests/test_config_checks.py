@@ -31,6 +31,9 @@ def config_file(tmp_path):
     ("endpoints.default.base_url=http://127.000.000.001:1/v1", "is not a URL the client can use: Invalid IPv4"),
     ("endpoints.default.base_url=http://:80/v1", "base_url 'http://:80/v1' is not a URL the client can use: no host"),
     ('endpoints.default.api_key="sk-abc\\ndef"', "endpoints.default.api_key holds a line break or NUL"),
+    ("tags.exclude=[[1]]", "tags.exclude: expected a list such as [absurdres,watermark] (text only), got [1] in it"),
+    ("interpreter.prompt_variants=[x]", "interpreter.prompt_variants[0]: each entry is a mapping of keys, such as "
+                                        "{style: descriptive, weight: 2}"),
     ("guards.max_attempts=0", "guards.max_attempts must be between 1 and 20 (got 0)"),
     ("interrogator.jpeg_quality=101", "interrogator.jpeg_quality must be between 1 and 100"),
     ("tag_provider.source=booru", "tag_provider.source must be danbooru, file or none (got 'booru')"),
