@@ -161,18 +161,19 @@ class ImageCheck:
         """Each trait of `style.omit_traits_of` the reply mentions (not as a print or an accessory:
         "a blue hair ribbon"); for an eye or hair colour, a colour close to it counts too (teal
         eyes for `aqua_eyes`)."""
-        found = []
+        exact = {tag: display_tag(tag) for tag in self.omit
+                 if any(not adorning(said, match.start(), match.end())
+                        for match in phrase_pattern(display_tag(tag), plural=True).finditer(said))}
+        mentions = dict(exact)
         for tag in self.omit:
-            mention = display_tag(tag) if any(not adorning(said, match.start(), match.end()) for match in
-                                              phrase_pattern(display_tag(tag), plural=True).finditer(said)) else None
             colour = tag_colour(tag)
-            if mention is None and colour is not None:
-                mention = next((phrase for groups, phrase in colour_runs(said, colour[0])
-                                if compatible(colour[1], groups)), None)
-            if mention:
-                found.append(Finding(f"mentions {mention} (style.omit_traits_of: {tag})",
-                                     f"Do not mention {mention}.", f"Do not mention {mention}."))
-        return found
+            if tag not in mentions and colour is not None:
+                close = next((phrase for groups, phrase in colour_runs(said, colour[0])
+                              if compatible(colour[1], groups)), None)
+                if close and close not in exact.values():  # "blue hair" is blue_hair's, not aqua_hair's
+                    mentions[tag] = close
+        return [Finding(f"mentions {mention} (style.omit_traits_of: {tag})", f"Do not mention {mention}.",
+                        f"Do not mention {mention}.") for tag, mention in mentions.items()]
 
     def _judge(self, findings: List[Finding]) -> Optional[Trip]:
         says = [finding.says for finding in findings]

@@ -297,3 +297,8 @@ def test_the_shipped_templates_ask_for_the_names_whether_or_not_their_list_is_gi
         assert asked in prompt and "hatsune miku" in prompt.lower()
         assert ("Named in the tags (write these names exactly as given):\nCharacters: Hatsune Miku" in prompt) \
             == listed
+
+
+def test_an_omitted_trait_named_exactly_is_credited_to_its_own_tag():
+    trip, check = judge("1girl, solo, blue_hair, aqua_hair", "A girl with blue hair.", omit=["aqua_hair", "blue_hair"])
+    assert trip.reason.split(": ", 1)[1] == "mentions blue hair (style.omit_traits_of: blue_hair)"
