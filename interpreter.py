@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional, Set
 
-from tagcaption.alternatives import Caption, Distinct, one_line, ordered, sampling
+from tagcaption.alternatives import Caption, Distinct, ordered, sampling, single_line
 from tagcaption.config import Config
 from tagcaption.errors import LLMError
 from tagcaption.faithfulness import ImageCheck
@@ -20,7 +20,7 @@ from tagcaption.placeholders import INTERPRETER_PLACEHOLDERS, STYLE_WRAPPER_PLAC
 from tagcaption.postprocess import clean_caption
 from tagcaption.structured import StructuredCaption
 from tagcaption.templates import Template
-from tagcaption.variants import Variant, build_variants, caption_template, pick, style_wrapper, with_tags
+from tagcaption.variants import Variant, build_variants, caption_template, style_wrapper, with_tags
 from tagcaption.vocabulary import INTERPRETER, TAGS_THEN_CAPTION
 
 PLACEHOLDERS = INTERPRETER_PLACEHOLDERS
@@ -59,11 +59,6 @@ class Interpreter:
         """The templates that do not use `{name}`."""
         return [template.origin for template in self.templates.values() if name not in template.names]
 
-    async def caption(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
-                      check: Optional[ImageCheck] = None) -> str:
-        """One caption of the image (the first of `captions`)."""
-        return (await self._caption(pick(self.variants, key), values, 0, Distinct(), transcript, check)).text
-
     async def captions(self, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
                        check: Optional[ImageCheck] = None) -> List[Caption]:
         """The image's `output.variants` captions, each different from the ones before it;
@@ -96,7 +91,7 @@ class Interpreter:
             data = self.structured.read(text) if self.structured else None
             text = clean_caption(self.structured.render(data) if self.structured else text, self.postprocess)
             if self.count > 1:
-                text = one_line(text)
+                text = single_line(text)
                 distinct.check(text)
             got["data"] = data
             return text

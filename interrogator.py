@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-from tagcaption.alternatives import Distinct, one_line, ordered, sampling
+from tagcaption.alternatives import Distinct, ordered, sampling, single_line
 from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import ConfigError, LLMError, os_error_text
@@ -74,17 +74,13 @@ class Interrogator:
             names.add("booru_tags")
         return names
 
-    async def describe(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
-                       image_data=None, check: Optional[ImageCheck] = None) -> str:
-        """`image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
-        row's; `path` then only names it. `check`: the image's faithfulness check, for a
-        description that is the caption."""
-        return (await self.descriptions(path, values, key, transcript, image_data, check=check))[0]
-
     async def descriptions(self, path: Path, values: Dict[str, str], key: str, transcript: Optional[dict] = None,
                            image_data=None, count: int = 1, check: Optional[ImageCheck] = None) -> List[str]:
         """The image's description; `count` of them, each different from the ones before, when
-        they are the captions (no Interpreter, `output.variants` > 1; see alternatives.py)."""
+        they are the captions (no Interpreter, `output.variants` > 1; see alternatives.py).
+        `image_data`: the image itself (bytes or a PIL image) when it has no file, as a dataset
+        row's; `path` then only names it. `check`: the image's faithfulness check, for a
+        description that is the caption."""
         source, prepare = (path, prepare_image) if image_data is None else (image_data, prepare_image_bytes)
         image = await off_loop(prepare, source, self.options, seconds=self.file_timeout, what=f"reading {path}")
         distinct = Distinct(stage=INTERROGATOR) if count > 1 else None
@@ -130,7 +126,7 @@ class Interrogator:
             """The last answer as the caption; one line, and unlike the earlier ones, as a variant."""
             text = clean_caption(text, self.postprocess)
             if distinct is not None:
-                text = one_line(text)
+                text = single_line(text)
                 distinct.check(text)
             return text
         reply = ""

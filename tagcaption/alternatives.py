@@ -49,7 +49,7 @@ def sampling(settings: StageConfig, index: int, count: int) -> Dict[str, Any]:
     return {} if count == 1 else {"seed": (settings.seed or 0) + index}
 
 
-def one_line(text: str) -> str:
+def single_line(text: str) -> str:
     """A caption a trainer reads as one line: line breaks inside it become spaces."""
     return re.sub(r"[ \t]*\n\s*", " ", text).strip()
 

@@ -5,7 +5,7 @@ as an `ImageProblem` naming the stage it failed in.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
@@ -39,7 +39,6 @@ class Captioned:
     """The caption file's text: with `output.variants` > 1, one caption a line."""
     record: dict
     """The line for captions.jsonl / metadata.jsonl."""
-    lines: List[str] = field(default_factory=list)
     structured: Any = None
     """For `<stem>.caption.json`: the structured caption's object (a list of them, one per line,
     with `output.variants` > 1); None when the caption was not asked as JSON."""
@@ -118,7 +117,7 @@ class Captioner:
         record = self._record(item, lines, values, transcript, structured)
         if check is not None:
             record.update(faithfulness_record(check, key, self.stages.llm.tally))
-        return Captioned(item, "\n".join(lines), record, lines, structured)
+        return Captioned(item, "\n".join(lines), record, structured)
 
     async def _values(self, item: ImageItem, tags: ImageTags) -> Dict[str, str]:
         """Every template value for the image, its tags' knowledge awaited (the checks that

@@ -87,9 +87,7 @@ def _check_endpoints(config: Config) -> None:
             raise ConfigError(f"endpoints.{name}.request_timeout must be more than 0 seconds")
         if endpoint.token_limit_param not in TOKEN_LIMIT_PARAMS:
             raise ConfigError(f"endpoints.{name}.token_limit_param must be {_either(TOKEN_LIMIT_PARAMS)}")
-        if any(char in str(endpoint.api_key or "") for char in "\r\n\x00"):
-            raise ConfigError(f"endpoints.{name}.api_key holds a line break or NUL (copied with the end of a line?): "
-                              "it cannot go into a request header")
+        _check_header_text(endpoint.api_key, f"endpoints.{name}.api_key")
         if endpoint.transport not in TRANSPORTS:
             raise ConfigError(f"endpoints.{name}.transport must be {_either(TRANSPORTS)} (got {endpoint.transport!r})")
         if endpoint.structured_output not in STRUCTURED_OUTPUTS:
@@ -129,8 +127,17 @@ def _check_concurrency(value: object, where: str) -> None:
         raise ConfigError(f"{where} must be between 1 and {MAX_CONCURRENCY}, or {AUTO} (got {value})")
 
 
+def _check_header_text(value: object, key: str) -> None:
+    """A key or login goes into a request header, which takes printable ASCII only."""
+    text = str(value or "")
+    if not (text.isascii() and text.isprintable()):
+        raise ConfigError(f"{key} holds a line break, a control character or a letter outside ASCII (copied with "
+                          "the end of a line, or typographic quotes?): a key is printable ASCII, so copy it again")
+
+
 def _check_tag_provider(config: Config) -> None:
     settings = config.tag_provider
+    _check_header_text(settings.api_key, "tag_provider.api_key")
     if settings.source not in TAG_SOURCES:
         raise ConfigError(f"tag_provider.source must be {_either(TAG_SOURCES)} (got {settings.source!r})")
     _check_ranges(settings, "tag_provider", "tag_provider")

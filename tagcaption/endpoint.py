@@ -220,7 +220,7 @@ class Endpoint:
         unreachable = []
         for replica in self.replicas:
             try:
-                models = await self._models(replica, timeout)
+                models = await self.models_of(replica, timeout)
             except httpx2.TransportError as exc:
                 unreachable.append(f"cannot reach {self.describe(replica)}: {error_message(exc)}")
                 replica.rested_until = time.monotonic() + self.config.rest_seconds
@@ -237,12 +237,16 @@ class Endpoint:
         return listed
 
     async def models_of(self, replica: Replica, timeout: float = MODELS_SECONDS) -> List[dict]:
-        """`replica`'s `/models` entries, read as a run reads them (what `check` shows)."""
-        return await self._models(replica, timeout)
-
-    async def _models(self, replica: Replica, timeout: float) -> List[dict]:
-        response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
-        body = response.text
+        """`replica`'s `/models` entries, read as a run reads them (and as `check` shows them)."""
+        try:
+            response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
+            body = response.text
+        except httpx2.TransportError:
+            raise  # unreachable: the caller says so
+        except httpx2.HTTPError as exc:  # it answered, but not with a list: a redirect loop, a broken gzip
+            log.warning("warning: %s could not list its models (%s); going on", self.describe(replica),
+                        redact(error_message(exc)))
+            return []
         if response.status_code == 401:
             raise ServerUnreachable(redact(f"{self.describe(replica)} refused the API key: "
                                            f"{status_message(401, body, response.reason_phrase)}. "

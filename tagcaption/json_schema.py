@@ -40,7 +40,8 @@ MAX_DEPTH = 32
 
 
 def type_of(value: Any) -> str:
-    """The JSON type name of a parsed value (a whole float such as 3.0 is an integer too)."""
+    """The JSON type name of a parsed value, as a message names it (3.0 is "number" here;
+    `_is` still lets a whole float pass as an integer)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -128,7 +128,7 @@ async def _read_reply(response: httpx2.Response, limit: int) -> Tuple[Reply, dic
                                                                  response.reason_phrase),
                            parse_retry_after(response.headers))
     declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # not '²', which int() refuses
         raise _too_large(limit, int(declared))
     if "text/event-stream" in response.headers.get("content-type", ""):
         return await _read_stream(response, limit)

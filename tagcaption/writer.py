@@ -177,7 +177,9 @@ class Writer:
             folder.mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)
         if captioned.structured is not None and item.structured_file is not None:
-            self._write_structured(item, captioned.structured)  # before the caption, which marks the image done
+            # Before the caption, which marks the image done: if the caption then cannot be
+            # written, the .caption.json (recorded as ours) stays and is replaced by the next run.
+            self._write_structured(item, captioned.structured)
         if item.tags_file is not None and item.tags_file == item.caption_file:
             # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
             write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)

@@ -30,7 +30,8 @@ def config_file(tmp_path):
     ("endpoints.default.transport=http2", "endpoints.default.transport must be auto or httpx (got 'http2')"),
     ("endpoints.default.base_url=http://127.000.000.001:1/v1", "is not a URL the client can use: Invalid IPv4"),
     ("endpoints.default.base_url=http://:80/v1", "base_url 'http://:80/v1' is not a URL the client can use: no host"),
-    ('endpoints.default.api_key="sk-abc\\ndef"', "endpoints.default.api_key holds a line break or NUL"),
+    ('endpoints.default.api_key="sk-abc\\ndef"', "endpoints.default.api_key holds a line break, a control character"),
+    ("endpoints.default.api_key=sk-abc€def", "a key is printable ASCII, so copy it again"),
     ("tags.exclude=[[1]]", "tags.exclude: expected a list such as [absurdres,watermark] (text only), got [1] in it"),
     ("interpreter.prompt_variants=[x]", "interpreter.prompt_variants[0]: each entry is a mapping of keys, such as "
                                         "{style: descriptive, weight: 2}"),

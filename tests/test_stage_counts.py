@@ -102,7 +102,7 @@ def test_an_image_sent_again_smaller_counts_as_shrunk(tmp_path, vision_server, d
         llm = LLM.from_config(config)
         try:
             interrogator = Interrogator(config, llm, tally=tally)
-            return interrogator, await interrogator.describe(image, {}, "big.png")
+            return interrogator, (await interrogator.descriptions(image, {}, "big.png"))[0]
         finally:
             await llm.close()
     interrogator, text = asyncio.run(describe())

@@ -342,18 +342,26 @@ def test_the_progress_bar_counts_the_whole_folder_while_the_walk_goes_on(tmp_pat
 
 
 class OddModels(__import__("fake_servers").FakeOpenAIServer):
-    """Answers `GET /v1/models` with `models_body` (whatever it is); chat as usual."""
+    """Answers `GET /v1/models` with `models_body` (whatever it is; `loop`: a redirect to itself,
+    `badgzip`: a body marked gzip that is not); chat as usual."""
     models_body: object = None
 
     def handle(self, handler, method, path, query, body) -> None:
-        if method == "GET" and path == "/v1/models":
+        if method == "GET" and path == "/v1/models" and self.models_body in ("loop", "badgzip"):
+            loop = self.models_body == "loop"
+            handler.send_response(302 if loop else 200)
+            handler.send_header("Location" if loop else "Content-Encoding", "/v1/models" if loop else "gzip")
+            handler.send_header("Content-Length", "9")
+            handler.end_headers()
+            handler.wfile.write(b"not gzip!")
+        elif method == "GET" and path == "/v1/models":
             handler.send_body(200, self.models_body)
-            return
-        super().handle(handler, method, path, query, body)
+        else:
+            super().handle(handler, method, path, query, body)
 
 
 @pytest.mark.parametrize("models_body", [[], "null", "text", "<html>web UI</html>", {"data": "x"},
-                                         {"object": "list"}, {"data": [{"id": 5}]}])
+                                         {"object": "list"}, {"data": [{"id": 5}]}, "loop", "badgzip"])
 def test_check_reads_a_model_list_as_the_run_does_whatever_it_holds(tmp_path, danbooru, capsys, models_body):
     server = OddModels(models=["instruct-model"]).start()
     try:
