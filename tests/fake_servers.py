@@ -2,20 +2,24 @@
 chat server and of Danbooru's JSON API, recording every request they receive.
 
 Tests script their behaviour with a `responder` function; nothing in the code under test
-is mocked.
+is mocked. Tests import everything from here: this module holds the chat server
+(`FakeOpenAIServer`) and its replies (`Text`, `Error`, `Fault`); the HTTP server both fakes
+share is in fake_http.py and the Danbooru in fake_danbooru.py, re-exported here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Union
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Callable, Dict, List, Optional, Union
+
+from fake_danbooru import CHALLENGE, NOT_FOUND, FakeDanbooru
+from fake_http import FakeServer, Recorded
+
+__all__ = ["CHALLENGE", "NOT_FOUND", "Error", "FakeDanbooru", "FakeOpenAIServer", "FakeServer", "Fault", "Recorded",
+           "Reply", "Text", "default_responder", "user_text"]
 
 
 @dataclass
@@ -55,15 +59,6 @@ class Fault:
 Reply = Union[Text, Error, Fault]
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: Dict[str, List[str]]
-    headers: Dict[str, str]
-    body: Any
-
-
 def user_text(request: dict) -> str:
     """All user-turn text of a chat request, joined (image parts left out)."""
     parts = []
@@ -81,120 +76,6 @@ def user_text(request: dict) -> str:
 def default_responder(request: dict) -> Reply:
     digest = hashlib.sha1(json.dumps(request["messages"], sort_keys=True).encode()).hexdigest()[:12]
     return Text(f"Reply {digest} from {request.get('model')}.")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 256  # the default 5 drops connections when a client opens dozens at once
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that went away mid-reply (a run that stopped, a cancelled request) is no
-        error of the server's; printing a traceback would end up in the output tests read."""
-
-
-class FakeServer:
-    def __init__(self):
-        self.requests: List[Recorded] = []
-        self._lock = threading.Lock()
-        self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
-        self.scheme = "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    def use_tls(self, certfile, keyfile) -> "FakeServer":
-        """Serve HTTPS with this certificate and key (before start)."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certfile, keyfile)
-        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
-        self.scheme = "https"
-        return self
-
-    def start(self) -> "FakeServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def record(self, recorded: Recorded) -> None:
-        with self._lock:
-            self.requests.append(recorded)
-
-    def handle(self, handler: "_Handler", method: str, path: str, query: dict, body: Any) -> None:
-        raise NotImplementedError
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(_Handler):
-            owner = server
-
-        return Handler
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    owner: FakeServer
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # a client that closed its connection, say after refusing a reply
-
-    def _dispatch(self, method: str) -> None:
-        parts = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode("utf-8", "replace")
-        query = parse_qs(parts.query)
-        self.owner.record(Recorded(method, unquote(parts.path), query, {k.lower(): v for k, v in self.headers.items()}, body))
-        self.owner.handle(self, method, unquote(parts.path), query, body)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def send_body(self, status: int, body: Union[dict, list, str, bytes], content_type: Optional[str] = None,
-                  headers: Optional[Dict[str, str]] = None) -> None:
-        if isinstance(body, (dict, list)):
-            data, content_type = json.dumps(body).encode(), content_type or "application/json"
-        else:
-            data = body if isinstance(body, bytes) else body.encode()
-            content_type = content_type or "text/plain"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def start_chunked(self, content_type: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
 
 
 class FakeOpenAIServer(FakeServer):
@@ -377,123 +258,3 @@ class FakeOpenAIServer(FakeServer):
             handler.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
         handler.write_chunk(b"data: [DONE]\n\n")
         handler.write_chunk(b"")
-
-
-NOT_FOUND = {"success": False, "error": "ActiveRecord::RecordNotFound", "message": "That record was not found.",
-             "backtrace": []}
-CHALLENGE = (403, "<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>Enable JavaScript and "
-             "cookies to continue</body></html>", "text/html; charset=UTF-8", {"cf-mitigated": "challenge"})
-"""What Cloudflare in front of Danbooru answers a challenged client (an `override` result)."""
-
-
-class FakeDanbooru(FakeServer):
-    """`/tags.json` (with the wiki page nested through `only=`), `/tag_aliases.json`,
-    `/tag_implications.json`, `/wiki_pages.json` and `/wiki_pages/<title>.json`, like
-    danbooru.donmai.us.
-
-    `wiki` maps a title to its DText body; `tags` maps a name to its `category` and
-    `post_count` (a tag with a wiki page exists as a general tag unless given here);
-    `aliases` maps an antecedent to its consequent, `implications` an antecedent to its
-    consequents (active ones); `other_names` a title to its page's other names; `deleted`
-    holds deleted page titles. `override(path) -> (status, body, content_type[, headers]) | None`
-    injects faults (`CHALLENGE`: Cloudflare's); `silent = True` makes it accept requests and
-    never answer them.
-    """
-
-    def __init__(self, wiki: Optional[Dict[str, str]] = None, tags: Optional[Dict[str, dict]] = None):
-        super().__init__()
-        self.wiki = dict(wiki or {})
-        self.deleted: set = set()
-        self.tags = dict(tags or {})
-        self.aliases: Dict[str, str] = {}
-        self.implications: Dict[str, List[str]] = {}
-        self.other_names: Dict[str, List[str]] = {}
-        self.override: Callable[[str], Optional[tuple]] = lambda path: None
-        self.silent = False
-        self._released = threading.Event()
-
-    def stop(self) -> None:
-        self._released.set()
-        super().stop()
-
-    def api_requests(self) -> List[Recorded]:
-        return [r for r in self.requests if r.path.endswith(".json")]
-
-    def looked_up(self) -> List[str]:
-        """Every tag name asked for in `/tags.json` requests, in order, repeats included."""
-        names = []
-        for r in self.requests:
-            if r.path == "/tags.json":
-                names += (r.query.get("search[name_comma]") or r.query.get("search[name]") or [""])[0].split(",")
-        return names
-
-    def asked(self, path: str) -> List[List[str]]:
-        """The names of each request to `path` (`/tag_implications.json`…), by antecedent or name."""
-        return [(r.query.get("search[antecedent_name_comma]") or r.query.get("search[name_comma]") or [""])[0]
-                .split(",") for r in self.requests if r.path == path]
-
-    def _page(self, title: str) -> dict:
-        return {"id": abs(hash(title)) % 100000, "title": title, "body": self.wiki[title],
-                "other_names": list(self.other_names.get(title, [])),
-                "is_locked": False, "is_deleted": title in self.deleted,
-                "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
-
-    def _tag(self, index: int, name: str, only: str) -> dict:
-        row = {"id": index, "name": name, "category": 0, "post_count": 100, "is_deprecated": False,
-               "created_at": "2020-01-01T00:00:00.000-05:00", "updated_at": "2024-01-01T00:00:00.000-05:00"}
-        if name in self.aliases:  # like Danbooru: an aliased tag stays, emptied of its posts
-            row["post_count"] = 0
-        row.update(self.tags.get(name, {}))
-        if "wiki_page" in only:
-            row["wiki_page"] = self._page(name) if name in self.wiki and name not in self.aliases else None
-        if only:
-            fields = {field.split("[")[0] for field in re.split(r",(?![^\[]*\])", only)}
-            row = {key: value for key, value in row.items() if key in fields}
-            if isinstance(row.get("wiki_page"), dict):
-                nested = re.search(r"wiki_page\[([^\]]*)\]", only)
-                if nested:
-                    keep = set(nested.group(1).split(","))
-                    row["wiki_page"] = {k: v for k, v in row["wiki_page"].items() if k in keep}
-        return row
-
-    def _relations(self, first: dict, table: Dict[str, object]) -> list:
-        names = first.get("search[antecedent_name_comma]", "").split(",")
-        status = first.get("search[status]")
-        rows = []
-        for name in names:
-            found = table.get(name, [])
-            for consequent in ([found] if isinstance(found, str) else found):
-                rows.append({"id": len(rows), "antecedent_name": name, "consequent_name": consequent,
-                             "status": "active"})
-        return [row for row in rows if status in (None, row["status"])]
-
-    def handle(self, handler, method, path, query, body) -> None:
-        if self.silent:
-            self._released.wait()
-            return
-        injected = self.override(path)
-        if injected:
-            status, payload, content_type, *headers = injected
-            handler.send_body(status, payload, content_type, headers[0] if headers else None)
-            return
-        first = {key: values[0] for key, values in query.items()}
-        only = first.get("only", "")
-        if path.startswith("/wiki_pages/") and path.endswith(".json"):
-            title = path[len("/wiki_pages/"):-len(".json")].lstrip("~")
-            if title in self.wiki:
-                handler.send_body(200, self._page(title))
-            else:
-                handler.send_body(404, NOT_FOUND)
-        elif path == "/wiki_pages.json":
-            titles = first.get("search[title_comma]", first.get("search[title]", "")).split(",")
-            handler.send_body(200, [self._page(t) for t in titles if t in self.wiki])
-        elif path == "/tags.json":
-            names = first.get("search[name_comma]", first.get("search[name]", "")).split(",")
-            known = [name for name in names if name in self.tags or name in self.wiki or name in self.aliases]
-            handler.send_body(200, [self._tag(index, name, only) for index, name in enumerate(known)])
-        elif path == "/tag_aliases.json":
-            handler.send_body(200, self._relations(first, self.aliases))
-        elif path == "/tag_implications.json":
-            handler.send_body(200, self._relations(first, self.implications))
-        else:
-            handler.send_body(404, NOT_FOUND)
