@@ -48,6 +48,9 @@ MAX_DEPTH = 64
 FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 FIELD = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 INVALID_JSON = "invalid_json"
+INVALID_JSON_FIX = ("a model that ignores the schema answers prose every time: check that the server takes "
+                    "response_format (vLLM, llama.cpp, LM Studio and Ollama's /v1 do), or use a "
+                    "model that follows JSON schemas")
 SECRET = "secret"
 SECRET_REASON = "the reply contains a configured API key (a server that echoes the request?)"
 
@@ -281,7 +284,7 @@ class StructuredCaption:
             raise ReplyRejected(Trip(
                 INVALID_JSON, f"a reply that is not the JSON object asked for ({problem})", self.retry_mode,
                 f"That answer is not the JSON object asked for: {problem}. Answer again with only the JSON "
-                "object, following the schema."))
+                "object, following the schema.", fix=INVALID_JSON_FIX))
         return value
 
     def render(self, value: dict) -> str:

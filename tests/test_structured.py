@@ -150,6 +150,8 @@ def test_a_server_that_ignores_the_schema_fails_the_image_with_the_reason(tmp_pa
 
     assert code == 1
     assert "a reply that is not the JSON object asked for (the reply holds no JSON object)" in out + err
+    assert "(after 3 attempts); a model that ignores the schema answers prose every time: check that the server " \
+           "takes response_format" in out + err
     assert len(llm_server.chat_requests) == 3
     assert (images / "a.txt").read_text() == "cat" and not (images / "a.caption.json").exists()
 
