@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from conftest import make_dataset, run_caption, write_config
+from conftest import make_dataset, run_caption
 from fake_servers import user_text
+from hostile_config import with_danbooru as danbooru_config, short_config
 from hostile_servers import (Endless, Hang, Say, Trickle, booru, finish, llm,  # noqa: F401
                              no_traceback, one_error_line, popen_caption, snapshot, temps, template, unblock_fifo,
                              wait_for)
@@ -22,28 +23,14 @@ from hostile_servers import (Endless, Hang, Say, Trickle, booru, finish, llm,  #
 pytestmark = pytest.mark.timeout(60)
 
 
-KNOWLEDGE = "TAGS: {tags}\nKNOWN:\n{tag_descriptions}\n"
-
-
 def config_for(tmp_path, llm, booru, *, grace=1, file_timeout=2, **sections):
     """Tags only, no Danbooru, every wait short (unless `sections` say otherwise)."""
-    sections.setdefault("interpreter", {})
-    sections["interpreter"].setdefault("prompt_template", template(tmp_path))
-    base = dict(tag_provider={"skip": True}, endpoints={"default": {"max_retries": 0, "timeout": 5}},
-                file_timeout=file_timeout, stop_grace=grace)
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return write_config(tmp_path / "config.yaml", llm.base_url, booru.url, **base)
+    return short_config(tmp_path, llm, booru, defaults={"file_timeout": file_timeout, "stop_grace": grace},
+                        **sections)
 
 
 def with_danbooru(tmp_path, llm, booru, **sections):
-    """With Danbooru and tag summaries (the caption template uses {tag_descriptions})."""
-    provider = {"skip": False, "danbooru_timeout": 2, "danbooru_retries": 0, **sections.pop("tag_provider", {})}
-    return config_for(tmp_path, llm, booru, tag_provider=provider,
-                      interpreter={"prompt_template": template(tmp_path, KNOWLEDGE, "knowledge.txt")}, **sections)
+    return danbooru_config(config_for, tmp_path, llm, booru, **sections)
 
 
 @pytest.fixture

@@ -14,33 +14,21 @@ import time
 
 import pytest
 
-from conftest import make_dataset, run_caption, write_config
+from conftest import make_dataset, run_caption
 from fake_servers import user_text
-from hostile_servers import (Raw, booru, finish, llm, no_traceback, popen_caption, temps,  # noqa: F401
-                             template)
+from hostile_config import with_danbooru as danbooru_config, short_config
+from hostile_servers import Raw, booru, finish, llm, no_traceback, popen_caption, temps  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
-KNOWLEDGE = "TAGS: {tags}\nKNOWN:\n{tag_descriptions}\n"
-
 
 def config_for(tmp_path, llm, booru, **sections):
-    sections.setdefault("interpreter", {})
-    sections["interpreter"].setdefault("prompt_template", template(tmp_path))
-    base = dict(tag_provider={"skip": True}, endpoints={"default": {"max_retries": 0, "timeout": 5, "concurrency": 2}},
-                file_timeout=2, stop_grace=1)
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return write_config(tmp_path / "config.yaml", llm.base_url, booru.url, **base)
+    return short_config(tmp_path, llm, booru, defaults={"endpoints": {"default": {"max_retries": 0, "timeout": 5,
+                                                                                  "concurrency": 2}}}, **sections)
 
 
 def with_danbooru(tmp_path, llm, booru, **sections):
-    provider = {"skip": False, "danbooru_timeout": 1, "danbooru_retries": 0, **sections.pop("tag_provider", {})}
-    return config_for(tmp_path, llm, booru, tag_provider=provider,
-                      interpreter={"prompt_template": template(tmp_path, KNOWLEDGE, "knowledge.txt")}, **sections)
+    return danbooru_config(config_for, tmp_path, llm, booru, danbooru_timeout=1, **sections)
 
 
 def lines_starting(text, prefix):

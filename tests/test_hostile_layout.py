@@ -15,8 +15,9 @@ import os
 
 import pytest
 
-from conftest import make_dataset, make_image, run_caption, write_config
+from conftest import make_dataset, make_image, run_caption
 from fake_servers import Text, user_text
+from hostile_config import short_config
 from hostile_servers import (VISION_TEMPLATE, booru, caption_from_tags, llm, no_traceback,  # noqa: F401
                              one_error_line, prompt_tags, snapshot, temps, template)
 
@@ -25,16 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def tags_only(tmp_path, llm, booru, **sections):
     """A tags-only config (no Danbooru), every wait short."""
-    sections.setdefault("interpreter", {})
-    sections["interpreter"].setdefault("prompt_template", template(tmp_path))
-    base = dict(tag_provider={"skip": True}, endpoints={"default": {"max_retries": 0, "timeout": 5}},
-                file_timeout=2, stop_grace=1)
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return write_config(tmp_path / "config.yaml", llm.base_url, booru.url, **base)
+    return short_config(tmp_path, llm, booru, **sections)
 
 
 def with_vision(tmp_path, llm, booru, **sections):

@@ -16,14 +16,13 @@ import uuid
 
 import pytest
 
-from conftest import make_dataset, run_caption, write_config
+from conftest import make_dataset, run_caption
 from fake_servers import user_text
+from hostile_config import with_danbooru as danbooru_config, short_config
 from hostile_servers import (Raw, Say, assert_no_secret, booru, llm, no_traceback, one_error_line,  # noqa: F401
-                             secret_forms, template)
+                             secret_forms)
 
 pytestmark = pytest.mark.timeout(60)
-
-KNOWLEDGE = "TAGS: {tags}\nKNOWN:\n{tag_descriptions}\n"
 
 
 @pytest.fixture
@@ -39,22 +38,11 @@ def plain_key():
 
 
 def config_for(tmp_path, llm, booru, **sections):
-    sections.setdefault("interpreter", {})
-    sections["interpreter"].setdefault("prompt_template", template(tmp_path))
-    base = dict(tag_provider={"skip": True}, endpoints={"default": {"max_retries": 0, "timeout": 5}},
-                file_timeout=2, stop_grace=1, guards={"max_attempts": 2})
-    for name, value in sections.items():
-        if isinstance(value, dict) and isinstance(base.get(name), dict):
-            base[name] = {**base[name], **value}
-        else:
-            base[name] = value
-    return write_config(tmp_path / "config.yaml", llm.base_url, booru.url, **base)
+    return short_config(tmp_path, llm, booru, defaults={"guards": {"max_attempts": 2}}, **sections)
 
 
 def with_danbooru(tmp_path, llm, booru, **sections):
-    provider = {"skip": False, "danbooru_timeout": 2, "danbooru_retries": 0, **sections.pop("tag_provider", {})}
-    return config_for(tmp_path, llm, booru, tag_provider=provider,
-                      interpreter={"prompt_template": template(tmp_path, KNOWLEDGE, "knowledge.txt")}, **sections)
+    return danbooru_config(config_for, tmp_path, llm, booru, **sections)
 
 
 def every_sink(tmp_path):
