@@ -18,7 +18,7 @@ from tagcaption.deadlines import off_loop
 from tagcaption.errors import CaptionCollision, ConfigError
 from tagcaption.hf_dataset import DatasetSource, Row
 from tagcaption.hf_output import DatasetLayout, PartStore
-from tagcaption.selection import Shard, count_in_background
+from tagcaption.selection import Shard, WalkCounts, count_in_background
 from tagcaption.state import read_failed_images
 from tagcaption.tally import Tally
 
@@ -39,7 +39,7 @@ def _rows(count: int) -> str:
     return f"{count} row{'' if count == 1 else 's'}"
 
 
-class RowSelection:
+class RowSelection(WalkCounts):
     def __init__(self, source: DatasetSource, store: PartStore, layout: DatasetLayout, tally: Tally, fail: Callable,
                  make_item: Callable, *, overwrite: bool, shard: Shard, retry_failed: bool, sample: Optional[int],
                  seed: int, keep: Callable, start: Callable[[], None], file_timeout: float):
@@ -50,14 +50,6 @@ class RowSelection:
         self.file_timeout = file_timeout
         self.counted = asyncio.Event()
         self.waiting: Dict[str, Row] = {}
-
-    @property
-    def walked(self) -> int:
-        return self.tally["images.pending"] + self.tally["images.skipped"] + self.tally["images.rejected"]
-
-    @property
-    def unreached(self) -> int:
-        return max(0, self.tally["images.selected"] - self.walked)
 
     def take(self, row_id: str) -> Row:
         return self.waiting.pop(row_id)

@@ -62,7 +62,22 @@ class Shard:
 Fail = Callable[[ImageItem, ImageProblem], None]
 
 
-class Selection:
+class WalkCounts:
+    """How far a walk has got, from the tally: what it passed, and (once the count of names is
+    known, `images.selected`) what it has yet to reach. Folder and dataset walks alike."""
+
+    tally: Tally
+
+    @property
+    def walked(self) -> int:
+        return self.tally["images.pending"] + self.tally["images.skipped"] + self.tally["images.rejected"]
+
+    @property
+    def unreached(self) -> int:
+        return max(0, self.tally["images.selected"] - self.walked)
+
+
+class Selection(WalkCounts):
     def __init__(self, layout: Layout, folder: Folder, tally: Tally, fail: Fail, *, overwrite: bool,
                  shard: Shard = Shard(), retry_failed: bool = False, sample: Optional[int] = None,
                  seed: int = 0):
@@ -71,15 +86,6 @@ class Selection:
         self.shard, self.retry_failed, self.sample, self.seed = shard, retry_failed, sample, seed
         self.counted = asyncio.Event()
         """Set once the count of names is known (`images.selected`)."""
-
-    @property
-    def walked(self) -> int:
-        return self.tally["images.pending"] + self.tally["images.skipped"] + self.tally["images.rejected"]
-
-    @property
-    def unreached(self) -> int:
-        """Images the walk had not reached yet (known once counted)."""
-        return max(0, self.tally["images.selected"] - self.walked)
 
     async def walk(self) -> AsyncIterator[str]:
         """The images that need a caption, as the walk finds them."""
