@@ -21,7 +21,7 @@ from tagcaption.config import Config
 from tagcaption.deadlines import off_loop
 from tagcaption.errors import (CaptionAppeared, CaptionCollision, ConfigError, LockedError, NoBackupName,
                                OutputProblem)
-from tagcaption.files import atomic_write_text, write_new_file
+from tagcaption.files import atomic_write_text, read_regular, write_new_file
 from tagcaption.folder import Folder
 from tagcaption.layout import ImageItem, Layout
 from tagcaption.outputs import DatasetOutputs
@@ -182,7 +182,7 @@ class Writer:
             self._write_structured(item, captioned.structured)
         if item.tags_file is not None and item.tags_file == item.caption_file:
             # The caption replaces the tags file: its exact bytes are kept first (see layout.py).
-            write_new_file(item.tags_backup, item.caption_file.read_bytes(), like=item.caption_file)
+            write_new_file(item.tags_backup, read_regular(item.caption_file), like=item.caption_file)
         elif item.caption_file.exists() and not self._replaceable(item):
             if not self.config.output.overwrite:
                 raise CaptionAppeared(f"{item.caption_file} appeared during the run; not replaced", stage="output")
@@ -197,7 +197,7 @@ class Writer:
         `<stem>.json` sidecar of an image beside it is never replaced."""
         path = item.structured_file
         text = json.dumps(only_text_values(data), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
-        if path.exists() and not self.record.is_ours(path, path.read_bytes().decode("utf-8", "replace")):
+        if path.exists() and not self.record.is_ours(path, read_regular(path).decode("utf-8", "replace")):
             owner = next((image for ext in IMAGE_EXTENSIONS for image in (path.with_suffix(ext),
                                                                        path.with_suffix(ext.upper())) if image.exists()),
                          None)
@@ -213,14 +213,14 @@ class Writer:
         atomic_write_text(path, text)
 
     def _replaceable(self, item: ImageItem) -> bool:
-        current = item.caption_file.read_bytes()
+        current = read_regular(item.caption_file)
         kept = item.tags_backup
-        if kept is not None and kept.exists() and current == kept.read_bytes():
+        if kept is not None and kept.exists() and current == read_regular(kept):
             return True  # a tags file whose copy is already kept
         return self.record.is_ours(item.caption_file, current.decode("utf-8", "replace"))
 
     def _keep_backup(self, caption_file: Path) -> None:
-        data = caption_file.read_bytes()
+        data = read_regular(caption_file)
         for number in range(1, 1000):
             suffix = ".bak" if number == 1 else f".bak{number}"
             if write_new_file(caption_file.with_name(caption_file.name + suffix), data, like=caption_file):

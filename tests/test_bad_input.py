@@ -292,3 +292,23 @@ def test_a_file_name_that_is_not_utf8_and_an_error_holding_a_lone_surrogate(tmp_
     assert "unexpected" not in out + err and (images / f"{odd}.txt").read_text() == "A red square."
     code, out, err = run_caption([str(images), "--config", str(config)], capsys)
     assert "1 skipped" in out and not (images / f"{odd}.tags.txt").read_text().startswith("A red")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["caption", "structured"])
+def test_a_fifo_where_a_caption_goes_fails_its_image_and_the_run_ends(tmp_path, llm_server, danbooru, capsys, where):
+    """The writer reads a file it may replace (is it ours? its backup): a FIFO there is refused by
+    stat, not opened, which would wait for a writer for ever."""
+    images = tmp_path / "images"
+    make_image(images / "a.png")
+    (images / "a.txt").write_text("red_square")
+    os.mkfifo(images / ("a.caption" if where == "caption" else "a.caption.json"))
+    llm_server.responder = lambda request: Text(json.dumps({"subject": "a red square"}))
+    (tmp_path / "schema.json").write_text(json.dumps({"type": "object", "required": ["subject"],
+                                                      "properties": {"subject": {"type": "string"}}}))
+    config = write_config(tmp_path / "config.yaml", llm_server.base_url, danbooru.url, tag_provider={"skip": True},
+                          output={"extension": ".caption", "overwrite": True},
+                          interpreter={"response_schema": str(tmp_path / "schema.json")})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and "not a regular file (a FIFO, device or socket)" in err and "unexpected" not in err
+    assert (images / ("a.caption" if where == "caption" else "a.caption.json")).is_fifo()
