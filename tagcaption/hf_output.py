@@ -78,7 +78,7 @@ def read_rows(path: Path) -> Optional[Tuple[List[str], List[int]]]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
         return [str(row_id) for row_id in rows["ids"]], [int(index) for index in rows["indices"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -166,8 +166,8 @@ class PartStore:
             try:
                 record = json.loads(line)
                 row_id = str(record["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue  # a torn last line, or one damaged by hand
             if row_id not in done and isinstance(record.get("caption"), str):
                 found[row_id] = record
         return found

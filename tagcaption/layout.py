@@ -80,7 +80,10 @@ class Layout:
         if not config.images_dir:
             raise ConfigError("no images folder: give IMAGES_DIR on the command line or set images_dir")
         self.images_root = Path(config.images_dir)
-        self.output_dir = config.path(config.output.dir) if config.output.dir else None
+        output_dir = config.path(config.output.dir) if config.output.dir else None
+        self.output_dir = output_dir if output_dir is None or output_dir.resolve() != self.images_root.resolve() \
+            else None
+        """None when captions go beside the images (output.dir unset, or the images folder itself)."""
         self.root = self.output_dir or self.images_root
         """The output root: where the files a user reads go."""
         self.suffix = shard_suffix

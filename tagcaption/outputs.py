@@ -58,9 +58,15 @@ class DatasetOutputs:
         lines: Dict[str, dict] = {line.get(key): line for line in _read_jsonl(path) if line.get(key)}
         for record in records:
             line = shape(record)
+            if shape is _metadata_line:  # a column of the user's own (`aesthetic`, `source`) stays
+                line = {**{k: v for k, v in lines.get(line[key], {}).items() if k not in METADATA_KEYS}, **line}
             lines[line[key]] = line
         atomic_write_text(path, "".join(json_text(line) + "\n"
                                         for _, line in sorted(lines.items())))
+
+
+METADATA_KEYS = ("file_name", "text", "variants", "tags", "description")
+"""The columns of metadata.jsonl this program writes; any other in a line is the user's."""
 
 
 def _metadata_line(record: dict) -> dict:

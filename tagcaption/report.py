@@ -154,7 +154,11 @@ def _entry(config: Config, layout: Layout, path: Path, records: Dict[str, dict],
         captioned = item.has_caption()
     except OSError:
         captioned = False
-    caption = read_regular(item.caption_file).decode("utf-8", "replace") if captioned else ""
+    try:
+        caption = read_regular(item.caption_file).decode("utf-8", "replace") if captioned else ""
+    except OSError as exc:  # a FIFO or a folder where the caption would be: this card says so, not the page
+        captioned, caption = False, ""
+        failures = {str(item.path): {"message": f"cannot read its caption: {exc.strerror or exc}"}}
     failed = failures.get(str(item.path), {}) if not captioned else {}
     failure = failed.get("message", "")
     return {"file": rel, "path": item.path, "tags": record.get("tags") or tags,

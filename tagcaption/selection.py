@@ -32,7 +32,8 @@ def stable_fraction(key: str) -> float:
     """A number in [0, 1) that depends only on `key`: for choices that must repeat on a rerun."""
     import hashlib
 
-    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12)
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes, the same on every machine
+    return int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16) / float(16 ** 12)
 
 
 @dataclass(frozen=True)
