@@ -123,6 +123,8 @@ class Run:
             first = await anext(walk, None)
             if first is None:
                 self.result.nothing_to_do = self.selection.why_empty()
+                if hasattr(self.writer, "fold_in_leftovers"):  # a folder's writer; a dataset's merges parts itself
+                    self.writer.fold_in_leftovers()
             else:
                 with self._signals_handled():
                     starting = asyncio.ensure_future(self._start())

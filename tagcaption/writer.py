@@ -89,6 +89,17 @@ class Writer:
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=seconds)
 
+    def fold_in_leftovers(self) -> None:
+        """A run with nothing to caption still writes the records a run before it could not
+        (a dataset file that was a folder, a kill during the end-of-run files): the journal
+        is merged under the lock, and `close` writes the files."""
+        if self.dry_run or not self.outputs.journal.exists():
+            return
+        try:
+            self.start()
+        except ConfigError:  # another run holds the folder: it merges them when it ends
+            return
+
     def close(self) -> Optional[Path]:
         """Dataset files and the page, then the lock; returns the page, if written."""
         page = None

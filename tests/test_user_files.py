@@ -74,3 +74,20 @@ def test_the_review_page_survives_a_caption_path_that_is_a_fifo(tmp_path, llm_se
     assert code == 0, err
     page = (images / "captions.html").read_text()
     assert "cannot read its caption" in page and "A square." in page
+
+
+def test_records_a_run_could_not_write_are_written_by_the_next_even_with_nothing_to_caption(tmp_path, llm_server,
+                                                                                           danbooru, capsys):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "red_square"})
+    (images / "metadata.jsonl").mkdir()  # the dataset file cannot be written this time
+    llm_server.responder = lambda request: Text("A red square.")
+    config = config_for(tmp_path, llm_server, danbooru, output={"extension": ".caption",
+                                                                "formats": ["txt", "metadata"]})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert "the next run merges this run's records" in err
+    (images / "metadata.jsonl").rmdir()
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 0 and "nothing to do" in out + err
+    (line,) = (images / "metadata.jsonl").read_text().splitlines()
+    assert json.loads(line)["text"] == "A red square."
