@@ -2,7 +2,7 @@
 
 Local servers (llama.cpp, LM Studio, Ollama, vLLM on this machine or the LAN) are where a
 client's own CPU shows: at 100 ms a reply and 32 slots, httpx2's stack (httpcore2, h11,
-anyio) cost about 1 ms of CPU per request, this about 0.1 ms (bench/README.md). It does only
+anyio) costs about 0.7 ms of CPU per request, this about 0.2 ms (bench/transport.py). It does only
 what a chat request needs: one POST on a kept-alive connection, a reply framed by
 Content-Length, chunked or by the connection closing, gzip or deflate undone. Anything else
 goes to httpx2: `https://` (TLS), a proxy from the environment (`Replica` decides), and a
