@@ -7,6 +7,7 @@ survives is in test_hostile_state.py, which takes its configs and the `fifo` fix
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -175,12 +176,15 @@ def test_a_reply_that_never_ends_fails_after_request_timeout(tmp_path, llm, boor
 def test_a_reply_over_max_reply_bytes_is_refused(tmp_path, llm, booru, capsys):
     images = tmp_path / "images"
     make_dataset(images, {"a.png": "cat"})
-    llm.hostile = lambda request, headers: Say("A cat. " + "Big " * 100_000)
+    words = " ".join(f"word{n}" for n in range(5_000))  # no loop for the repetition guard to see
+    llm.hostile = lambda request, headers: Say(f"A cat. {words}")
     config = config_for(tmp_path, llm, booru, endpoints={"default": {"max_reply_bytes": 10_000}})
     code, out, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 1, err
     no_traceback(err)
-    assert "a.png" in err and (images / "a.txt").read_text() == "cat"
+    (failure,) = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
+    assert failure["kind"] == "reply_too_large" and "max_reply_bytes" in failure["message"]
+    assert (images / "a.txt").read_text() == "cat"
 
 
 # --- interruptions ------------------------------------------------------------------------------
