@@ -38,7 +38,7 @@ from tagcaption.retry import RetryPolicy
 from tagcaption.sinks import redact, register_secret
 from tagcaption.slots import AUTO, DEFAULT_CONCURRENCY, Slots, probe_slots
 from tagcaption.version import USER_AGENT
-from tagcaption.wire import Bounds, Reply, encode_body, exchange
+from tagcaption.wire import Bounds, Reply, encode_body, exchange, get_small
 
 __all__ = ["Endpoint", "Replica", "Reply", "is_loopback"]
 
@@ -239,7 +239,7 @@ class Endpoint:
     async def models_of(self, replica: Replica, timeout: float = MODELS_SECONDS) -> List[dict]:
         """`replica`'s `/models` entries, read as a run reads them (and as `check` shows them)."""
         try:
-            response = await replica.http.get(replica.url("/models"), headers=replica.headers, timeout=timeout)
+            response = await get_small(replica.http, replica.url("/models"), replica.headers, timeout)
             body = response.text
         except httpx2.TransportError:
             raise  # unreachable: the caller says so
@@ -272,7 +272,7 @@ class Endpoint:
         if base.rstrip("/").endswith("/v1"):
             return
         try:
-            response = await replica.http.get(f"{base}/v1/models", headers=replica.headers, timeout=timeout)
+            response = await get_small(replica.http, f"{base}/v1/models", replica.headers, timeout)
             listed = response.status_code == 200 and isinstance(response.json().get("data"), list)
         except (httpx2.HTTPError, ValueError, AttributeError):
             return

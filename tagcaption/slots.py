@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterable, Optional
 
 import httpx2
 
+from tagcaption.wire import get_small
+
 AUTO = "auto"
 DEFAULT_CONCURRENCY = 4
 VLLM_CONCURRENCY = 64
@@ -60,8 +62,8 @@ async def probe_slots(http: httpx2.AsyncClient, base_url: str, headers: Dict[str
     list's owners tell. Never raises: a server that says nothing gets the defaults."""
     total = None
     try:
-        response = await http.get(f"{server_root(base_url)}/props", headers=headers, timeout=PROBE_SECONDS)
-        if response.status_code == 200 and len(response.content) < 1_000_000:
+        response = await get_small(http, f"{server_root(base_url)}/props", headers, PROBE_SECONDS)
+        if response.status_code == 200:
             total = _total_slots(response.json())
     except (httpx2.HTTPError, ValueError):
         pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -56,6 +57,41 @@ class Reply:
 class Bounds:
     request_timeout: float
     max_reply_bytes: int
+
+
+DONE_GRACE = 2.0
+"""Seconds a stream's body may go on after `[DONE]` before the reply is taken as it is."""
+SMALL_BYTES = 1_000_000
+"""A model list or a server's properties is read this far at most."""
+
+
+@dataclass
+class Small:
+    """A small answer (`/models`, `/props`), read whole."""
+    status_code: int
+    text: str
+    reason_phrase: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+async def get_small(http: httpx2.AsyncClient, url: Union[str, httpx2.URL], headers: Dict[str, str],
+                    seconds: float) -> Small:
+    """GET a small answer within `seconds` for the whole of it and SMALL_BYTES: a server that
+    trickles or never ends its body costs this deadline, never the run. httpx2's errors for
+    the transport's faults; DecodingError for a body too big to be one."""
+    async def read() -> Small:
+        async with http.stream("GET", url, headers=headers, timeout=seconds) as response:
+            try:
+                body = await _read(response, SMALL_BYTES)
+            except Fault:
+                raise httpx2.DecodingError(f"an answer of more than {SMALL_BYTES:,} bytes") from None
+            return Small(response.status_code, body.decode("utf-8", "replace"), response.reason_phrase)
+    try:
+        return await asyncio.wait_for(read(), seconds)
+    except asyncio.TimeoutError:
+        raise httpx2.ReadTimeout(f"no whole answer within {seconds:g} s") from None
 
 
 def encode_body(params: Dict[str, Any]) -> bytes:
@@ -229,12 +265,22 @@ class _Stream:
 
 async def _read_stream(response: httpx2.Response, limit: int) -> Tuple[Reply, dict]:
     """Server-sent events (`data:` lines, a blank line ending each event, `:` comments
-    ignored, `event: error` an error) up to `[DONE]`, and the body to its end."""
+    ignored, `event: error` an error) up to `[DONE]`, and the body to its end (so the
+    connection can be kept) — but a body still open DONE_GRACE after `[DONE]` (keep-alive
+    pings, a missing last chunk) costs the connection, never the finished reply."""
     stream = _Stream()
     pending = bytearray()
     name, data = b"", []
     size = 0
-    async for chunk in response.aiter_bytes():
+    chunks, after_done = response.aiter_bytes().__aiter__(), None
+    while True:
+        if stream.done and after_done is None:
+            after_done = time.monotonic() + DONE_GRACE
+        try:
+            chunk = await (asyncio.wait_for(chunks.__anext__(), max(0.0, after_done - time.monotonic()))
+                           if after_done is not None else chunks.__anext__())
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            break
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
