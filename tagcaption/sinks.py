@@ -19,8 +19,12 @@ from typing import IO, Iterable, Optional, Set
 from urllib.parse import quote, quote_plus
 
 REDACTED = "***"
-MIN_SECRET = 4
-"""Characters; shorter values (an empty key, "no") would redact ordinary words."""
+MIN_SECRET = 8
+"""Characters; shorter values ("none", "ollama", "EMPTY") would redact ordinary words, and a
+caption saying "none of it" would trip the secret guard."""
+PLACEHOLDER_KEYS = frozenset({"no-key", "nokey", "not-needed", "lm-studio", "lmstudio", "sk-no-key-required",
+                              "token-abc123", "your-api-key", "sk-dummy", "dummy-key", "local-key"})
+"""Keys local servers take in place of one (their docs' examples): nothing to keep secret."""
 
 _forms: Set[str] = set()
 _lock = threading.Lock()
@@ -28,7 +32,7 @@ _lock = threading.Lock()
 
 def register_secret(value: object, login: str = "") -> None:
     """Remember a key (and, with `login`, its basic-auth form) so that no sink shows it."""
-    if not isinstance(value, str) or len(value) < MIN_SECRET:
+    if not isinstance(value, str) or len(value) < MIN_SECRET or value.lower() in PLACEHOLDER_KEYS:
         return
     forms = {value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value)}
     if login:

@@ -91,3 +91,16 @@ def test_records_a_run_could_not_write_are_written_by_the_next_even_with_nothing
     assert code == 0 and "nothing to do" in out + err
     (line,) = (images / "metadata.jsonl").read_text().splitlines()
     assert json.loads(line)["text"] == "A red square."
+
+
+def test_a_placeholder_api_key_is_no_secret(tmp_path, llm_server, danbooru, capsys):
+    """Local servers take any key; "none" or "lm-studio" in a caption is a word, not a leak."""
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "red_square"})
+    llm_server.responder = lambda request: Text("A red square, none of it blue, lit like lm-studio.")
+    for key in ("none", "lm-studio"):
+        config = config_for(tmp_path, llm_server, danbooru, output={"extension": f".{key}"},
+                            endpoints={"default": {"api_key": key}})
+        code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+        assert code == 0, err
+        assert (images / f"a.{key}").read_text() == "A red square, none of it blue, lit like lm-studio."
