@@ -99,6 +99,8 @@ def _fix_for(exc: BaseException, row: Row, url: str) -> str:
         return f"the server refused the API key: set endpoints.{row.endpoint}.api_key"
     if fault.status == 404 or "model" in message.lower() and "not found" in message.lower():
         return f"load the model '{row.model}' in the server, or set {row.stage}.model to one it lists"
+    if fault.kind is Kind.CONNECTION and not fault.unreachable:  # it answered, then broke off
+        return f"{message}: the server took the request and dropped it (see its log)"
     if fault.kind is Kind.CONNECTION:
         proxy = any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
         hint = " (a proxy is set in the environment: check NO_PROXY for this host)" if proxy and not is_loopback(url) else ""

@@ -2,9 +2,8 @@
 retry loop every request goes through.
 
 Every retry goes through `RetryPolicy` and is counted. Requests go out on each replica's
-own httpx2 clients (chat requests through wire.py); this module does not import the OpenAI
-SDK, which costs a quarter of a second before the first request: `check` makes an SDK
-client when it asks for one. Each
+own httpx2 clients, chat requests through wire.py (over http1.py for an `http://` server);
+no module of a run imports the OpenAI SDK, which costs a quarter of a second. Each
 attempt goes to the replica with the most free slots; a replica that fails `rest_after`
 times in a row rests for `rest_seconds` while the others carry on. When every replica has
 failed to connect `stop_after_failures` times in a row, or every request has failed to
@@ -119,8 +118,6 @@ class Replica:
     def __init__(self, base_url: str, config: EndpointConfig):
         self.base_url = base_url.rstrip("/")
         self._timeout = config.timeout
-        self._api_key = config.api_key
-        self._client = None
         self.http = self._http_client()
         self.headers = {"Authorization": f"Bearer {config.api_key or 'no-key'}", "Content-Type": "application/json",
                         "Accept": "application/json, text/event-stream", "User-Agent": USER_AGENT}
@@ -150,16 +147,6 @@ class Replica:
         """`path` under the base URL, its query (`?api-version=…`) kept; parsed once, not per request."""
         base = httpx2.URL(self.base_url)
         return base.copy_with(path=base.path.rstrip("/") + path)
-
-    @property
-    def client(self):
-        """An OpenAI SDK client on this replica's first HTTP client, for `check` (made when first asked)."""
-        if self._client is None:
-            import openai
-
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "no-key",
-                                              timeout=self._timeout, max_retries=0, http_client=self.http)
-        return self._client
 
     def set_limit(self, limit: int) -> None:
         """Carry `limit` requests at once (before the first request, or with none in flight)."""
@@ -386,8 +373,10 @@ class Endpoint:
         if self._failing_since is None:
             self._failing_since = now
         elif now - self._failing_since >= self.config.down_after:
+            hint = SERVER_HINTS if fault.unreachable else f"it answers, but no reply finishes in time: raise " \
+                f"endpoints.{self.name}.request_timeout, or look at the server's log"
             raise ServerDown(redact(f"{self.describe()} has not answered for {now - self._failing_since:.0f} s "
-                                    f"({fault}); stopping. {SERVER_HINTS}"), attempt)
+                                    f"({fault}); stopping. {hint}"), attempt)
 
 
 def _final_error(where: str, fault: Fault, attempts: int) -> LLMError:

@@ -87,6 +87,8 @@ def error_message(exc: BaseException) -> str:
 
 def classify(exc: BaseException) -> Fault:
     """The fault behind anything a request can raise (httpx2's errors, or the SDK's)."""
+    if isinstance(exc, httpx2.TooManyRedirects):
+        return Fault(Kind.ERROR, "the server sends the request round in redirects (is base_url right?)")
     message = error_message(exc)
     sdk = _sdk()
     if sdk and isinstance(exc, sdk.APIStatusError):

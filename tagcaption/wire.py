@@ -191,6 +191,12 @@ def _too_large(limit: int, size: Optional[int] = None) -> Fault:
     return Fault(Kind.TOO_LARGE, f"reply refused: {said}")
 
 
+def body_error(body: dict) -> str:
+    """One line for an error object inside a 200 (a JSON reply or a stream event): its
+    message, or the object itself when it has none (`{"code": 503, "type": "overloaded"}`)."""
+    return one_line(message_from_body(body) or json.dumps(body.get("error", body))[:300])
+
+
 def completion_reply(data: bytes) -> Tuple[Reply, dict]:
     """The answer of a JSON (non-streamed) chat completion."""
     try:
@@ -201,7 +207,7 @@ def completion_reply(data: bytes) -> Tuple[Reply, dict]:
     if not isinstance(completion, dict):
         raise Fault(Kind.MALFORMED_REPLY, f"malformed reply ({one_line(str(completion), 80)})")
     if completion.get("error"):
-        raise Fault(Kind.REPLY_ERROR, f"error in the reply: {message_from_body(completion)}")
+        raise Fault(Kind.REPLY_ERROR, f"error in the reply: {body_error(completion)}")
     choices = completion.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise Fault(Kind.EMPTY_CHOICES, "reply had no choices")
@@ -238,8 +244,7 @@ class _Stream:
         except ValueError:
             raise Fault(Kind.MALFORMED_REPLY, "malformed reply stream (an event is not JSON)") from None
         if isinstance(chunk, dict) and (chunk.get("error") or name == b"error"):
-            raise Fault(Kind.STREAM_ERROR, "error in the reply stream: "
-                                           f"{one_line(message_from_body(chunk) or str(chunk))}")
+            raise Fault(Kind.STREAM_ERROR, f"error in the reply stream: {body_error(chunk)}")
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
             raise Fault(Kind.MALFORMED_REPLY, "malformed reply stream")
         self.usage.update(_usage(chunk))  # llama.cpp sends `timings` with the last choice, `usage` after it

@@ -16,6 +16,7 @@ from conftest import make_dataset, run_caption, write_config
 from fake_servers import Fault, FakeOpenAIServer, Text, user_text
 from tagcaption.errors import LLMError
 from tagcaption.wire import encode_body
+from hostile_servers import Endless, Raw, booru, llm  # noqa: F401  (fixtures)
 from test_retry import complete, llm_for
 
 QUICK = {"max_retries": 1, "retry_backoff": 0.01, "retry_max_backoff": 0.02}
@@ -232,3 +233,32 @@ def test_a_base_url_with_a_query_keeps_it_on_every_request(tmp_path, llm_server,
     assert code == 0 and (images / "a.caption").read_text() == "A picture of cat."
     assert {(r.path, r.query["api-version"][0]) for r in llm_server.requests} == {
         ("/v1/models", "2024-06-01"), ("/v1/chat/completions", "2024-06-01")}
+
+
+@pytest.mark.parametrize("body, said", [
+    (b'{"error": {"code": 503, "type": "overloaded"}}', '"type": "overloaded"'),  # no message: the object
+    (json.dumps({"error": {"message": "first line\nsecond " + "y" * 5000}}).encode(), "first line second yyy"),
+])
+def test_an_error_object_in_a_200_is_one_line_whatever_it_holds(tmp_path, llm, booru, capsys, body, said):
+    images = tmp_path / "images"
+    make_dataset(images, {"a.png": "cat"})
+    llm.hostile = lambda request, headers: Raw(200, body)
+    config = write_config(tmp_path / "config.yaml", llm.base_url, booru.url, tag_provider={"skip": True},
+                          endpoints={"default": {"stream": False, "max_retries": 0}})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    (failure,) = [json.loads(line) for line in (images / "failures.jsonl").read_text().splitlines()]
+    assert code == 1 and said in failure["message"] and "None" not in failure["message"]
+    assert "\n" not in failure["message"] and len(failure["message"]) < 600
+
+
+def test_a_server_that_answers_but_never_finishes_is_not_told_to_start(tmp_path, llm, booru, capsys):
+    """down_after is reached by replies that time out: the hint is request_timeout, not 'start your server'."""
+    images = tmp_path / "images"
+    make_dataset(images, {f"{n}.png": "cat" for n in range(6)})
+    llm.hostile = lambda request, headers: Endless(interval=0.05)
+    config = write_config(tmp_path / "config.yaml", llm.base_url, booru.url, tag_provider={"skip": True},
+                          endpoints={"default": {"request_timeout": 0.5, "max_retries": 3, "retry_backoff": 0.01,
+                                                 "down_after": 1, "concurrency": 1}})
+    code, out, err = run_caption([str(images), "--config", str(config)], capsys)
+    assert code == 1 and "has not answered for" in err and "raise endpoints.default.request_timeout" in err
+    assert "start your server" not in err
