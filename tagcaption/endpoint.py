@@ -15,7 +15,6 @@ slots.py); until then, and where the server does not say, the documented default
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import math
@@ -97,13 +96,12 @@ def _inet_aton(host: str) -> Optional[ipaddress.IPv4Address]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
 def _own_name() -> str:
     return socket.gethostname().rstrip(".").lower()
 
 
-@functools.lru_cache(maxsize=None)
 def _own_fqdn() -> str:
+    """Asked only for a name that starts like this machine's (a lookup may be slow)."""
     return socket.getfqdn().rstrip(".").lower()
 
 

@@ -19,7 +19,6 @@ from conftest import make_dataset, run_caption, write_config
 from tagcaption.config import EndpointConfig
 from tagcaption.endpoint import Endpoint, builtin_transport, is_loopback
 from tagcaption.errors import LLMError
-from tagcaption.http1 import _Connection
 
 COMPLETION = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
                                                                            "content": "A red square."}}],
@@ -244,17 +243,6 @@ def test_a_chunk_size_is_plain_hex_digits(raw_server, size):
     assert "malformed chunk size" in str(caught.value)
 
 
-def test_taking_nothing_is_refused():
-    async def go():
-        connection = _Connection(asyncio.get_running_loop())
-        connection.buffer += b"abc"
-        for most in (0, -1):
-            with pytest.raises(ValueError):
-                await connection.take(most, 1)
-        assert await connection.take(2, 1) == b"ab"
-    asyncio.run(go())
-
-
 def test_bare_line_feeds_end_header_lines_and_chunk_lines(raw_server):
     body = json.dumps(COMPLETION).encode()
     replies = {
@@ -329,10 +317,9 @@ def test_which_requests_use_the_builtin_transport(monkeypatch):
 
 
 def test_this_machines_own_names_are_loopback_without_looking_others_up(monkeypatch):
-    from tagcaption import endpoint
     asked = []
-    monkeypatch.setattr(endpoint, "_own_name", lambda: "gpu-box")
-    monkeypatch.setattr(endpoint, "_own_fqdn", lambda: asked.append(1) or "gpu-box.example.lan")
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box")
+    monkeypatch.setattr(socket, "getfqdn", lambda: asked.append(1) or "gpu-box.example.lan")
     assert is_loopback("http://GPU-BOX:8080/v1") and not asked
     assert not is_loopback("http://other-box.example.lan/v1") and not asked  # not like this machine's name
     assert is_loopback("http://gpu-box.example.lan.:8080/v1") and asked
