@@ -336,6 +336,9 @@ def test_a_whole_run_over_either_transport(tmp_path, llm_server, danbooru, capsy
     code, _, err = run_caption([str(images), "--config", str(config)], capsys)
     assert code == 0, err
     assert len(llm_server.chat_requests) == 6 and len(list(images.glob("*.caption"))) == 6
+    chats = [r for r in llm_server.requests if r.path == "/v1/chat/completions"]
+    # httpx2 asks for compressed replies; the built-in client does not (it would not need them)
+    assert {"accept-encoding" in r.headers for r in chats} == {transport == "httpx"}
 
 
 def test_a_bad_transport_is_refused_with_its_choices(tmp_path, llm_server, danbooru, capsys):
